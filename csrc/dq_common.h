@@ -1,0 +1,76 @@
+/* Shared definitions of the decoupleq C core.
+ *
+ * The core never touches Python objects: every routine returns a dq_status and
+ * the py_*.c boundary files turn that into a Python exception once the GIL is
+ * held again.  Matrices are row-major and C-contiguous unless stated.
+ */
+#ifndef DQ_COMMON_H
+#define DQ_COMMON_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef enum {
+    DQ_OK = 0,
+    DQ_ENOMEM = 1,      /* an allocation failed */
+    DQ_EINVAL = 2,      /* an argument is out of its domain (checked again in C) */
+    DQ_ENOTPD = 3,      /* a matrix that must be positive definite is not, even after damping */
+    DQ_ENONFINITE = 4,  /* NaN or Inf met where it cannot be handled */
+} dq_status;
+
+/* Rounding rules for x -> integer.  HALF_UP is decoupleQ's floor(x + 1/2)
+ * (ties toward +inf); HALF_EVEN is IEEE nearest-even (reference GPTQ). */
+enum { DQ_ROUND_HALF_UP = 0, DQ_ROUND_HALF_EVEN = 1 };
+
+/* Exact for every finite float: x - floor(x) is computed without rounding
+ * error, so ties are detected exactly (floor(x + 0.5f) is not exact). */
+static inline float dq_round(float x, int rule)
+{
+    if (rule == DQ_ROUND_HALF_EVEN) return rintf(x);
+    float f = floorf(x);
+    return (x - f >= 0.5f) ? f + 1.0f : f;
+}
+
+static inline double dq_round_d(double x, int rule)
+{
+    if (rule == DQ_ROUND_HALF_EVEN) return rint(x);
+    double f = floor(x);
+    return (x - f >= 0.5) ? f + 1.0 : f;
+}
+
+static inline float dq_clampf(float x, float lo, float hi)
+{
+    return x < lo ? lo : (x > hi ? hi : x);
+}
+
+/* Safe division of ALGORITHM 1.4: y's magnitude is floored at 1e-15 and
+ * sign(0) counts as +1. */
+static inline double dq_safe_div(double x, double y)
+{
+    double ay = fabs(y) > 1e-15 ? fabs(y) : 1e-15;
+    return x / (y < 0 ? -ay : ay);
+}
+
+/* Integer grid of a signed b-bit code: qmin = -2^(b-1), qmax = 2^(b-1) - 1. */
+static inline int dq_qmin(int bits) { return -(1 << (bits - 1)); }
+static inline int dq_qmax(int bits) { return (1 << (bits - 1)) - 1; }
+
+/* Aligned allocation for SIMD-friendly buffers; free with dq_free. */
+void *dq_malloc(size_t bytes);
+void *dq_calloc(size_t bytes);
+void dq_free(void *p);
+
+/* Thread count used by the core's own parallel loops (not BLAS):
+ * DECOUPLEQ_NUM_THREADS if set, else the BLAS thread count. */
+int dq_num_threads(void);
+
+/* Run fn(ctx, begin, end) over [0, n) split into contiguous chunks, one per
+ * thread (at most nthreads, at least min_chunk items each).  The split depends
+ * only on n, nthreads and min_chunk, so results are deterministic.  Never call
+ * BLAS inside fn: BLAS has its own thread pool. */
+typedef void (*dq_range_fn)(void *ctx, int64_t begin, int64_t end);
+dq_status dq_parallel_for(int64_t n, int64_t min_chunk, int nthreads, dq_range_fn fn, void *ctx);
+
+#endif

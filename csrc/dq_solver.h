@@ -1,0 +1,114 @@
+/* Internal API of the layer solver: the contract between the solver's C files.
+ *
+ * Notation follows ALGORITHM.md: W is m x n (rows = output channels), H00 is
+ * the damped n x n Hessian, g the group size (g == n for per-channel), G = n/g.
+ * Codes A are signed int8 in [qmin, qmax]; scales S and zeros Z are m x G
+ * float32; the dequantised weight is A*S + Z (symmetric: A*S, Z stays 0).
+ * Row errors are e_r = (w^_r - w_r) H00 (w^_r - w_r)^T, in float64.
+ */
+#ifndef DQ_SOLVER_H
+#define DQ_SOLVER_H
+
+#include "dq_common.h"
+
+/* ---- one layer's problem, with the per-layer precomputations ---------- */
+typedef struct {
+    int64_t m, n, g, G;
+    int bits, qmin, qmax;
+    int symmetric;       /* 1: Z == 0 and the scale alone is solved for */
+    int rule;            /* DQ_ROUND_HALF_UP or DQ_ROUND_HALF_EVEN */
+    const float *W;      /* m x n, borrowed */
+    const double *H;     /* n x n damped H00, float64, borrowed, symmetric */
+    float *Hf;           /* n x n float32 copy of H, owned */
+    float *V;            /* m x n, W H (float32 GEMM), owned */
+    double *c;           /* m, w_r H w_r^T, owned */
+} dq_layer_t;
+
+/* Validate sizes (g divides n, 2 <= bits <= 8), and compute Hf, V and c. */
+dq_status dq_layer_init(dq_layer_t *L, const float *W, const double *H, int64_t m, int64_t n,
+                        int64_t group_size, int bits, int symmetric, int rule);
+void dq_layer_free(dq_layer_t *L);
+
+/* H00 = H + percdamp * mean(diag H) * I, written to out (may alias H).
+ * If diag H is all zero the damping term is percdamp (H was empty). */
+void dq_damp(const double *H, int64_t n, double percdamp, double *out);
+
+/* ---- initialisation (dq_init.c) -------------------------------------- */
+/* Min-max parameters of ALGORITHM 1.2 with the range shrunk by p_row[r] per
+ * row (p_row NULL means 1 for every row). */
+void dq_minmax_params(const dq_layer_t *L, const float *p_row, float *S, float *Z);
+/* Round to the grid: A = clamp(R((W - Z)/S)) (symmetric: R(W/S)). */
+void dq_rtn_codes(const dq_layer_t *L, const float *S, const float *Z, int8_t *A);
+/* e_r for a given (A, S, Z); one m x n x n GEMM on D = A*S + Z - W. */
+dq_status dq_row_errors(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,
+                        double *err);
+/* Per-row shrink search of ALGORITHM 3.3 (the same objective: the row's H00
+ * error of the RTN codes under range p*(lo, hi), p on the 0.005 grid from
+ * 1.0 down to 0.205); writes the best (S, Z), its p per row, and its error.
+ * err_start holds the min-max errors (a candidate must be strictly better). */
+dq_status dq_shrink_search(const dq_layer_t *L, const double *err_start, float *S, float *Z,
+                           float *p_row, double *err);
+
+/* ---- float step (dq_float_step.c) ------------------------------------ */
+/* Closed-form least squares for (S, Z) given A, per row; writes S, Z and the
+ * new row errors. Singular rows are damped (relative to their diagonal). */
+dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z, double *err);
+
+/* ---- integer step "gptq" (dq_round_gptq.c) --------------------------- */
+typedef struct {
+    int64_t n;
+    int64_t *perm;        /* n, column order (act-order or identity), owned */
+    float *U;             /* n x n upper Cholesky factor of H_round^-1 in permuted order, owned */
+    double lambda_extra;  /* H_round = H00[perm][:,perm] + lambda_extra * I */
+} dq_gptq_factor_t;
+
+/* Factor once per layer. extra_damp_first: the first rung of the damping
+ * ladder t*mean(diag H00) to try (decoupleQ's step starts at t = 0.01 of
+ * {0.01, 0.1, 1, 10, 100}; the GPTQ baseline starts at t = 0). */
+dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_damping,
+                         dq_gptq_factor_t *F);
+void dq_gptq_factor_free(dq_gptq_factor_t *F);
+
+/* decoupleQ's GPTQ step (ALGORITHM 2.2): fixed (S, Z) per element, start
+ * from W, lazy blocks of `blocksize` columns.  Writes A and the row errors
+ * measured with H00. */
+dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const float *S,
+                        const float *Z, int64_t blocksize, int8_t *A, double *err);
+
+/* Reference GPTQ (ALGORITHM 2.1) as a baseline method: min-max group
+ * parameters recomputed from the updated weights at each group start
+ * (static groups from the original W when act_order is on), written back in
+ * this library's signed-code / float-zero convention. */
+dq_status dq_gptq_baseline(const dq_layer_t *L, const dq_gptq_factor_t *F, int64_t blocksize,
+                           int8_t *A, float *S, float *Z, double *err);
+
+/* ---- integer step "pgd" (dq_round_pgd.c) ----------------------------- */
+typedef struct {
+    int64_t steps_before_round;  /* K1 */
+    int64_t steps_per_column;    /* K2 */
+    double lr;                   /* phase A learning rate; phase B is fixed at 1e-3 */
+} dq_pgd_opts_t;
+
+/* Projected Adam on the box relaxation, then column-by-column rounding with
+ * continued PGD on the remaining columns (ALGORITHM 3.5, 6.6).  perm: column
+ * order (NULL = natural). */
+dq_status dq_round_pgd(const dq_layer_t *L, const int64_t *perm, const float *S, const float *Z,
+                       const dq_pgd_opts_t *opts, int8_t *A, double *err);
+
+/* ---- the alternating loop (dq_solver.c) ------------------------------ */
+enum { DQ_METHOD_RTN = 0, DQ_METHOD_GPTQ = 1, DQ_METHOD_DECOUPLEQ = 2 };
+enum { DQ_ROUNDING_GPTQ = 0, DQ_ROUNDING_PGD = 1 };
+
+typedef struct {
+    int method, rounding, act_order, iterations;
+    int64_t blocksize;
+    dq_pgd_opts_t pgd;
+} dq_solve_opts_t;
+
+/* Quantise one layer.  trace (may be NULL) receives the per-row best error
+ * after each accepted step, n_trace rows of m; *n_trace_out says how many
+ * were written. */
+dq_status dq_solve(const dq_layer_t *L, const dq_solve_opts_t *opts, int8_t *A, float *S,
+                   float *Z, double *err, double *trace, int64_t max_trace, int64_t *n_trace_out);
+
+#endif

@@ -1,0 +1,102 @@
+/* Boundary helpers: array checks and dq_status -> Python exceptions. */
+#include "py_common.h"
+
+static const char *dtype_name(int typenum)
+{
+    switch (typenum) {
+    case NPY_FLOAT32: return "float32";
+    case NPY_FLOAT64: return "float64";
+    case NPY_INT8: return "int8";
+    case NPY_UINT8: return "uint8";
+    case NPY_INT32: return "int32";
+    case NPY_INT64: return "int64";
+    case NPY_UINT32: return "uint32";
+    case NPY_FLOAT16: return "float16";
+    case NPY_BOOL: return "bool";
+    default: return "another dtype";
+    }
+}
+
+static PyArrayObject *take(PyObject *obj, const char *argname, int typenum, int ndim, int writeable)
+{
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", argname,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != typenum) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s, got %s", argname, dtype_name(typenum),
+                     dtype_name(PyArray_TYPE(a)));
+        return NULL;
+    }
+    if (ndim >= 0 && PyArray_NDIM(a) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must be %d-dimensional, got %d dimensions", argname, ndim,
+                     PyArray_NDIM(a));
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and aligned", argname);
+        return NULL;
+    }
+    if (writeable && !PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be writeable", argname);
+        return NULL;
+    }
+    Py_INCREF(a);
+    return a;
+}
+
+PyArrayObject *dq_py_take(PyObject *obj, const char *argname, int typenum, int ndim)
+{
+    return take(obj, argname, typenum, ndim, 0);
+}
+
+PyArrayObject *dq_py_take_out(PyObject *obj, const char *argname, int typenum, int ndim)
+{
+    return take(obj, argname, typenum, ndim, 1);
+}
+
+int dq_py_check_finite(PyArrayObject *a, const char *argname)
+{
+    npy_intp size = PyArray_SIZE(a);
+    int bad = 0;
+    if (PyArray_TYPE(a) == NPY_FLOAT32) {
+        const float *p = (const float *)PyArray_DATA(a);
+        for (npy_intp i = 0; i < size; i++)
+            if (!isfinite(p[i])) { bad = 1; break; }
+    } else if (PyArray_TYPE(a) == NPY_FLOAT64) {
+        const double *p = (const double *)PyArray_DATA(a);
+        for (npy_intp i = 0; i < size; i++)
+            if (!isfinite(p[i])) { bad = 1; break; }
+    }
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "%s contains NaN or Inf", argname);
+        return -1;
+    }
+    return 0;
+}
+
+PyObject *dq_py_status_error(dq_status st, const char *what)
+{
+    switch (st) {
+    case DQ_OK: break;
+    case DQ_ENOMEM: PyErr_Format(PyExc_MemoryError, "%s: out of memory", what); break;
+    case DQ_EINVAL: PyErr_Format(PyExc_ValueError, "%s: invalid argument", what); break;
+    case DQ_ENOTPD:
+        PyErr_Format(PyExc_ValueError,
+                     "%s: the Hessian is not positive definite even after the largest damping",
+                     what);
+        break;
+    case DQ_ENONFINITE:
+        PyErr_Format(PyExc_ValueError, "%s: a NaN or Inf appeared in the solution", what);
+        break;
+    default: PyErr_Format(PyExc_RuntimeError, "%s: failed with status %d", what, (int)st);
+    }
+    return NULL;
+}
+
+PyArrayObject *dq_py_zeros(int ndim, const npy_intp *dims, int typenum)
+{
+    return (PyArrayObject *)PyArray_ZEROS(ndim, (npy_intp *)dims, typenum, 0);
+}

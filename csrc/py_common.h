@@ -1,0 +1,53 @@
+/* Helpers shared by the py_*.c boundary files (the only files that see Python).
+ *
+ * Pattern of every boundary function: parse -> take each array once with
+ * dq_py_take (exact dtype, C-contiguous, aligned: nothing is ever copied, so
+ * the core can never write into a silent copy of a caller's array) -> check
+ * shapes and finiteness -> Py_BEGIN_ALLOW_THREADS around the core -> one
+ * fail: label that releases everything and maps dq_status to an exception.
+ */
+#ifndef DQ_PY_COMMON_H
+#define DQ_PY_COMMON_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#ifndef DQ_IMPORTS_ARRAY
+#define NO_IMPORT_ARRAY
+#endif
+#define PY_ARRAY_UNIQUE_SYMBOL decoupleq_ARRAY_API
+#include <numpy/arrayobject.h>
+
+#include "dq_common.h"
+
+/* Borrow obj as an ndarray of exactly this dtype and rank (ndim < 0: any),
+ * C-contiguous and aligned; returns a new reference or NULL with TypeError /
+ * ValueError naming `argname`. */
+PyArrayObject *dq_py_take(PyObject *obj, const char *argname, int typenum, int ndim);
+
+/* Like dq_py_take, and the array must also be writeable (an output). */
+PyArrayObject *dq_py_take_out(PyObject *obj, const char *argname, int typenum, int ndim);
+
+/* ValueError unless every element is finite. Returns 0 on success. */
+int dq_py_check_finite(PyArrayObject *a, const char *argname);
+
+/* Set the Python exception for a failed core call; `what` says which
+ * routine (e.g. "float_step"). Always returns NULL for `return` chaining. */
+PyObject *dq_py_status_error(dq_status st, const char *what);
+
+/* New C-contiguous zeroed array of the given dtype and shape. */
+PyArrayObject *dq_py_zeros(int ndim, const npy_intp *dims, int typenum);
+
+/* Method tables, one per boundary file, each ending with a NULL sentinel. */
+extern PyMethodDef dq_py_hessian_methods[];
+extern PyMethodDef dq_py_init_methods[];
+extern PyMethodDef dq_py_float_step_methods[];
+extern PyMethodDef dq_py_round_gptq_methods[];
+extern PyMethodDef dq_py_round_pgd_methods[];
+extern PyMethodDef dq_py_solver_methods[];
+extern PyMethodDef dq_py_kernels_methods[];
+
+/* Extra entries for backend_info(); kernels fill in their choice here. */
+int dq_py_kernels_info(PyObject *dict);
+
+#endif

@@ -1,0 +1,6 @@
+/* Python boundary of the hessian routines. */
+#include "py_common.h"
+
+PyMethodDef dq_py_hessian_methods[] = {
+    {NULL, NULL, 0, NULL},
+};

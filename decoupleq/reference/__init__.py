@@ -1,0 +1,1 @@
+"""Pure NumPy twins of every C entry point, written to read like ALGORITHM.md."""
