@@ -138,31 +138,39 @@ AVX2_INL float zero_term_avx2(const dq_packed_t *W, int64_t r, const float *sx)
 
 static int avx2_supports(const dq_packed_t *W) { return W->G == 1 || W->g % 8 == 0; }
 
-/* ---- batch 1: four rows at a time ---------------------------------------- */
+/* ---- batch 1: R rows at a time ------------------------------------------ */
 
-/* One chain per row is enough: a step issues eight vector ops for the four
- * rows, which takes longer than one FMA's latency. */
+/* Rows per block: R independent FMA chains, enough to cover the FMA latency
+ * (one chain per row: a group's partial sums need no extra adds). */
+#ifndef GEMV_ROWS
+#define GEMV_ROWS 4
+#endif
+#define R GEMV_ROWS
+
 typedef struct {
-    __m256 a[4], tot[4];
-} acc4_t;
+    __m256 a[R], tot[R];
+} accr_t;
 
-/* One step for four rows: v[i] are the masked slots of row i. */
-AVX2_INL void step4(acc4_t *A, __m256i v0, __m256i v1, __m256i v2, __m256i v3, const float *x,
-                    const int subn)
+/* One step for the R rows: q[i] is row i's current half-word. */
+AVX2_INL void stepr(accr_t *A, const __m256i *q, uint32_t mask, const float *x, const int subn)
 {
     __m256 xv = _mm256_loadu_ps(x);
-    A->a[0] = _mm256_fmadd_ps(as_float(v0, subn), xv, A->a[0]);
-    A->a[1] = _mm256_fmadd_ps(as_float(v1, subn), xv, A->a[1]);
-    A->a[2] = _mm256_fmadd_ps(as_float(v2, subn), xv, A->a[2]);
-    A->a[3] = _mm256_fmadd_ps(as_float(v3, subn), xv, A->a[3]);
+    for (int i = 0; i < R; i++)
+        A->a[i] = _mm256_fmadd_ps(as_float(mask_and(q[i], mask), subn), xv, A->a[i]);
 }
 
-/* s4: the four rows' scales as float32, row i at s4 + i * G. */
-AVX2_INL void flush4(acc4_t *A, const float *s4, int64_t G, int64_t grp)
+/* Same with already masked slots v[i] (spare and tail steps). */
+AVX2_INL void stepr_raw(accr_t *A, const __m256i *v, const float *x, const int subn)
 {
-    for (int i = 0; i < 4; i++) {
-        __m256 s = _mm256_broadcast_ss(s4 + i * G + grp);
-        A->tot[i] = _mm256_fmadd_ps(s, A->a[i], A->tot[i]);
+    __m256 xv = _mm256_loadu_ps(x);
+    for (int i = 0; i < R; i++) A->a[i] = _mm256_fmadd_ps(as_float(v[i], subn), xv, A->a[i]);
+}
+
+/* End of group grp: s holds the block's scales as float32, row i at s + i*G. */
+AVX2_INL void flushr(accr_t *A, const float *s, int64_t G, int64_t grp)
+{
+    for (int i = 0; i < R; i++) {
+        A->tot[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(s + i * G + grp), A->a[i], A->tot[i]);
         A->a[i] = _mm256_setzero_ps();
     }
 }
@@ -180,67 +188,83 @@ AVX2_INL const float *scales_f32(const dq_packed_t *W, int64_t r, int nrows, flo
     return buf;
 }
 
-/* Steps [t, t + NSLOTS) of one half-word: slot i of the half at bits i*BITS. */
-#define HALF4(NSLOTS, BITS, MASK)                                                  \
+/* Steps [t, t + NSLOTS) of one half-word: slot i of the half at bits i*BITS.
+ * CHECK: look for the end of a group after every step (else groups end only
+ * at half-word boundaries). */
+#define HALFR(NSLOTS, BITS, MASK, CHECK)                                           \
     do {                                                                           \
         _Pragma("GCC unroll 8") for (int i_ = 0; i_ < (NSLOTS); i_++) {            \
-            uint32_t m_ = (uint32_t)(MASK) << ((BITS) * i_);                       \
-            step4(&A, mask_and(q0, m_), mask_and(q1, m_), mask_and(q2, m_),        \
-                  mask_and(q3, m_), xs + 8 * t, subn);                             \
+            stepr(&A, q, (uint32_t)(MASK) << ((BITS) * i_), xs + 8 * t, subn);     \
             t++;                                                                   \
-            if (--left == 0) {                                                     \
-                flush4(&A, s4, G, grp++);                                          \
+            if ((CHECK) && --left == 0) {                                          \
+                flushr(&A, sr, G, grp++);                                          \
                 left = gsteps;                                                     \
             }                                                                      \
         }                                                                          \
+        if (!(CHECK) && (left -= (NSLOTS)) == 0) {                                 \
+            flushr(&A, sr, G, grp++);                                              \
+            left = gsteps;                                                         \
+        }                                                                          \
     } while (0)
 
-AVX2_INL void gemv4(const dq_packed_t *W, const dq_xprep_t *X, int64_t r, float *Y,
+AVX2_INL void load_r(__m256i *q, const uint32_t *p, int64_t rw, int64_t o)
+{
+    for (int i = 0; i < R; i++) q[i] = load8(p + i * rw + o);
+}
+
+AVX2_INL void high_r(__m256i *q)
+{
+    for (int i = 0; i < R; i++) q[i] = _mm256_srli_epi32(q[i], 16);
+}
+
+/* Whole lane-words of a 2- or 4-bit row. */
+#define WORDSR(CHECK)                                                              \
+    for (int64_t w = 0; w < T / per_word; w++) {                                   \
+        load_r(q, p, rw, 8 * w);                                                   \
+        HALFR(half, bits, mask, CHECK);                                            \
+        high_r(q);                                                                 \
+        HALFR(half, bits, mask, CHECK);                                            \
+    }
+
+AVX2_INL void gemvr(const dq_packed_t *W, const dq_xprep_t *X, int64_t r, float *Y,
                     float *sbuf, const int bits, const int subn)
 {
-    const int64_t G = W->G;
-    const float *s4 = scales_f32(W, r, 4, sbuf);
-    const int64_t rw = W->row_words, T = W->steps;
-    const uint32_t *p0 = W->codes + r * rw, *p1 = p0 + rw, *p2 = p1 + rw, *p3 = p2 + rw;
+    const int64_t G = W->G, rw = W->row_words, T = W->steps;
+    const float *sr = scales_f32(W, r, R, sbuf);
+    const uint32_t *p = W->codes + r * rw;
     const float *xs = X->xs;
-    const int64_t gsteps = W->G == 1 ? INT64_MAX : W->g / 8;
+    /* Per-channel: one group as long as the row (a multiple of any half). */
+    const int64_t gsteps = G == 1 ? 8 * T : W->g / 8;
     int64_t left = gsteps, grp = 0, t = 0;
-    acc4_t A;
-    for (int i = 0; i < 4; i++) A.a[i] = A.tot[i] = _mm256_setzero_ps();
+    accr_t A;
+    __m256i q[R];
+    for (int i = 0; i < R; i++) A.a[i] = A.tot[i] = _mm256_setzero_ps();
 
     if (bits == 2 || bits == 4) {
         const int per_word = bits == 2 ? 16 : 8, half = per_word / 2;
         const uint32_t mask = bits == 2 ? 3u : 15u;
-        for (int64_t w = 0; w < T / per_word; w++) {
-            __m256i q0 = load8(p0 + 8 * w), q1 = load8(p1 + 8 * w);
-            __m256i q2 = load8(p2 + 8 * w), q3 = load8(p3 + 8 * w);
-            HALF4(half, bits, mask);
-            q0 = _mm256_srli_epi32(q0, 16);
-            q1 = _mm256_srli_epi32(q1, 16);
-            q2 = _mm256_srli_epi32(q2, 16);
-            q3 = _mm256_srli_epi32(q3, 16);
-            HALF4(half, bits, mask);
+        /* Groups of whole half-words (2 bits: g % 64, 4 bits: g % 32) need
+         * no test after every step. */
+        if (gsteps % half == 0) {
+            WORDSR(0)
+        } else {
+            WORDSR(1)
         }
     } else {
         for (int64_t blk = 0; blk < T / 32; blk++) {
             for (int a = 0; a < 3; a++) {
-                int64_t o = 24 * blk + 8 * a;
-                __m256i q0 = load8(p0 + o), q1 = load8(p1 + o), q2 = load8(p2 + o),
-                        q3 = load8(p3 + o);
-                HALF4(5, 3, 7u);
-                q0 = _mm256_srli_epi32(q0, 16);
-                q1 = _mm256_srli_epi32(q1, 16);
-                q2 = _mm256_srli_epi32(q2, 16);
-                q3 = _mm256_srli_epi32(q3, 16);
-                HALF4(5, 3, 7u);
+                load_r(q, p, rw, 24 * blk + 8 * a);
+                HALFR(5, 3, 7u, 1);
+                high_r(q);
+                HALFR(5, 3, 7u, 1);
             }
             for (int pos = 15; pos <= 31; pos += 16) {
-                int64_t o = 24 * blk;
-                step4(&A, spare3(p0 + o, pos), spare3(p1 + o, pos), spare3(p2 + o, pos),
-                      spare3(p3 + o, pos), xs + 8 * t, subn);
+                __m256i v[R];
+                for (int i = 0; i < R; i++) v[i] = spare3(p + i * rw + 24 * blk, pos);
+                stepr_raw(&A, v, xs + 8 * t, subn);
                 t++;
                 if (--left == 0) {
-                    flush4(&A, s4, G, grp++);
+                    flushr(&A, sr, G, grp++);
                     left = gsteps;
                 }
             }
@@ -248,15 +272,16 @@ AVX2_INL void gemv4(const dq_packed_t *W, const dq_xprep_t *X, int64_t r, float 
     }
     /* Steps after the last full word or block. */
     for (; t < T; t++) {
-        step4(&A, step_raw(p0, bits, t), step_raw(p1, bits, t), step_raw(p2, bits, t),
-              step_raw(p3, bits, t), xs + 8 * t, subn);
+        __m256i v[R];
+        for (int i = 0; i < R; i++) v[i] = step_raw(p + i * rw, bits, t);
+        stepr_raw(&A, v, xs + 8 * t, subn);
         if (--left == 0) {
-            flush4(&A, s4, G, grp++);
+            flushr(&A, sr, G, grp++);
             left = gsteps;
         }
     }
-    if (G == 1) flush4(&A, s4, G, 0);
-    for (int i = 0; i < 4; i++) {
+    if (G == 1 && left != gsteps) flushr(&A, sr, G, 0);
+    for (int i = 0; i < R; i++) {
         float zt = zero_term_avx2(W, r + i, X->sx);
         Y[r + i] = dq_finish(hsum(A.tot[i]), X->e[0], X->post[0], zt);
     }
@@ -356,12 +381,12 @@ AVX2_INL void rowb(const dq_packed_t *W, const dq_xprep_t *X, int64_t r, int64_t
 AVX2_INL dq_status qdot_bits(const dq_packed_t *W, const dq_xprep_t *X, int64_t r0, int64_t r1,
                         float *Y, int64_t ldy, const int bits, const int subn)
 {
-    /* Room for four rows of scales converted from float16. */
-    float *sbuf = (float *)dq_malloc((size_t)(4 * W->G) * sizeof(float));
+    /* Room for R rows of scales converted from float16. */
+    float *sbuf = (float *)dq_malloc((size_t)(R * W->G) * sizeof(float));
     if (!sbuf) return DQ_ENOMEM;
     int64_t r = r0;
     if (X->batch == 1)
-        for (; r + 4 <= r1; r += 4) gemv4(W, X, r, Y, sbuf, bits, subn);
+        for (; r + R <= r1; r += R) gemvr(W, X, r, Y, sbuf, bits, subn);
     for (; r < r1; r++) {
         const float *s1 = scales_f32(W, r, 1, sbuf);
         int64_t b = 0;

@@ -166,11 +166,14 @@ def _as_sz(name: str, a, shape, dtype) -> np.ndarray:
             raise ValueError(
                 f"{name} does not fit float16 (max |{name}| = {big:.6g} > 65504); use scale_dtype='float32'"
             )
+        # A scale below float16's normal range keeps only a few significant
+        # bits, and every weight of its group inherits that relative error.
+        # (A tiny zero only costs an absolute 2^-25 or less: no warning.)
         tiny = np.abs(arr[arr != 0]).min(initial=np.inf)
-        if tiny < np.finfo(np.float16).tiny:
+        if name == "scale" and tiny < np.finfo(np.float16).tiny:
             logger.warning(
-                "%s has values down to %.3g, below float16's normal range: they lose precision "
-                "(scale_dtype='float32' keeps them)", name, tiny,
+                "scale has values down to %.3g, below float16's normal range: they lose precision "
+                "(scale_dtype='float32' keeps them)", tiny,
             )
     return np.ascontiguousarray(arr, dtype=dtype)
 
