@@ -63,16 +63,21 @@ AVX2_INL float sz_at(const void *p, int sz_type, int64_t i)
     return ((const float *)p)[i];
 }
 
-/* The 3-bit spare steps 30 (bit 15) and 31 (bit 31) of a block whose three
- * lane-words start at p: u assembled from one bit of each word, shift 0. */
-AVX2_INL __m256i spare3(const uint32_t *p, const int pos)
+/* The 3-bit spare steps 30 and 31 of a block whose three lane-words start
+ * at p, both at once: bit p of u sits at bit 15 (step 30) or 31 (step 31) of
+ * word p, so moving word p down by 2 - p lines the three bits up at 13..15
+ * (step 30) and 29..31 (step 31).  Step 30 is then (t & 7 << 13) and step 31
+ * (t >> 16 & 7 << 13): shift 13 for both. */
+AVX2_INL __m256i spare3_pair(const uint32_t *p)
 {
-    __m256i one = _mm256_set1_epi32(1);
-    __m256i b0 = _mm256_and_si256(_mm256_srli_epi32(load8(p), pos), one);
-    __m256i b1 = _mm256_and_si256(_mm256_srli_epi32(load8(p + 8), pos), one);
-    __m256i b2 = _mm256_and_si256(_mm256_srli_epi32(load8(p + 16), pos), one);
-    return _mm256_or_si256(b0, _mm256_or_si256(_mm256_slli_epi32(b1, 1), _mm256_slli_epi32(b2, 2)));
+    __m256i b0 = _mm256_and_si256(_mm256_srli_epi32(load8(p), 2), _mm256_set1_epi32(0x20002000));
+    __m256i b1 = _mm256_and_si256(_mm256_srli_epi32(load8(p + 8), 1), _mm256_set1_epi32(0x40004000));
+    __m256i b2 = _mm256_and_si256(load8(p + 16), _mm256_set1_epi32((int)0x80008000u));
+    return _mm256_or_si256(_mm256_or_si256(b0, b1), b2);
 }
+
+AVX2_INL __m256i spare3_30(__m256i t) { return mask_and(t, 7u << 13); }
+AVX2_INL __m256i spare3_31(__m256i t) { return mask_and(_mm256_srli_epi32(t, 16), 7u << 13); }
 
 /* Masked slot of step t of a row, for any step (tails): u * 2^shift(t). */
 AVX2_INL __m256i step_raw(const uint32_t *row, const int bits, int64_t t)
@@ -92,8 +97,8 @@ AVX2_INL __m256i step_raw(const uint32_t *row, const int bits, int64_t t)
     int64_t blk = t / 32;
     int i = (int)(t % 32);
     const uint32_t *p = row + 24 * blk;
-    if (i == 30) return spare3(p, 15);
-    if (i == 31) return spare3(p, 31);
+    if (i == 30) return spare3_30(spare3_pair(p));
+    if (i == 31) return spare3_31(spare3_pair(p));
     int a = i / 10, k = i % 10;
     __m256i q = load8(p + 8 * a);
     if (k >= 5) q = _mm256_srli_epi32(q, 16);
@@ -258,9 +263,10 @@ AVX2_INL void gemvr(const dq_packed_t *W, const dq_xprep_t *X, int64_t r, float 
                 high_r(q);
                 HALFR(5, 3, 7u, 1);
             }
-            for (int pos = 15; pos <= 31; pos += 16) {
+            for (int i = 0; i < R; i++) q[i] = spare3_pair(p + i * rw + 24 * blk);
+            for (int j = 0; j < 2; j++) {
                 __m256i v[R];
-                for (int i = 0; i < R; i++) v[i] = spare3(p + i * rw + 24 * blk, pos);
+                for (int i = 0; i < R; i++) v[i] = j ? spare3_31(q[i]) : spare3_30(q[i]);
                 stepr_raw(&A, v, xs + 8 * t, subn);
                 t++;
                 if (--left == 0) {
@@ -352,8 +358,9 @@ AVX2_INL void rowb(const dq_packed_t *W, const dq_xprep_t *X, int64_t r, int64_t
                 q = _mm256_srli_epi32(q, 16);
                 HALFB(5, 3, 7u);
             }
-            for (int pos = 15; pos <= 31; pos += 16) {
-                stepb(&A, spare3(p + 24 * blk, pos), nb, xs + 8 * t, stride, subn);
+            __m256i sp = spare3_pair(p + 24 * blk);
+            for (int j = 0; j < 2; j++) {
+                stepb(&A, j ? spare3_31(sp) : spare3_30(sp), nb, xs + 8 * t, stride, subn);
                 t++;
                 if (--left == 0) {
                     flushb(&A, s1[grp++], nb);

@@ -83,7 +83,7 @@ int dq_pack_decode_shift(int bits, int64_t t)
     if (bits == 2) return (int)(2 * (t % 8));
     if (bits == 4) return (int)(4 * (t % 4));
     int i = (int)(t % 32);
-    return i < 30 ? 3 * ((i % 10) % 5) : 0;
+    return i < 30 ? 3 * ((i % 10) % 5) : 13; /* spare steps: see spare3_pair */
 }
 
 typedef struct {

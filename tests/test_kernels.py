@@ -136,6 +136,20 @@ def test_zero_input_gives_zero_output(kernel):
     assert np.array_equal(y, np.zeros((3, 5), np.float32))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nan_in_one_input_row_stays_in_that_row(kernel):
+    rng = np.random.default_rng(6)
+    pw = make(rng, 6, 96, 3, 32)
+    for batch in (2, 20):
+        x = rng.standard_normal((batch, 96)).astype(np.float32)
+        x[1, 50] = np.nan
+        y = packed_linear(x, pw, kernel=kernel)
+        assert np.isnan(y[1]).all()
+        keep = np.arange(batch) != 1
+        assert np.isfinite(y[keep]).all()
+        assert_close(y[keep], x[keep], pw)
+
+
 def test_threads_do_not_change_results():
     rng = np.random.default_rng(12)
     pw = make(rng, 203, 512, 2, 64)
