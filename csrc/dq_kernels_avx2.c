@@ -439,32 +439,62 @@ static AVX2_FN dq_status qdot_subn(const dq_packed_t *W, const dq_xprep_t *X, in
     return qdot_any(W, X, r0, r1, Y, ldy, 1);
 }
 
+/* u of step t of a row (any step), as int32 lanes. */
+AVX2_INL __m256i step_u(const uint32_t *row, const int bits, int64_t t)
+{
+    if (bits == 3 && t % 32 >= 30) return srl(step_raw(row, 3, t), 13);
+    int sh, per_word = bits == 2 ? 16 : (bits == 4 ? 8 : 10);
+    const uint32_t *w;
+    if (bits == 3) {
+        int i = (int)(t % 32), k = i % 10;
+        w = row + 24 * (t / 32) + 8 * (i / 10);
+        sh = k < 5 ? 3 * k : 16 + 3 * (k - 5);
+    } else {
+        w = row + 8 * (t / per_word);
+        sh = bits * (int)(t % per_word);
+    }
+    return mask_and(srl(load8(w), sh), (1u << bits) - 1u);
+}
+
 /* code * s + z per 8 columns: product and sum rounded separately, exactly
  * like the reference (no FMA), so the tiles are bit-identical. */
-static AVX2_FN void dequant_avx2(const dq_packed_t *W, int64_t r0, int64_t r1, float *out,
-                                 int64_t ldo)
+AVX2_INL void dequant_bits(const dq_packed_t *W, int64_t r0, int64_t r1, float *out, int64_t ldo,
+                           const int bits)
 {
     const __m256i qmin = _mm256_set1_epi32(W->qmin);
+    const int64_t G = W->G, gsteps = G == 1 ? W->steps : W->g / 8;
     for (int64_t r = r0; r < r1; r++) {
         const uint32_t *row = W->codes + r * W->row_words;
         float *o = out + (r - r0) * ldo;
-        for (int64_t t = 0; t < W->steps; t++) {
-            int64_t grp = W->G == 1 ? 0 : (8 * t) / W->g;
-            int shift = dq_pack_decode_shift(W->bits, t);
-            __m256i u = srl(step_raw(row, W->bits, t), shift);
-            __m256 code = _mm256_cvtepi32_ps(_mm256_add_epi32(u, qmin));
-            __m256 s = _mm256_set1_ps(sz_at(W->scale, W->sz_type, r * W->G + grp));
-            __m256 z = W->zero ? _mm256_set1_ps(sz_at(W->zero, W->sz_type, r * W->G + grp))
+        int64_t t = 0;
+        for (int64_t grp = 0; grp < G; grp++) {
+            __m256 s = _mm256_set1_ps(sz_at(W->scale, W->sz_type, r * G + grp));
+            __m256 z = W->zero ? _mm256_set1_ps(sz_at(W->zero, W->sz_type, r * G + grp))
                                : _mm256_setzero_ps();
-            __m256 v = _mm256_add_ps(_mm256_mul_ps(code, s), z);
-            if (8 * t + 8 <= ldo) {
-                _mm256_storeu_ps(o + 8 * t, v);
-            } else {
-                float tmp[8];
-                _mm256_storeu_ps(tmp, v);
-                memcpy(o + 8 * t, tmp, (size_t)(ldo - 8 * t) * sizeof(float));
+            int64_t tend = grp == G - 1 ? W->steps : t + gsteps;
+            for (; t < tend; t++) {
+                __m256 code = _mm256_cvtepi32_ps(_mm256_add_epi32(step_u(row, bits, t), qmin));
+                __m256 v = _mm256_add_ps(_mm256_mul_ps(code, s), z);
+                if (8 * t + 8 <= ldo) {
+                    _mm256_storeu_ps(o + 8 * t, v);
+                } else {
+                    float tmp[8];
+                    _mm256_storeu_ps(tmp, v);
+                    memcpy(o + 8 * t, tmp, (size_t)(ldo - 8 * t) * sizeof(float));
+                }
             }
         }
+    }
+}
+
+static AVX2_FN void dequant_avx2(const dq_packed_t *W, int64_t r0, int64_t r1, float *out,
+                                 int64_t ldo)
+{
+    switch (W->bits) {
+    case 2: dequant_bits(W, r0, r1, out, ldo, 2); break;
+    case 3: dequant_bits(W, r0, r1, out, ldo, 3); break;
+    case 4: dequant_bits(W, r0, r1, out, ldo, 4); break;
+    default: break;
     }
 }
 
