@@ -12,15 +12,17 @@
  *   - "avx2_subnormal": the AND result is used as a float bit pattern as is:
  *     u * 2^shift * 2^-149, a subnormal; x was pre-scaled by 2^(149-shift-e)
  *     and the dot is scaled back by 2^e at the end.  No conversion at all,
- *     which is worth ~1.7x where the FPU takes subnormal operands at full
- *     speed (AMD Zen); dq_cpu.c times both once and keeps the faster.
+ *     which measured 1.4x to 1.7x faster on AMD Zen 1, whose FPU takes
+ *     subnormal operands at full speed; CPUs that trap to microcode on them
+ *     would be far slower, so dq_cpu.c times both once and keeps the faster.
  * Both variants round exactly alike: power-of-two scalings are exact, and
  * the FMA rounds u * x + acc once either way.
  *
  * Summation order (differs from the reference, so results are compared
- * within a tolerance): per row, each lane sums its columns in two chains
- * (even and odd steps); a group's 8 x 2 partial sums are added lane-wise,
- * scaled by s_g and accumulated; the 8 lanes are added at the end.
+ * within a tolerance): per row and batch row, lane j sums u * x over its
+ * columns (8t + j) of a group in one chain; at the group's end the 8 lane
+ * sums are scaled by s_g and added to 8 lane totals; the lanes are added at
+ * the end, then the zero term.
  */
 #include "dq_kernels.h"
 

@@ -77,7 +77,9 @@ def packed_linear(x, packed: PackedWeight, *, bias=None, out=None, threads: int 
         out: optional preallocated float32 C-contiguous result
             ``(..., out_features)`` of the same kind as x (written in place,
             must not share memory with x).
-        threads: worker threads; None or 0 for the library's count
+        threads: worker threads. None: torch's intra-op thread count for
+            torch input (so a ``torch.set_num_threads`` limit is honoured),
+            else the library's count; 0: the library's count
             (``DECOUPLEQ_NUM_THREADS``, else OpenBLAS's).
         kernel: ``None``/``"auto"`` for the default, or one of
             :func:`available_kernels`.
@@ -88,11 +90,12 @@ def packed_linear(x, packed: PackedWeight, *, bias=None, out=None, threads: int 
     """
     if not isinstance(packed, PackedWeight):
         raise TypeError(f"packed must be a PackedWeight, got {type(packed).__name__}")
-    if threads is None:
-        threads = 0
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or threads < 0):
         raise ValueError(f"threads must be None or an int >= 0, got {threads!r}")
     torch_in = _is_torch(x)
+    if threads is None:
+        threads = sys.modules["torch"].get_num_threads() if torch_in else 0
     x2, lead = _x_numpy(x, packed.in_features)
     shape_out = (*lead, packed.out_features)
     out2 = None
