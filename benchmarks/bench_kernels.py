@@ -62,8 +62,11 @@ def main(argv=None) -> int:
         ap.error("--threads must be >= 1")
 
     os.environ["DECOUPLEQ_NUM_THREADS"] = str(args.threads)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import decoupleq
+    try:
+        import decoupleq
+    except ImportError:  # run from a source checkout built in place
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import decoupleq
     from decoupleq import _C
     from decoupleq.kernels import packed_linear
     from decoupleq.packing import PackedWeight
