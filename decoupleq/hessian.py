@@ -143,6 +143,9 @@ class HessianAccumulator:
     ``(flush_tokens + 8) * 2**-24 * sum_t w_t |x_ti x_tj| / sum_t w_t``
     (typically ``sqrt(flush_tokens)`` times less). Smaller ``flush_tokens``
     is more precise and costs one n² pass per ``flush_tokens`` tokens.
+    float32 tokens with an entry ``|x_i| sqrt(w) >= 2**48`` are summed in
+    float64 so squares never overflow float32; products below float32's
+    normal range (``|x_i x_j| < 1.2e-38``) lose relative precision.
 
     Non-finite tokens: by default a batch with a NaN/Inf in a counted token
     raises ValueError naming the row and nothing of that batch is

@@ -403,7 +403,8 @@ def test_two_threads_two_accumulators_match_one_thread():
         t.join()
     for s, p in zip(serial, parallel):
         assert p.n_tokens == s.n_tokens == 2048
-        # Same calls in the same order on each accumulator: same sums.
+        # Same calls in the same order on each accumulator, at one BLAS thread
+        # count: the same sums, bit for bit.
         assert np.array_equal(p.hessian(), s.hessian())
 
 
