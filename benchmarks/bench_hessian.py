@@ -7,7 +7,7 @@ scan, float32 partial sums flushed into float64) followed by ``hessian()``
 (final flush and the full symmetric float64 result). Runs alternate between
 the two and the best of ``--repeats`` is kept, which suits a busy machine.
 
-    nice python3 benchmarks/bench_hessian.py [--quick] [--json PATH]
+    nice python3 benchmarks/bench_hessian.py [--quick] [--threads N] [--json PATH]
 """
 from __future__ import annotations
 
@@ -59,7 +59,10 @@ def main(argv=None):
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="OpenBLAS threads (default: its own choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        _C.set_blas_threads(args.threads)
 
     rng = np.random.default_rng(0)
     if args.quick:

@@ -73,7 +73,12 @@ dq_status dq_hess_init(dq_hess_t *h, int64_t n, int64_t flush_tokens, int skip_n
         return DQ_EINVAL;
     h->n = n;
     h->flush_tokens = flush_tokens;
-    h->stage_cap = flush_tokens < DQ_HESS_STAGE_ROWS ? flush_tokens : DQ_HESS_STAGE_ROWS;
+    int64_t rows32 = DQ_HESS_STAGE_BYTES / (n * (int64_t)sizeof(float));
+    int64_t rows64 = DQ_HESS_STAGE_BYTES / (n * (int64_t)sizeof(double));
+    if (rows32 < DQ_HESS_DIRECT_ROWS) rows32 = DQ_HESS_DIRECT_ROWS;
+    if (rows64 < DQ_HESS_DIRECT_ROWS) rows64 = DQ_HESS_DIRECT_ROWS;
+    h->stage32_cap = rows32 < flush_tokens ? rows32 : flush_tokens;
+    h->stage64_cap = rows64;
     h->skip_nonfinite = skip_nonfinite ? 1 : 0;
     h->S = (double *)dq_calloc((size_t)n * (size_t)n * sizeof(double));
     return h->S ? DQ_OK : DQ_ENOMEM;
@@ -204,11 +209,11 @@ static dq_status ensure_buffers(dq_hess_t *h, int need32, int need64)
         if (!h->P) return DQ_ENOMEM;
     }
     if (need32 && !h->stage32) {
-        h->stage32 = (float *)dq_malloc((size_t)h->stage_cap * n * sizeof(float));
+        h->stage32 = (float *)dq_malloc((size_t)h->stage32_cap * n * sizeof(float));
         if (!h->stage32) return DQ_ENOMEM;
     }
     if (need64 && !h->stage64) {
-        h->stage64 = (double *)dq_malloc((size_t)DQ_HESS_STAGE_ROWS * n * sizeof(double));
+        h->stage64 = (double *)dq_malloc((size_t)h->stage64_cap * n * sizeof(double));
         if (!h->stage64) return DQ_ENOMEM;
     }
     return DQ_OK;
@@ -216,13 +221,13 @@ static dq_status ensure_buffers(dq_hess_t *h, int need32, int need64)
 
 static double *stage64_slot(dq_hess_t *h)
 {
-    if (h->stage64_rows == DQ_HESS_STAGE_ROWS) drain_stage64(h);
+    if (h->stage64_rows == h->stage64_cap) drain_stage64(h);
     return h->stage64 + h->stage64_rows++ * h->n;
 }
 
 static float *stage32_slot(dq_hess_t *h)
 {
-    if (h->stage32_rows == h->stage_cap) drain_stage32(h);
+    if (h->stage32_rows == h->stage32_cap) drain_stage32(h);
     return h->stage32 + h->stage32_rows++ * h->n;
 }
 
@@ -238,7 +243,7 @@ dq_status dq_hess_add_f32(dq_hess_t *h, const float *X, int64_t rows, const doub
         st = ensure_buffers(h, sc.included > sc.wide, sc.wide > 0);
         if (st != DQ_OK) return st;
     }
-    if (sc.plain && rows >= h->stage_cap) {
+    if (sc.plain && rows >= DQ_HESS_DIRECT_ROWS) {
         /* The common case: syrk straight from the caller's rows, no copy. */
         for (int64_t r0 = 0; r0 < rows; r0 += h->flush_tokens) {
             int64_t k = rows - r0 < h->flush_tokens ? rows - r0 : h->flush_tokens;
@@ -280,7 +285,7 @@ dq_status dq_hess_add_f64(dq_hess_t *h, const double *X, int64_t rows, const dou
         st = ensure_buffers(h, 0, 1);
         if (st != DQ_OK) return st;
     }
-    if (sc.plain && rows >= DQ_HESS_STAGE_ROWS) {
+    if (sc.plain && rows >= DQ_HESS_DIRECT_ROWS) {
         const int64_t chunk = (int64_t)1 << 20; /* keeps k within int */
         for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
             int64_t k = rows - r0 < chunk ? rows - r0 : chunk;

@@ -14,9 +14,11 @@
  * in float64 instead, so float32 squares can never overflow.  Products below
  * float32's normal range (|x_i x_j| < 1.2e-38) lose relative precision.
  *
- * Batches of fewer than stage_cap rows (and batches with masked, weighted or
- * skipped rows) are copied into a row buffer so every syrk call gets enough
- * rows to run near peak: adding one token costs O(n), not a rank-1 update.
+ * Batches of fewer than DQ_HESS_DIRECT_ROWS rows (and batches with masked,
+ * weighted or skipped rows) are copied into a row buffer of about
+ * DQ_HESS_STAGE_BYTES, so every syrk call gets enough rows to run near peak
+ * and a threaded BLAS call is not paid for a handful of rows: adding one token
+ * costs O(n), not a rank-1 update.
  *
  * Only the upper triangle (row-major) of S and P is maintained.
  * A dq_hess_t must not be used by two threads at once; distinct ones may.
@@ -26,22 +28,26 @@
 
 #include "dq_common.h"
 
-/* Rows per staged syrk call: enough for OpenBLAS to reach most of its peak. */
-#define DQ_HESS_STAGE_ROWS 256
+/* Batches with at least this many rows go to syrk straight from the caller's
+ * memory: enough rows for OpenBLAS to reach most of its peak. */
+#define DQ_HESS_DIRECT_ROWS 256
+/* Size of each row buffer (at least DQ_HESS_DIRECT_ROWS rows). */
+#define DQ_HESS_STAGE_BYTES ((int64_t)4 << 20)
 /* Default float32 rows summed between two flushes into float64. */
 #define DQ_HESS_FLUSH_TOKENS 4096
 
 typedef struct {
     int64_t n;
     int64_t flush_tokens;  /* K: float32 rows summed in P between flushes */
-    int64_t stage_cap;     /* min(DQ_HESS_STAGE_ROWS, K) */
+    int64_t stage32_cap;   /* rows of stage32: DQ_HESS_STAGE_BYTES worth, >= 256, <= K */
+    int64_t stage64_cap;   /* rows of stage64: DQ_HESS_STAGE_BYTES worth, >= 256 */
     int skip_nonfinite;    /* 1: rows with NaN/Inf are counted and skipped */
     double *S;             /* n x n float64 sum (upper triangle), zero-initialised */
     float *P;              /* n x n float32 partial sum, lazily allocated, zero when P_rows == 0 */
     int64_t P_rows;        /* rows summed into P since the last flush */
-    float *stage32;        /* stage_cap x n staged float32 rows (already scaled by sqrt(w)) */
+    float *stage32;        /* stage32_cap x n staged float32 rows (already scaled by sqrt(w)) */
     int64_t stage32_rows;
-    double *stage64;       /* DQ_HESS_STAGE_ROWS x n staged float64 rows (and wide float32 ones) */
+    double *stage64;       /* stage64_cap x n staged float64 rows (and wide float32 ones) */
     int64_t stage64_rows;
     int64_t n_tokens;      /* rows with weight > 0 accumulated */
     int64_t n_skipped;     /* rows with weight > 0 skipped as non-finite */

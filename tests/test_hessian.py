@@ -81,16 +81,37 @@ def test_matches_reference_and_formula_any_row_counts(n, dtype):
     assert_f64_close(Hr, X)
 
 
-def test_one_token_at_a_time_equals_one_batch():
+@pytest.mark.parametrize("flush_tokens", [DEFAULT_FLUSH_TOKENS, 7, 64])
+def test_one_token_at_a_time_equals_one_batch(flush_tokens):
+    # Small windows also cap the row buffer, so it fills and drains here.
     rng = np.random.default_rng(1)
     X = rand(rng, (300, 33))
-    one, batch = HessianAccumulator(33), HessianAccumulator(33)
+    one = HessianAccumulator(33, flush_tokens=flush_tokens)
+    batch = HessianAccumulator(33, flush_tokens=flush_tokens)
     for t in range(len(X)):
         one.add(X[t:t + 1])
     batch.add(X)
     assert one.n_tokens == batch.n_tokens == 300
-    assert_f32_close(one.hessian(), X)
-    assert_f32_close(batch.hessian(), X)
+    assert_f32_close(one.hessian(), X, flush_tokens=flush_tokens)
+    assert_f32_close(batch.hessian(), X, flush_tokens=flush_tokens)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_weighted_batches_fill_the_row_buffers(dtype):
+    # Weighted rows are always copied; 5000 rows of 127 overflow both buffers
+    # (4 MiB each) at least once, and the float32 one is capped at 4096 rows.
+    rng = np.random.default_rng(17)
+    X = rand(rng, (5000, 127), dtype)
+    w = rng.random(5000)
+    acc = HessianAccumulator(127)
+    acc.add(X, weights=w)
+    acc.add(X[:9], weights=w[:9])
+    assert acc.n_tokens == 5009
+    Xa, wa = np.concatenate([X, X[:9]]), np.concatenate([w, w[:9]])
+    if dtype == np.float32:
+        assert_f32_close(acc.hessian(), Xa, wa)
+    else:
+        assert_f64_close(acc.hessian(), Xa, wa)
 
 
 @pytest.mark.parametrize("flush_tokens", [1, 5, 256, 300])
