@@ -16,9 +16,13 @@
 /* Below this many multiply-adds per thread, starting a thread costs more
  * than it saves. */
 #define MIN_WORK_PER_THREAD ((int64_t)1 << 19)
-/* Floats in one dequantized tile (4 MiB): small enough to stay in the
- * last-level cache between the dequantization and sgemm. */
-#define TILE_FLOATS ((int64_t)1 << 20)
+/* Floats in one dequantized tile (64 MiB, e.g. a whole 4096 x 4096 layer).
+ * Few, large tiles matter more than cache reuse: after every sgemm OpenBLAS's
+ * idle workers keep spinning for a while, so each switch between our
+ * dequantization threads and BLAS costs contended cores, and sgemm itself is
+ * less efficient on narrow tiles.  Measured on 2 cores at batch 128: 4 MiB
+ * tiles took 2-4x the time of one sgemm on the fp32 weight, 32 MiB ~1.3x. */
+#define TILE_FLOATS ((int64_t)1 << 24)
 
 typedef struct {
     const dq_packed_t *W;
