@@ -93,11 +93,13 @@ static dq_status matmul_small(const dq_packed_t *W, const float *x, int64_t batc
 }
 
 static dq_status matmul_tiles(const dq_packed_t *W, const float *x, int64_t batch, float *y,
-                              int nthreads, const dq_kernel_t *k)
+                              int nthreads, const dq_kernel_t *k, int64_t tile)
 {
     if (batch > INT32_MAX || W->out > INT32_MAX || W->in > INT32_MAX) return DQ_EINVAL;
-    int64_t tile = TILE_FLOATS / W->in;
-    if (tile < 16) tile = 16;
+    if (tile < 1) {
+        tile = TILE_FLOATS / W->in;
+        if (tile < 16) tile = 16;
+    }
     if (tile > W->out) tile = W->out;
     float *buf = (float *)dq_malloc((size_t)(tile * W->in) * sizeof(float));
     if (!buf) return DQ_ENOMEM;
@@ -115,12 +117,12 @@ static dq_status matmul_tiles(const dq_packed_t *W, const float *x, int64_t batc
 }
 
 dq_status dq_packed_matmul(const dq_packed_t *W, const float *x, int64_t batch, float *y,
-                           int nthreads, const dq_kernel_t *kernel)
+                           int nthreads, const dq_kernel_t *kernel, int64_t tile_rows)
 {
     if (batch < 0) return DQ_EINVAL;
     if (batch == 0 || W->out == 0) return DQ_OK;
     const dq_kernel_t *k = resolve(W, kernel);
     if (nthreads < 1) nthreads = dq_num_threads();
     if (batch <= DQ_SMALL_BATCH_MAX) return matmul_small(W, x, batch, y, nthreads, k);
-    return matmul_tiles(W, x, batch, y, nthreads, k);
+    return matmul_tiles(W, x, batch, y, nthreads, k, tile_rows);
 }
