@@ -187,7 +187,7 @@ const char *dq_kernel_reason(void);
 /* ---- driver (dq_matmul.c) ----------------------------------------------- */
 /* y (batch x out) = x (batch x in) * What^T.  kernel NULL: the default.
  * nthreads < 1: dq_num_threads().  Batches above DQ_SMALL_BATCH_MAX go
- * through dequantized tiles of tile_rows rows (< 1: about 64 MiB) and sgemm
+ * through dequantized tiles of tile_rows rows (< 1: up to 256 MiB) and sgemm
  * (BLAS threads, never inside ours). */
 dq_status dq_packed_matmul(const dq_packed_t *W, const float *x, int64_t batch, float *y,
                            int nthreads, const dq_kernel_t *kernel, int64_t tile_rows);

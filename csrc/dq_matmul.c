@@ -11,18 +11,24 @@
 #include "dq_kernels.h"
 #include "dq_blas.h"
 
+#include <stdlib.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 /* Rows per work item: the batch-1 kernel handles four rows at once. */
 #define ROWS_PER_ITEM 4
 /* Below this many multiply-adds per thread, starting a thread costs more
  * than it saves. */
 #define MIN_WORK_PER_THREAD ((int64_t)1 << 19)
-/* Floats in one dequantized tile (64 MiB, e.g. a whole 4096 x 4096 layer).
- * Few, large tiles matter more than cache reuse: after every sgemm OpenBLAS's
- * idle workers keep spinning for a while, so each switch between our
- * dequantization threads and BLAS costs contended cores, and sgemm itself is
- * less efficient on narrow tiles.  Measured on 2 cores at batch 128: 4 MiB
- * tiles took 2-4x the time of one sgemm on the fp32 weight, 32 MiB ~1.3x. */
-#define TILE_FLOATS ((int64_t)1 << 24)
+/* Floats in one dequantized tile (256 MiB at most: every layer up to
+ * 64M weights, e.g. 11008 x 4096, is a single tile).  A transient fp32 copy
+ * of a layer is the price of few BLAS calls: each extra sgemm call on a
+ * narrower tile cost about as much as dequantizing it (2 cores, batch 128:
+ * one tile 1.0-1.1x the time of sgemm on the fp32 weight, 3 tiles ~1.3x,
+ * 4 MiB tiles 2-4x), partly because OpenBLAS's idle workers keep spinning
+ * while our threads dequantize the next tile. */
+#define TILE_FLOATS ((int64_t)1 << 26)
 
 typedef struct {
     const dq_packed_t *W;
@@ -92,6 +98,22 @@ static dq_status matmul_small(const dq_packed_t *W, const float *x, int64_t batc
     return st;
 }
 
+/* The tile buffer is written once per call, so its page faults are a real
+ * cost (16k faults for 64 MiB of 4 KiB pages, ~10-15% of a batch-128 call
+ * measured here); on Linux ask for transparent huge pages (2 MiB). */
+static float *tile_alloc(size_t bytes)
+{
+    const size_t huge = (size_t)2 << 20;
+    if (bytes < huge) return (float *)dq_malloc(bytes);
+    void *p = NULL;
+    bytes = (bytes + huge - 1) / huge * huge;
+    if (posix_memalign(&p, huge, bytes) != 0) return NULL;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, bytes, MADV_HUGEPAGE); /* advice only: failure is harmless */
+#endif
+    return (float *)p;
+}
+
 static dq_status matmul_tiles(const dq_packed_t *W, const float *x, int64_t batch, float *y,
                               int nthreads, const dq_kernel_t *k, int64_t tile)
 {
@@ -101,7 +123,7 @@ static dq_status matmul_tiles(const dq_packed_t *W, const float *x, int64_t batc
         if (tile < 16) tile = 16;
     }
     if (tile > W->out) tile = W->out;
-    float *buf = (float *)dq_malloc((size_t)(tile * W->in) * sizeof(float));
+    float *buf = tile_alloc((size_t)(tile * W->in) * sizeof(float));
     if (!buf) return DQ_ENOMEM;
     dq_status st = DQ_OK;
     for (int64_t r0 = 0; r0 < W->out && st == DQ_OK; r0 += tile) {

@@ -434,7 +434,7 @@ PyMethodDef dq_py_kernels_methods[] = {
     {"packed_matmul", (PyCFunction)(void (*)(void))py_packed_matmul, METH_VARARGS | METH_KEYWORDS,
      "packed_matmul(x, packed, scale, zero, bits, in_features, group_size, out=None, threads=0, "
      "kernel=None, tile_rows=0) -> float32 (batch, out): x @ dequant(packed).T.  Batches above 16 "
-     "dequantize tile_rows rows at a time (0: about 64 MiB) for sgemm."},
+     "dequantize tile_rows rows at a time (0: up to 256 MiB) for sgemm."},
     {"kernel_names", py_kernel_names, METH_NOARGS,
      "kernel_names() -> list of the packed kernels runnable on this CPU, reference first."},
     {"read_bandwidth", (PyCFunction)(void (*)(void))py_read_bandwidth, METH_VARARGS | METH_KEYWORDS,
