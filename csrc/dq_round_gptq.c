@@ -26,7 +26,25 @@ static const double LADDER_BASELINE[] = {0.0, 0.01, 0.1, 1.0, 10.0, 100.0};
  * more than the rows' work. */
 #define SWEEP_MIN_ROWS 16
 
+/* Safe division of ALGORITHM 1.4 in float32 (plain division whenever
+ * |y| >= 1e-15), as in the reference. */
+static inline float safe_divf(float x, float y)
+{
+    float ay = fabsf(y);
+    if (!(ay >= 1e-15f)) ay = 1e-15f;
+    return x / (y < 0.0f ? -ay : ay);
+}
+
 /* ---- the factor -------------------------------------------------------- */
+
+/* Diagonal entry as the factor sees it.  The baseline follows reference
+ * GPTQ's dead-input rule: a zero diagonal (a feature that never fired; only
+ * possible when H00 was not damped) counts as 1. */
+static inline double diag_entry(const double *H, int64_t n, int64_t i, int dead_to_one)
+{
+    const double d = H[i * n + i];
+    return (dead_to_one && d == 0.0) ? 1.0 : d;
+}
 
 typedef struct {
     double d;
@@ -43,7 +61,8 @@ static int cmp_desc(const void *pa, const void *pb)
     return (a->i > b->i) - (a->i < b->i);
 }
 
-static dq_status make_perm(const double *H, int64_t n, int act_order, int64_t *perm)
+static dq_status make_perm(const double *H, int64_t n, int act_order, int dead_to_one,
+                           int64_t *perm)
 {
     if (!act_order) {
         for (int64_t i = 0; i < n; i++) perm[i] = i;
@@ -52,7 +71,7 @@ static dq_status make_perm(const double *H, int64_t n, int act_order, int64_t *p
     keyed_t *k = dq_malloc(sizeof(keyed_t) * (size_t)n);
     if (!k) return DQ_ENOMEM;
     for (int64_t i = 0; i < n; i++) {
-        k[i].d = H[i * n + i];
+        k[i].d = diag_entry(H, n, i, dead_to_one);
         k[i].i = i;
     }
     qsort(k, (size_t)n, sizeof(keyed_t), cmp_desc);
@@ -66,16 +85,16 @@ static dq_status make_perm(const double *H, int64_t n, int act_order, int64_t *p
  * triangular inverse (2n^3/3 flops), the same U as GPTQ's Cholesky ->
  * inverse -> Cholesky of the inverse (4n^3/3) and without squaring the
  * condition number on the way.  Returns 0 when the rung factors. */
-static int factor_rung(const double *H, int64_t n, const int64_t *perm, double lam, double tol,
-                       double *M, float *U)
+static int factor_rung(const double *H, int64_t n, const int64_t *perm, int dead_to_one,
+                       double lam, double tol, double *M, float *U)
 {
     /* Row-major lower triangle of M = J P H P^T J + lam I (what LAPACK sees
      * as the column-major upper triangle). */
     for (int64_t i = 0; i < n; i++) {
         const double *hrow = H + perm[n - 1 - i] * n;
         double *mrow = M + i * n;
-        for (int64_t j = 0; j <= i; j++) mrow[j] = hrow[perm[n - 1 - j]];
-        mrow[i] += lam;
+        for (int64_t j = 0; j < i; j++) mrow[j] = hrow[perm[n - 1 - j]];
+        mrow[i] = diag_entry(H, n, perm[n - 1 - i], dead_to_one) + lam;
     }
     const int ni = (int)n;
     int info = 0;
@@ -119,11 +138,12 @@ dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_dampi
         st = DQ_ENOMEM;
         goto fail;
     }
-    if ((st = make_perm(L->H, n, act_order, F->perm)) != DQ_OK) goto fail;
+    const int dead_to_one = !decoupleq_damping;
+    if ((st = make_perm(L->H, n, act_order, dead_to_one, F->perm)) != DQ_OK) goto fail;
 
     double sum = 0.0, dmax = 0.0;
     for (int64_t i = 0; i < n; i++) {
-        const double d = L->H[i * n + i];
+        const double d = diag_entry(L->H, n, i, dead_to_one);
         sum += d;
         if (fabs(d) > dmax) dmax = fabs(d);
     }
@@ -134,7 +154,7 @@ dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_dampi
         const double lam = ladder[k] * mean;
         if (!isfinite(lam)) break;
         const double tol = (double)n * DBL_EPSILON * (dmax + fabs(lam));
-        if (factor_rung(L->H, n, F->perm, lam, tol, M, F->U) == 0) {
+        if (factor_rung(L->H, n, F->perm, dead_to_one, lam, tol, M, F->U) == 0) {
             F->lambda_extra = lam;
             dq_free(M);
             return DQ_OK;
@@ -167,6 +187,8 @@ typedef struct {
     int64_t B, i1, cnt;  /* block [i1, i1 + cnt) */
     int8_t *A;           /* m x n codes, natural order */
     double *esum, *dsum; /* per row: sum e_i^2 and ||Q - W||^2 */
+    double *wd;          /* per row: sum_j w_j^2 H_jj, for the identity's accuracy */
+    const double *hdiag; /* diag H00, natural order */
     /* decoupleQ step: fixed parameters */
     const float *S, *Z;
     /* baseline: parameters found during the sweep (S is the output) */
@@ -209,13 +231,13 @@ static void round_range(void *vctx, int64_t begin, int64_t end)
         const float *S = x->S + r * G, *Z = x->Z + r * G;
         const float *W = L->W + r * n;
         int8_t *A = x->A + r * n;
-        double es = 0.0, ds = 0.0;
+        double es = 0.0, ds = 0.0, wd = 0.0;
         for (int64_t j = 0; j < cnt; j++) {
             const int64_t c = i1 + j, nat = perm[c], gi = x->gcol[c];
             const float s = S[gi], z = sym ? 0.0f : Z[gi];
             const float w = w1[j];
-            float q = dq_round(sym ? w / s : (w - z) / s, rule);
-            if (!(q >= qmin)) q = qmin;
+            float q = dq_round(safe_divf(sym ? w : w - z, s), rule);
+            if (q < qmin) q = qmin;
             if (q > qmax) q = qmax;
             const float Q = s * q + z;
             const float ej = (w - Q) / U[c * n + c];
@@ -224,10 +246,12 @@ static void round_range(void *vctx, int64_t begin, int64_t end)
             es += (double)ej * (double)ej;
             const double d = (double)Q - (double)W[nat];
             ds += d * d;
+            wd += (double)W[nat] * (double)W[nat] * x->hdiag[nat];
             row_update(w1 + j + 1, U + c * n + c + 1, ej, cnt - j - 1);
         }
         x->esum[r] += es;
         x->dsum[r] += ds;
+        x->wd[r] += wd;
     }
 }
 
@@ -255,9 +279,10 @@ static void baseline_params(const float *w, int64_t len, const dq_layer_t *L, fl
     if (L->symmetric) {
         zeta = (float)(1 << (L->bits - 1));
     } else {
-        zeta = dq_round(-lo / s, L->rule);
-        /* -lo/s lies in [0, maxq]; the clamp only guards s == 0. */
-        if (!(zeta >= 0.0f)) zeta = 0.0f;
+        /* -lo/s lies in [0, maxq] up to rounding: the clamp never binds
+         * on a normal scale and keeps the int cast defined on a tiny one. */
+        zeta = dq_round(safe_divf(-lo, s), L->rule);
+        if (zeta < 0.0f) zeta = 0.0f;
         if (zeta > maxq) zeta = maxq;
     }
     *s_out = s;
@@ -291,7 +316,7 @@ static void baseline_range(void *vctx, int64_t begin, int64_t end)
         int32_t *zeta = x->zeta + r * G;
         const float *W = L->W + r * n;
         int8_t *A = x->A + r * n;
-        double es = 0.0, ds = 0.0;
+        double es = 0.0, ds = 0.0, wd = 0.0;
         for (int64_t j = 0; j < cnt; j++) {
             const int64_t c = i1 + j, nat = perm[c];
             /* Dynamic groups start from the current weights: the block
@@ -303,8 +328,8 @@ static void baseline_range(void *vctx, int64_t begin, int64_t end)
             const float s = S[gi];
             const int32_t zi = zeta[gi];
             const float w = w1[j];
-            float qu = dq_round(w / s, rule) + (float)zi;
-            if (!(qu >= 0.0f)) qu = 0.0f;
+            float qu = dq_round(safe_divf(w, s), rule) + (float)zi;
+            if (qu < 0.0f) qu = 0.0f;
             if (qu > maxq) qu = maxq;
             /* Dequantise in the output's own convention (signed code, float
              * zero) so the sweep feeds back exactly what the caller gets. */
@@ -317,10 +342,12 @@ static void baseline_range(void *vctx, int64_t begin, int64_t end)
             es += (double)ej * (double)ej;
             const double d = (double)Q - (double)W[nat];
             ds += d * d;
+            wd += (double)W[nat] * (double)W[nat] * x->hdiag[nat];
             row_update(w1 + j + 1, U + c * n + c + 1, ej, cnt - j - 1);
         }
         x->esum[r] += es;
         x->dsum[r] += ds;
+        x->wd[r] += wd;
     }
 }
 
@@ -338,6 +365,7 @@ static int64_t block_end(int64_t i1, int64_t B, int64_t n, int64_t g, int cut_at
     return end;
 }
 
+/* x->wd (m, zeroed) is the caller's. */
 static dq_status sweep(sweep_t *x, dq_range_fn fn, int cut_at_groups, double *err)
 {
     const dq_layer_t *L = x->L;
@@ -349,10 +377,13 @@ static dq_status sweep(sweep_t *x, dq_range_fn fn, int cut_at_groups, double *er
     x->esum = dq_calloc(sizeof(double) * (size_t)m);
     x->dsum = dq_calloc(sizeof(double) * (size_t)m);
     int64_t *gcol = dq_malloc(sizeof(int64_t) * (size_t)n);
-    if (!x->Wp || !x->E || !x->esum || !x->dsum || !gcol) {
+    double *hdiag = dq_malloc(sizeof(double) * (size_t)n);
+    if (!x->Wp || !x->E || !x->esum || !x->dsum || !gcol || !hdiag) {
         st = DQ_ENOMEM;
         goto done;
     }
+    for (int64_t c = 0; c < n; c++) hdiag[c] = L->H[c * n + c];
+    x->hdiag = hdiag;
     for (int64_t c = 0; c < n; c++) gcol[c] = x->F->perm[c] / L->g;
     x->gcol = gcol;
     dq_parallel_for(m, SWEEP_MIN_ROWS, nt, permute_range, x);
@@ -375,8 +406,36 @@ done:
     dq_free(x->esum);
     dq_free(x->dsum);
     dq_free(gcol);
+    dq_free(hdiag);
     x->Wp = x->E = NULL;
     x->esum = x->dsum = NULL;
+    return st;
+}
+
+/* The identity's error comes from the float32 recurrence: its rounding noise
+ * in the updated weights is about eps*|w|, while Delta shrinks with the grid
+ * step, so at high bit widths the identity loses digits (2 bits: ~1e-6
+ * relative; 8 bits: up to ~5e-4).  On synthetic layers (n = 33..512, bits
+ * 2..8, with and without act-order) the relative error stayed below
+ * 15 * eps * sqrt(sum_j w_j^2 H_jj / e_r); rows where 32 times that estimate
+ * exceeds IDENTITY_TOL are measured directly with one GEMM on those rows. */
+#define IDENTITY_TOL 3e-5
+#define IDENTITY_SAFETY 32.0
+
+static dq_status refine_errors(const dq_layer_t *L, const double *wd, const int8_t *A,
+                               const float *S, const float *Z, double *err)
+{
+    const int64_t m = L->m;
+    int64_t *rows = dq_malloc(sizeof(int64_t) * (size_t)m);
+    if (!rows) return DQ_ENOMEM;
+    int64_t k = 0;
+    const double eps = (double)FLT_EPSILON / 2.0;
+    for (int64_t r = 0; r < m; r++) {
+        const double est = IDENTITY_SAFETY * eps * sqrt(wd[r] / err[r]);
+        if (!(err[r] > 0.0) || !(est <= IDENTITY_TOL)) rows[k++] = r;
+    }
+    dq_status st = dq_row_errors_rows(L, rows, k, A, S, Z, err);
+    dq_free(rows);
     return st;
 }
 
@@ -397,32 +456,62 @@ dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const fl
     x.A = A;
     x.S = S;
     x.Z = Z;
-    return sweep(&x, round_range, 0, err);
+    x.wd = dq_calloc(sizeof(double) * (size_t)L->m);
+    if (!x.wd) return DQ_ENOMEM;
+    dq_status st = sweep(&x, round_range, 0, err);
+    if (st == DQ_OK) st = refine_errors(L, x.wd, A, S, L->symmetric ? NULL : Z, err);
+    dq_free(x.wd);
+    return st;
 }
 
 dq_status dq_gptq_baseline(const dq_layer_t *L, const dq_gptq_factor_t *F, int64_t blocksize,
                            int8_t *A, float *S, float *Z, double *err)
 {
-    if (blocksize < 1 || !F || F->n != L->n || !F->U || !F->perm) return DQ_EINVAL;
-    const int64_t m = L->m, G = L->G;
+    if (blocksize < 1 || !F || F->n != L->n || !F->U || !F->perm || !L->H) return DQ_EINVAL;
+    const int64_t m = L->m, n = L->n, G = L->G;
+    dq_status st = DQ_OK;
+    float *Wd = NULL;
+    dq_layer_t Ld = *L;
+    /* Reference GPTQ zeroes the weights of dead inputs (zero diagonal, also
+     * treated as 1 by the factor).  The sweep then runs on those weights and
+     * the error identity no longer refers to W, so errors are measured
+     * directly; dead inputs only occur with an undamped H00. */
+    int64_t n_dead = 0;
+    for (int64_t c = 0; c < n; c++) n_dead += L->H[c * n + c] == 0.0;
+    if (n_dead) {
+        Wd = dq_malloc(sizeof(float) * (size_t)(m * n));
+        if (!Wd) return DQ_ENOMEM;
+        memcpy(Wd, L->W, sizeof(float) * (size_t)(m * n));
+        for (int64_t c = 0; c < n; c++)
+            if (L->H[c * n + c] == 0.0)
+                for (int64_t r = 0; r < m; r++) Wd[r * n + c] = 0.0f;
+        Ld.W = Wd;
+    }
     sweep_t x;
     memset(&x, 0, sizeof(x));
-    x.L = L;
+    x.L = &Ld;
     x.F = F;
-    x.B = clamp_block(blocksize, L->n);
+    x.B = clamp_block(blocksize, n);
     x.A = A;
     x.Sb = S;
     x.zeta = dq_malloc(sizeof(int32_t) * (size_t)(m * G));
-    if (!x.zeta) return DQ_ENOMEM;
+    x.wd = dq_calloc(sizeof(double) * (size_t)m);
+    if (!x.zeta || !x.wd) {
+        st = DQ_ENOMEM;
+        goto done;
+    }
     /* With act-order, groups of permuted columns would need a g_idx at
      * inference: the parameters come from the original W's natural groups
      * instead.  Per-channel, the one group sees the original W either way. */
     x.static_groups = F->act_order && G > 1;
-    if (x.static_groups) dq_parallel_for(m, SWEEP_MIN_ROWS, dq_num_threads(), static_params_range, &x);
-    dq_status st = sweep(&x, baseline_range, !x.static_groups, err);
-    if (st == DQ_OK) {
-        for (int64_t i = 0; i < m * G; i++) Z[i] = S[i] * (float)(-(L->qmin + x.zeta[i]));
-    }
+    if (x.static_groups)
+        dq_parallel_for(m, SWEEP_MIN_ROWS, dq_num_threads(), static_params_range, &x);
+    if ((st = sweep(&x, baseline_range, !x.static_groups, err)) != DQ_OK) goto done;
+    for (int64_t i = 0; i < m * G; i++) Z[i] = S[i] * (float)(-(L->qmin + x.zeta[i]));
+    st = n_dead ? dq_row_errors(L, A, S, Z, err) : refine_errors(L, x.wd, A, S, Z, err);
+done:
     dq_free(x.zeta);
+    dq_free(x.wd);
+    dq_free(Wd);
     return st;
 }

@@ -48,6 +48,10 @@ void dq_rtn_codes(const dq_layer_t *L, const float *S, const float *Z, int8_t *A
 /* e_r for a given (A, S, Z); one m x n x n GEMM on D = A*S + Z - W. */
 dq_status dq_row_errors(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,
                         double *err);
+/* The same for the k rows listed in `rows` (NULL: rows 0..k-1); err is
+ * indexed by row number.  Z NULL counts as zero (symmetric). */
+dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *A,
+                             const float *S, const float *Z, double *err);
 /* Per-row shrink search of ALGORITHM 3.3 (the same objective: the row's H00
  * error of the RTN codes under range p*(lo, hi), p on the 0.005 grid from
  * 1.0 down to 0.205); writes the best (S, Z), its p per row, and its error.
