@@ -51,8 +51,14 @@
 /* Flips per element above which the exact exhaustive evaluation is cheaper. */
 #define EXHAUSTIVE_FLIPS 64
 
-/* Column tile of the replay: 64 floats of K per row kept in registers. */
-#define TILE 64
+/* Column tile of the replay: TILE floats of K per row kept in registers;
+ * the packed H tile (n x TILE floats) should sit in L2. */
+#ifndef TILE
+#define TILE 32
+#endif
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 8
+#endif
 
 /* Working-memory targets: rows per block (u1 and K, float32) and flip
  * records per sub-block. */
@@ -193,7 +199,8 @@ static int boundaries_in(const dq_layer_t *L, double a, double b, int *k0, int *
     return 1;
 }
 
-/* Element geometry: x0, u and the tolerance of column c. */
+/* Element geometry in grid units of p = 1: x0 = -z1/s1, u = w/s1, and
+ * the tolerance around boundaries. */
 static inline void element(const dq_layer_t *L, float w, float s1, float z1, double *x0,
                            double *u, double *tol)
 {
@@ -202,21 +209,42 @@ static inline void element(const dq_layer_t *L, float w, float s1, float z1, dou
     *tol = TOL_REL * (4.0 + fabs(*x0) + 5.0 * fabs(*u));
 }
 
-/* Upper estimate of a row's flips: boundaries its trajectory passes. */
+/* Upper estimate of a row's flips: boundaries its trajectories pass. */
 static int64_t estimate_flips(const dq_layer_t *L, const float *w, const row_grid_t *T,
                               const double *rinv)
 {
     int64_t cnt = 0;
-    for (int64_t c = 0; c < L->n; c++) {
-        const int64_t j = c / L->g;
-        double x0, u, tol;
-        element(L, w[c], T->s[j], T->z[j], &x0, &u, &tol);
-        double xa = x0 + u, xb = x0 + u * rinv[N_STEPS - 1];
-        int k0, k1;
-        if (boundaries_in(L, (xa < xb ? xa : xb) - tol, (xa < xb ? xb : xa) + tol, &k0, &k1))
-            cnt += k1 - k0 + 1;
+    const double rmax = rinv[N_STEPS - 1];
+    for (int64_t j = 0; j < L->G; j++) {
+        for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
+            double x0, u, tol;
+            element(L, w[c], T->s[j], T->z[j], &x0, &u, &tol);
+            const double xa = x0 + u, xb = x0 + u * rmax;
+            int k0, k1;
+            if (boundaries_in(L, (xa < xb ? xa : xb) - tol, (xa < xb ? xb : xa) + tol, &k0, &k1))
+                cnt += k1 - k0 + 1;
+        }
     }
     return cnt;
+}
+
+static int push_flip(flip_t **buf, int16_t **bstep, int64_t *cap, int64_t k, int32_t c,
+                     float delta, int st)
+{
+    if (k == *cap) {
+        const int64_t nc = *cap ? 2 * *cap : 1024;
+        flip_t *nb = realloc(*buf, sizeof(flip_t) * (size_t)nc);
+        if (!nb) return -1;
+        *buf = nb;
+        int16_t *ns = realloc(*bstep, sizeof(int16_t) * (size_t)nc);
+        if (!ns) return -1;
+        *bstep = ns;
+        *cap = nc;
+    }
+    (*buf)[k].col = c;
+    (*buf)[k].delta = delta;
+    (*bstep)[k] = (int16_t)st;
+    return 0;
 }
 
 /* All flips of one row, unsorted (column-major); returns the count or -1 if
@@ -225,45 +253,36 @@ static int64_t row_flips(const dq_layer_t *L, const float *w, const row_grid_t *
                          const double *rinv, flip_t **buf, int16_t **bstep, int64_t *cap)
 {
     const int64_t G = L->G, g = L->g;
+    const double rmax = rinv[N_STEPS - 1];
     int64_t k = 0;
-    for (int64_t c = 0; c < L->n; c++) {
-        const int64_t j = c / g;
+    for (int64_t j = 0; j < G; j++) {
         const float s1 = T->s[j], z1 = T->z[j];
-        double x0, u, tol;
-        element(L, w[c], s1, z1, &x0, &u, &tol);
-        double xa = x0 + u, xb = x0 + u * rinv[N_STEPS - 1];
-        int k0, k1;
-        if (!boundaries_in(L, (xa < xb ? xa : xb) - tol, (xa < xb ? xb : xa) + tol, &k0, &k1))
-            continue;
-        int q_prev = code_one(w[c], s1, z1, L);
-        int done = 0; /* last step evaluated */
-        /* Boundaries in the order the trajectory meets them. */
-        for (int t = 0; t <= k1 - k0; t++) {
-            const int kb = u >= 0.0 ? k0 + t : k1 - t;
-            int lo, hi;
-            if (!boundary_window(x0, u, kb + 0.5, tol, rinv, &lo, &hi)) continue;
-            if (lo <= done) lo = done + 1;
-            for (int st = lo; st <= hi; st++) {
-                const int q = code_one(w[c], T->s[st * G + j], T->z[st * G + j], L);
-                if (q != q_prev) {
-                    if (k == *cap) {
-                        int64_t nc = *cap ? 2 * *cap : 1024;
-                        flip_t *nb = realloc(*buf, sizeof(flip_t) * (size_t)nc);
-                        if (!nb) return -1;
-                        *buf = nb;
-                        int16_t *ns = realloc(*bstep, sizeof(int16_t) * (size_t)nc);
-                        if (!ns) return -1;
-                        *bstep = ns;
-                        *cap = nc;
-                    }
-                    (*buf)[k].col = (int32_t)c;
-                    (*buf)[k].delta = (float)(q - q_prev) * s1;
-                    (*bstep)[k] = (int16_t)st;
+        for (int64_t c = j * g; c < (j + 1) * g; c++) {
+            double x0, u, tol;
+            element(L, w[c], s1, z1, &x0, &u, &tol);
+            const double xa = x0 + u, xb = x0 + u * rmax;
+            int k0, k1;
+            if (!boundaries_in(L, (xa < xb ? xa : xb) - tol, (xa < xb ? xb : xa) + tol, &k0,
+                               &k1))
+                continue;
+            int q_prev = code_one(w[c], s1, z1, L);
+            int done = 0; /* last step evaluated */
+            /* Boundaries in the order the trajectory meets them. */
+            for (int t = 0; t <= k1 - k0; t++) {
+                const int kb = u >= 0.0 ? k0 + t : k1 - t;
+                int lo, hi;
+                if (!boundary_window(x0, u, kb + 0.5, tol, rinv, &lo, &hi)) continue;
+                if (lo <= done) lo = done + 1;
+                for (int st = lo; st <= hi; st++) {
+                    const int q = code_one(w[c], T->s[st * G + j], T->z[st * G + j], L);
+                    if (q == q_prev) continue;
+                    if (push_flip(buf, bstep, cap, k, (int32_t)c, (float)(q - q_prev) * s1, st))
+                        return -1;
                     k++;
                     q_prev = q;
                 }
+                if (hi > done) done = hi;
             }
-            if (hi > done) done = hi;
         }
     }
     return k;
@@ -325,11 +344,11 @@ static void fill_rows(void *vctx, int64_t begin, int64_t end)
         const float *v = L->V + r * n;
         row_grid(L, B->lo + i * G, B->hi + i * G, &T);
         float *u1 = B->U1 + i * npad;
-        for (int64_t c = 0; c < n; c++) {
-            const int64_t j = c / g;
-            const float q = (float)code_one(w[c], T.s[j], T.z[j], L);
-            u1[c] = L->symmetric ? q * T.s[j] : q * T.s[j] + T.z[j];
-        }
+        for (int64_t j = 0; j < G; j++)
+            for (int64_t c = j * g; c < (j + 1) * g; c++) {
+                const float q = (float)code_one(w[c], T.s[j], T.z[j], L);
+                u1[c] = L->symmetric ? q * T.s[j] : q * T.s[j] + T.z[j];
+            }
         for (int64_t c = n; c < npad; c++) u1[c] = 0.0f;
         const int64_t k = row_flips(L, w, &T, B->rinv, &buf, &bstep, &cap);
         if (k < 0) goto oom;
@@ -399,6 +418,7 @@ static void replay_scalar(const flip_t *ev, const int32_t *step_end, const float
 {
     int32_t e = 0;
     for (int st = 1; st < N_STEPS; st++) {
+        if (e == step_end[st]) continue;
         double acc = 0.0;
         for (; e < step_end[st]; e++) {
             const int64_t c = ev[e].col;
@@ -416,71 +436,51 @@ static void replay_scalar(const flip_t *ev, const int32_t *step_end, const float
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#define TV (TILE / 8) /* YMM registers of a K tile */
 __attribute__((target("avx2"))) static void replay_avx2(const flip_t *ev, const int32_t *step_end,
                                                         const float *Ht, const float *hdiag,
                                                         int64_t t0, float *Kt,
                                                         double *alpha_step)
 {
-    __m256 k0 = _mm256_loadu_ps(Kt), k1 = _mm256_loadu_ps(Kt + 8);
-    __m256 k2 = _mm256_loadu_ps(Kt + 16), k3 = _mm256_loadu_ps(Kt + 24);
-    __m256 k4 = _mm256_loadu_ps(Kt + 32), k5 = _mm256_loadu_ps(Kt + 40);
-    __m256 k6 = _mm256_loadu_ps(Kt + 48), k7 = _mm256_loadu_ps(Kt + 56);
+    __m256 k[TV];
+    for (int v = 0; v < TV; v++) k[v] = _mm256_loadu_ps(Kt + 8 * v);
     float spill[TILE] __attribute__((aligned(32)));
+    const int32_t nev = step_end[N_STEPS - 1];
     int32_t e = 0;
     for (int st = 1; st < N_STEPS; st++) {
+        const int32_t e1 = step_end[st];
+        if (e == e1) continue;
         double acc = 0.0;
-        for (; e < step_end[st]; e++) {
+        for (; e < e1; e++) {
             const int64_t c = ev[e].col;
             const float d = ev[e].delta;
             if ((uint64_t)(c - t0) < TILE) {
-                _mm256_store_ps(spill, k0);
-                _mm256_store_ps(spill + 8, k1);
-                _mm256_store_ps(spill + 16, k2);
-                _mm256_store_ps(spill + 24, k3);
-                _mm256_store_ps(spill + 32, k4);
-                _mm256_store_ps(spill + 40, k5);
-                _mm256_store_ps(spill + 48, k6);
-                _mm256_store_ps(spill + 56, k7);
+                for (int v = 0; v < TV; v++) _mm256_store_ps(spill + 8 * v, k[v]);
                 const float kc = spill[c - t0];
                 acc += (double)d * (2.0 * (double)kc + (double)d * (double)hdiag[c]);
             }
-            if (e + 4 < step_end[N_STEPS - 1]) {
-                const char *nx = (const char *)(Ht + (int64_t)ev[e + 4].col * TILE);
-                _mm_prefetch(nx, _MM_HINT_T0);
-                _mm_prefetch(nx + 64, _MM_HINT_T0);
-                _mm_prefetch(nx + 128, _MM_HINT_T0);
-                _mm_prefetch(nx + 192, _MM_HINT_T0);
+            if (e + PREFETCH_AHEAD < nev) {
+                const char *nx = (const char *)(Ht + (int64_t)ev[e + PREFETCH_AHEAD].col * TILE);
+                for (int v = 0; v < TILE * 4; v += 64) _mm_prefetch(nx + v, _MM_HINT_T0);
             }
             const float *h = Ht + c * TILE;
             const __m256 dv = _mm256_set1_ps(d);
-            k0 = _mm256_add_ps(k0, _mm256_mul_ps(dv, _mm256_load_ps(h)));
-            k1 = _mm256_add_ps(k1, _mm256_mul_ps(dv, _mm256_load_ps(h + 8)));
-            k2 = _mm256_add_ps(k2, _mm256_mul_ps(dv, _mm256_load_ps(h + 16)));
-            k3 = _mm256_add_ps(k3, _mm256_mul_ps(dv, _mm256_load_ps(h + 24)));
-            k4 = _mm256_add_ps(k4, _mm256_mul_ps(dv, _mm256_load_ps(h + 32)));
-            k5 = _mm256_add_ps(k5, _mm256_mul_ps(dv, _mm256_load_ps(h + 40)));
-            k6 = _mm256_add_ps(k6, _mm256_mul_ps(dv, _mm256_load_ps(h + 48)));
-            k7 = _mm256_add_ps(k7, _mm256_mul_ps(dv, _mm256_load_ps(h + 56)));
+            for (int v = 0; v < TV; v++)
+                k[v] = _mm256_add_ps(k[v], _mm256_mul_ps(dv, _mm256_load_ps(h + 8 * v)));
         }
         alpha_step[st] += acc;
     }
-    _mm256_storeu_ps(Kt, k0);
-    _mm256_storeu_ps(Kt + 8, k1);
-    _mm256_storeu_ps(Kt + 16, k2);
-    _mm256_storeu_ps(Kt + 24, k3);
-    _mm256_storeu_ps(Kt + 32, k4);
-    _mm256_storeu_ps(Kt + 40, k5);
-    _mm256_storeu_ps(Kt + 48, k6);
-    _mm256_storeu_ps(Kt + 56, k7);
+    for (int v = 0; v < TV; v++) _mm256_storeu_ps(Kt + 8 * v, k[v]);
 }
 #endif
 
 static replay_fn pick_replay(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
-    const char *env = getenv("DECOUPLEQ_FORCE_REF");
-    if (!(env && *env && strcmp(env, "0") != 0) && __builtin_cpu_supports("avx2"))
-        return replay_avx2;
+    /* DECOUPLEQ_KERNEL=ref forces the plain C paths (as for the kernels);
+     * both versions give the same bits. */
+    const char *env = getenv("DECOUPLEQ_KERNEL");
+    if (!(env && strcmp(env, "ref") == 0) && __builtin_cpu_supports("avx2")) return replay_avx2;
 #endif
     return replay_scalar;
 }
