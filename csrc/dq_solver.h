@@ -27,6 +27,12 @@ typedef struct {
 /* Validate sizes (g divides n, 2 <= bits <= 8), and compute Hf, V and c. */
 dq_status dq_layer_init(dq_layer_t *L, const float *W, const double *H, int64_t m, int64_t n,
                         int64_t group_size, int bits, int symmetric, int rule);
+/* The same validation and Hf (NULL when H is NULL) without the O(m n^2)
+ * products: V and c stay NULL.  For callers that never read them (RTN,
+ * row errors, the GPTQ step and baseline). */
+dq_status dq_layer_init_basic(dq_layer_t *L, const float *W, const double *H, int64_t m,
+                              int64_t n, int64_t group_size, int bits, int symmetric, int rule);
+/* Safe on a zeroed or failed layer, and twice. */
 void dq_layer_free(dq_layer_t *L);
 
 /* H00 = H + percdamp * mean(diag H) * I, written to out (may alias H).
@@ -60,11 +66,16 @@ typedef struct {
     int64_t *perm;        /* n, column order (act-order or identity), owned */
     float *U;             /* n x n upper Cholesky factor of H_round^-1 in permuted order, owned */
     double lambda_extra;  /* H_round = H00[perm][:,perm] + lambda_extra * I */
+    int act_order;        /* perm is act-order (the baseline then uses static groups) */
 } dq_gptq_factor_t;
 
-/* Factor once per layer. extra_damp_first: the first rung of the damping
- * ladder t*mean(diag H00) to try (decoupleQ's step starts at t = 0.01 of
- * {0.01, 0.1, 1, 10, 100}; the GPTQ baseline starts at t = 0). */
+/* Factor once per layer: perm = act-order (stable argsort of diag H00,
+ * descending; ties by index) or identity, and U = the upper Cholesky factor
+ * of H_round^-1 with H_round = H00[perm][:,perm] + t*mean(diag H00)*I, t the
+ * first rung of the damping ladder that factors: decoupleq_damping = 1 gives
+ * decoupleQ's t in {0.01, 0.1, 1, 10, 100}, 0 the GPTQ baseline's
+ * {0, 0.01, 0.1, 1, 10, 100}.  DQ_ENOTPD when every rung fails.  Needs L->H
+ * in float64 only (not V or c). */
 dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_damping,
                          dq_gptq_factor_t *F);
 void dq_gptq_factor_free(dq_gptq_factor_t *F);

@@ -1,0 +1,428 @@
+/* GPTQ column sweep with Hessian-inverse error feedback: decoupleQ's
+ * integer step (ALGORITHM 2.2) and the reference GPTQ baseline (2.1).
+ *
+ * Speed (ALGORITHM 6.3, 6.4):
+ * - the factor and the act-order permutation are computed once per layer
+ *   (dq_gptq_factor) and reused by every sweep;
+ * - lazy blocks: inside a block of B columns each row runs its own
+ *   quantise-and-update recurrence (rows are independent, so they are split
+ *   across threads), and the block's effect on the columns to its right is
+ *   one GEMM;
+ * - row errors come for free from the sweep: with Delta = Q - W (original
+ *   weights) and e_i the scaled column errors, Delta H_round Delta^T =
+ *   sum_i e_i^2, so e_r(H00) = sum_i e_i^2 - lambda_extra * ||Delta_r||^2.
+ */
+#include "dq_solver.h"
+#include "dq_blas.h"
+
+#include <float.h>
+#include <string.h>
+
+/* Damping ladders t (times mean(diag H00)) tried in turn. */
+static const double LADDER_DECOUPLEQ[] = {0.01, 0.1, 1.0, 10.0, 100.0};
+static const double LADDER_BASELINE[] = {0.0, 0.01, 0.1, 1.0, 10.0, 100.0};
+
+/* Rows per thread in a block sweep: below this, starting a thread costs
+ * more than the rows' work. */
+#define SWEEP_MIN_ROWS 16
+
+/* ---- the factor -------------------------------------------------------- */
+
+typedef struct {
+    double d;
+    int64_t i;
+} keyed_t;
+
+/* Descending by value, ties by ascending index: a total order, so the
+ * permutation does not depend on the sort's stability. */
+static int cmp_desc(const void *pa, const void *pb)
+{
+    const keyed_t *a = (const keyed_t *)pa, *b = (const keyed_t *)pb;
+    if (a->d > b->d) return -1;
+    if (a->d < b->d) return 1;
+    return (a->i > b->i) - (a->i < b->i);
+}
+
+static dq_status make_perm(const double *H, int64_t n, int act_order, int64_t *perm)
+{
+    if (!act_order) {
+        for (int64_t i = 0; i < n; i++) perm[i] = i;
+        return DQ_OK;
+    }
+    keyed_t *k = dq_malloc(sizeof(keyed_t) * (size_t)n);
+    if (!k) return DQ_ENOMEM;
+    for (int64_t i = 0; i < n; i++) {
+        k[i].d = H[i * n + i];
+        k[i].i = i;
+    }
+    qsort(k, (size_t)n, sizeof(keyed_t), cmp_desc);
+    for (int64_t i = 0; i < n; i++) perm[i] = k[i].i;
+    dq_free(k);
+    return DQ_OK;
+}
+
+/* One rung: U with (P H P^T + lam I)^-1 = U^T U.  With J the reversal,
+ * J (P H P^T + lam I) J = Lt Lt^T gives U = J Lt^-1 J: one Cholesky and one
+ * triangular inverse (2n^3/3 flops), the same U as GPTQ's Cholesky ->
+ * inverse -> Cholesky of the inverse (4n^3/3) and without squaring the
+ * condition number on the way.  Returns 0 when the rung factors. */
+static int factor_rung(const double *H, int64_t n, const int64_t *perm, double lam, double tol,
+                       double *M, float *U)
+{
+    /* Row-major lower triangle of M = J P H P^T J + lam I (what LAPACK sees
+     * as the column-major upper triangle). */
+    for (int64_t i = 0; i < n; i++) {
+        const double *hrow = H + perm[n - 1 - i] * n;
+        double *mrow = M + i * n;
+        for (int64_t j = 0; j <= i; j++) mrow[j] = hrow[perm[n - 1 - j]];
+        mrow[i] += lam;
+    }
+    const int ni = (int)n;
+    int info = 0;
+    dq_dpotrf_("U", &ni, M, &ni, &info, 1);
+    if (info != 0) return -1;
+    /* A pivot at rounding-noise level means H_round is singular in float64:
+     * the factor would be noise, so take the next rung instead. */
+    for (int64_t i = 0; i < n; i++) {
+        const double p = M[i * n + i];
+        if (!(p > 0.0) || !(p * p > tol)) return -1;
+    }
+    dq_dtrtri_("U", "N", &ni, M, &ni, &info, 1, 1);
+    if (info != 0) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        float *urow = U + i * n;
+        for (int64_t j = 0; j < i; j++) urow[j] = 0.0f;
+        for (int64_t j = i; j < n; j++) {
+            const float v = (float)M[(n - 1 - i) * n + (n - 1 - j)];
+            if (!isfinite(v)) return -1;
+            urow[j] = v;
+        }
+        if (!(urow[i] > 0.0f)) return -1;
+    }
+    return 0;
+}
+
+dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_damping,
+                         dq_gptq_factor_t *F)
+{
+    memset(F, 0, sizeof(*F));
+    const int64_t n = L->n;
+    if (!L->H || n < 1 || n > INT32_MAX) return DQ_EINVAL;
+    dq_status st = DQ_OK;
+    double *M = NULL;
+    F->n = n;
+    F->act_order = act_order ? 1 : 0;
+    F->perm = dq_malloc(sizeof(int64_t) * (size_t)n);
+    F->U = dq_malloc(sizeof(float) * (size_t)(n * n));
+    M = dq_malloc(sizeof(double) * (size_t)(n * n));
+    if (!F->perm || !F->U || !M) {
+        st = DQ_ENOMEM;
+        goto fail;
+    }
+    if ((st = make_perm(L->H, n, act_order, F->perm)) != DQ_OK) goto fail;
+
+    double sum = 0.0, dmax = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const double d = L->H[i * n + i];
+        sum += d;
+        if (fabs(d) > dmax) dmax = fabs(d);
+    }
+    const double mean = sum / (double)n;
+    const double *ladder = decoupleq_damping ? LADDER_DECOUPLEQ : LADDER_BASELINE;
+    const int rungs = decoupleq_damping ? 5 : 6;
+    for (int k = 0; k < rungs; k++) {
+        const double lam = ladder[k] * mean;
+        if (!isfinite(lam)) break;
+        const double tol = (double)n * DBL_EPSILON * (dmax + fabs(lam));
+        if (factor_rung(L->H, n, F->perm, lam, tol, M, F->U) == 0) {
+            F->lambda_extra = lam;
+            dq_free(M);
+            return DQ_OK;
+        }
+    }
+    st = DQ_ENOTPD;
+fail:
+    dq_free(M);
+    dq_gptq_factor_free(F);
+    return st;
+}
+
+void dq_gptq_factor_free(dq_gptq_factor_t *F)
+{
+    if (!F) return;
+    dq_free(F->perm);
+    dq_free(F->U);
+    F->perm = NULL;
+    F->U = NULL;
+}
+
+/* ---- the sweep ---------------------------------------------------------- */
+
+typedef struct {
+    const dq_layer_t *L;
+    const dq_gptq_factor_t *F;
+    const int64_t *gcol; /* natural group of each permuted column */
+    float *Wp;           /* m x n working weights, permuted order, updated in place */
+    float *E;            /* m x B scaled errors of the current block */
+    int64_t B, i1, cnt;  /* block [i1, i1 + cnt) */
+    int8_t *A;           /* m x n codes, natural order */
+    double *esum, *dsum; /* per row: sum e_i^2 and ||Q - W||^2 */
+    /* decoupleQ step: fixed parameters */
+    const float *S, *Z;
+    /* baseline: parameters found during the sweep (S is the output) */
+    float *Sb;
+    int32_t *zeta;
+    int static_groups;
+} sweep_t;
+
+/* Copy W into permuted column order. */
+static void permute_range(void *vctx, int64_t begin, int64_t end)
+{
+    const sweep_t *x = (const sweep_t *)vctx;
+    const int64_t n = x->L->n;
+    const int64_t *perm = x->F->perm;
+    for (int64_t r = begin; r < end; r++) {
+        const float *w = x->L->W + r * n;
+        float *wp = x->Wp + r * n;
+        for (int64_t j = 0; j < n; j++) wp[j] = w[perm[j]];
+    }
+}
+
+/* Rank-1 update of the rest of the block's row: x[k] -= e * u[k]. */
+static inline void row_update(float *restrict x, const float *restrict u, float e, int64_t len)
+{
+    for (int64_t k = 0; k < len; k++) x[k] -= e * u[k];
+}
+
+static void round_range(void *vctx, int64_t begin, int64_t end)
+{
+    const sweep_t *x = (const sweep_t *)vctx;
+    const dq_layer_t *L = x->L;
+    const int64_t n = L->n, G = L->G, i1 = x->i1, cnt = x->cnt;
+    const int64_t *perm = x->F->perm;
+    const float *U = x->F->U;
+    const float qmin = (float)L->qmin, qmax = (float)L->qmax;
+    const int sym = L->symmetric, rule = L->rule;
+    for (int64_t r = begin; r < end; r++) {
+        float *w1 = x->Wp + r * n + i1;
+        float *e = x->E + r * x->B;
+        const float *S = x->S + r * G, *Z = x->Z + r * G;
+        const float *W = L->W + r * n;
+        int8_t *A = x->A + r * n;
+        double es = 0.0, ds = 0.0;
+        for (int64_t j = 0; j < cnt; j++) {
+            const int64_t c = i1 + j, nat = perm[c], gi = x->gcol[c];
+            const float s = S[gi], z = sym ? 0.0f : Z[gi];
+            const float w = w1[j];
+            float q = dq_round(sym ? w / s : (w - z) / s, rule);
+            if (!(q >= qmin)) q = qmin;
+            if (q > qmax) q = qmax;
+            const float Q = s * q + z;
+            const float ej = (w - Q) / U[c * n + c];
+            e[j] = ej;
+            A[nat] = (int8_t)q;
+            es += (double)ej * (double)ej;
+            const double d = (double)Q - (double)W[nat];
+            ds += d * d;
+            row_update(w1 + j + 1, U + c * n + c + 1, ej, cnt - j - 1);
+        }
+        x->esum[r] += es;
+        x->dsum[r] += ds;
+    }
+}
+
+/* GPTQ's min-max quantiser of one group, on the unsigned grid 0..maxq with
+ * an integer zero (ALGORITHM 2.1 step 2). */
+static void baseline_params(const float *w, int64_t len, const dq_layer_t *L, float *s_out,
+                            int32_t *zeta_out)
+{
+    const float maxq = (float)((1 << L->bits) - 1);
+    float lo = 0.0f, hi = 0.0f;
+    for (int64_t c = 0; c < len; c++) {
+        if (w[c] < lo) lo = w[c];
+        if (w[c] > hi) hi = w[c];
+    }
+    if (L->symmetric) {
+        if (-lo > hi) hi = -lo;
+        if (lo < 0.0f) lo = -hi;
+    }
+    if (lo == 0.0f && hi == 0.0f) {
+        lo = -1.0f;
+        hi = 1.0f;
+    }
+    const float s = (hi - lo) / maxq;
+    float zeta;
+    if (L->symmetric) {
+        zeta = (float)(1 << (L->bits - 1));
+    } else {
+        zeta = dq_round(-lo / s, L->rule);
+        /* -lo/s lies in [0, maxq]; the clamp only guards s == 0. */
+        if (!(zeta >= 0.0f)) zeta = 0.0f;
+        if (zeta > maxq) zeta = maxq;
+    }
+    *s_out = s;
+    *zeta_out = (int32_t)zeta;
+}
+
+static void static_params_range(void *vctx, int64_t begin, int64_t end)
+{
+    const sweep_t *x = (const sweep_t *)vctx;
+    const dq_layer_t *L = x->L;
+    for (int64_t r = begin; r < end; r++)
+        for (int64_t j = 0; j < L->G; j++)
+            baseline_params(L->W + r * L->n + j * L->g, L->g, L, x->Sb + r * L->G + j,
+                            x->zeta + r * L->G + j);
+}
+
+static void baseline_range(void *vctx, int64_t begin, int64_t end)
+{
+    const sweep_t *x = (const sweep_t *)vctx;
+    const dq_layer_t *L = x->L;
+    const int64_t n = L->n, G = L->G, g = L->g, i1 = x->i1, cnt = x->cnt;
+    const int64_t *perm = x->F->perm;
+    const float *U = x->F->U;
+    const float maxq = (float)((1 << L->bits) - 1);
+    const int qmin = L->qmin, rule = L->rule;
+    for (int64_t r = begin; r < end; r++) {
+        float *wrow = x->Wp + r * n;
+        float *w1 = wrow + i1;
+        float *e = x->E + r * x->B;
+        float *S = x->Sb + r * G;
+        int32_t *zeta = x->zeta + r * G;
+        const float *W = L->W + r * n;
+        int8_t *A = x->A + r * n;
+        double es = 0.0, ds = 0.0;
+        for (int64_t j = 0; j < cnt; j++) {
+            const int64_t c = i1 + j, nat = perm[c];
+            /* Dynamic groups start from the current weights: the block
+             * layout guarantees every column of the group has received
+             * all the updates of the columns before it. */
+            if (!x->static_groups && c % g == 0)
+                baseline_params(wrow + c, g, L, S + c / g, zeta + c / g);
+            const int64_t gi = x->gcol[c];
+            const float s = S[gi];
+            const int32_t zi = zeta[gi];
+            const float w = w1[j];
+            float qu = dq_round(w / s, rule) + (float)zi;
+            if (!(qu >= 0.0f)) qu = 0.0f;
+            if (qu > maxq) qu = maxq;
+            /* Dequantise in the output's own convention (signed code, float
+             * zero) so the sweep feeds back exactly what the caller gets. */
+            const int a = (int)qu + qmin;
+            const float z = s * (float)(-(qmin + zi));
+            const float Q = s * (float)a + z;
+            const float ej = (w - Q) / U[c * n + c];
+            e[j] = ej;
+            A[nat] = (int8_t)a;
+            es += (double)ej * (double)ej;
+            const double d = (double)Q - (double)W[nat];
+            ds += d * d;
+            row_update(w1 + j + 1, U + c * n + c + 1, ej, cnt - j - 1);
+        }
+        x->esum[r] += es;
+        x->dsum[r] += ds;
+    }
+}
+
+/* End of the block starting at i1.  With dynamic groups the block is cut at
+ * group boundaries so a group's parameters always see fully updated
+ * weights: groups no wider than B lie inside one block, wider ones start a
+ * block. */
+static int64_t block_end(int64_t i1, int64_t B, int64_t n, int64_t g, int cut_at_groups)
+{
+    int64_t end = i1 + B < n ? i1 + B : n;
+    if (cut_at_groups) {
+        const int64_t gb = (end / g) * g;
+        if (gb > i1) end = gb;
+    }
+    return end;
+}
+
+static dq_status sweep(sweep_t *x, dq_range_fn fn, int cut_at_groups, double *err)
+{
+    const dq_layer_t *L = x->L;
+    const int64_t m = L->m, n = L->n;
+    const int nt = dq_num_threads();
+    dq_status st = DQ_OK;
+    x->Wp = dq_malloc(sizeof(float) * (size_t)(m * n));
+    x->E = dq_malloc(sizeof(float) * (size_t)(m * x->B));
+    x->esum = dq_calloc(sizeof(double) * (size_t)m);
+    x->dsum = dq_calloc(sizeof(double) * (size_t)m);
+    int64_t *gcol = dq_malloc(sizeof(int64_t) * (size_t)n);
+    if (!x->Wp || !x->E || !x->esum || !x->dsum || !gcol) {
+        st = DQ_ENOMEM;
+        goto done;
+    }
+    for (int64_t c = 0; c < n; c++) gcol[c] = x->F->perm[c] / L->g;
+    x->gcol = gcol;
+    dq_parallel_for(m, SWEEP_MIN_ROWS, nt, permute_range, x);
+    for (int64_t i1 = 0; i1 < n;) {
+        const int64_t i2 = block_end(i1, x->B, n, L->g, cut_at_groups);
+        x->i1 = i1;
+        x->cnt = i2 - i1;
+        dq_parallel_for(m, SWEEP_MIN_ROWS, nt, fn, x);
+        if (i2 < n)
+            dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)m, (int)(n - i2), (int)x->cnt,
+                           -1.0f, x->E, (int)x->B, x->F->U + i1 * n + i2, (int)n, 1.0f,
+                           x->Wp + i2, (int)n);
+        i1 = i2;
+    }
+    const double lam = x->F->lambda_extra;
+    for (int64_t r = 0; r < m; r++) err[r] = x->esum[r] - lam * x->dsum[r];
+done:
+    dq_free(x->Wp);
+    dq_free(x->E);
+    dq_free(x->esum);
+    dq_free(x->dsum);
+    dq_free(gcol);
+    x->Wp = x->E = NULL;
+    x->esum = x->dsum = NULL;
+    return st;
+}
+
+static int64_t clamp_block(int64_t blocksize, int64_t n)
+{
+    return blocksize > n ? n : blocksize;
+}
+
+dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const float *S,
+                        const float *Z, int64_t blocksize, int8_t *A, double *err)
+{
+    if (blocksize < 1 || !F || F->n != L->n || !F->U || !F->perm) return DQ_EINVAL;
+    sweep_t x;
+    memset(&x, 0, sizeof(x));
+    x.L = L;
+    x.F = F;
+    x.B = clamp_block(blocksize, L->n);
+    x.A = A;
+    x.S = S;
+    x.Z = Z;
+    return sweep(&x, round_range, 0, err);
+}
+
+dq_status dq_gptq_baseline(const dq_layer_t *L, const dq_gptq_factor_t *F, int64_t blocksize,
+                           int8_t *A, float *S, float *Z, double *err)
+{
+    if (blocksize < 1 || !F || F->n != L->n || !F->U || !F->perm) return DQ_EINVAL;
+    const int64_t m = L->m, G = L->G;
+    sweep_t x;
+    memset(&x, 0, sizeof(x));
+    x.L = L;
+    x.F = F;
+    x.B = clamp_block(blocksize, L->n);
+    x.A = A;
+    x.Sb = S;
+    x.zeta = dq_malloc(sizeof(int32_t) * (size_t)(m * G));
+    if (!x.zeta) return DQ_ENOMEM;
+    /* With act-order, groups of permuted columns would need a g_idx at
+     * inference: the parameters come from the original W's natural groups
+     * instead.  Per-channel, the one group sees the original W either way. */
+    x.static_groups = F->act_order && G > 1;
+    if (x.static_groups) dq_parallel_for(m, SWEEP_MIN_ROWS, dq_num_threads(), static_params_range, &x);
+    dq_status st = sweep(&x, baseline_range, !x.static_groups, err);
+    if (st == DQ_OK) {
+        for (int64_t i = 0; i < m * G; i++) Z[i] = S[i] * (float)(-(L->qmin + x.zeta[i]));
+    }
+    dq_free(x.zeta);
+    return st;
+}
