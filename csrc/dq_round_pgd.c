@@ -54,12 +54,12 @@ static inline float snap1(float v, float s, float z, float qmin, float qmax, int
 
 /* Constants of one Adam step (float32, as the reference's arrays see them). */
 typedef struct {
-    float b1, one_b1, b2, one_b2, bc2_sqrt, eps, step, qmin, qmax;
+    float one_b1, b2, one_b2, bc2_sqrt, eps, step, qmin, qmax;
 } adam_consts;
 
 /* One projected Adam step on one row's elements [0, k), in float32 with the
- * reference's order of operations:
- *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+ * reference's order of operations (the moment as torch's lerp):
+ *   m = m + (1-b1) (g - m);  v = b2 v + ((1-b2) g) g;
  *   V = clamp(V - step * (m / (sqrt(v) / sqrt(bc2) + eps)), L, U)
  * with L, U = min, max(qmin s + z, qmax s + z); then dout = new V - ref
  * (ref = W in phase A; NULL = the old V in phase B).  Only IEEE-exact
@@ -70,13 +70,13 @@ typedef struct {
         const float *restrict z, const float *restrict ref, float *restrict v,         \
         float *restrict dout, float *restrict mo, float *restrict ve
 #define ADAM_ROW_BODY                                                                  \
-    const float b1 = cst->b1, ob1 = cst->one_b1, b2 = cst->b2, ob2 = cst->one_b2;      \
+    const float ob1 = cst->one_b1, b2 = cst->b2, ob2 = cst->one_b2;                    \
     const float bc2s = cst->bc2_sqrt, eps = cst->eps, step = cst->step;                \
     const float qmin = cst->qmin, qmax = cst->qmax;                                    \
     for (int64_t j = 0; j < k; j++) {                                                  \
         float gj = g[j];                                                               \
-        float mj = b1 * mo[j] + ob1 * gj;                                              \
-        float vj = b2 * ve[j] + ob2 * (gj * gj);                                       \
+        float mj = mo[j] + ob1 * (gj - mo[j]);                                         \
+        float vj = b2 * ve[j] + (ob2 * gj) * gj;                                       \
         mo[j] = mj;                                                                    \
         ve[j] = vj;                                                                    \
         float den = sqrtf(vj) / bc2s + eps;                                            \
@@ -163,11 +163,10 @@ static void codes_rows(void *vctx, int64_t r0, int64_t r1)
 static void set_adam(pgd_ctx *x, int64_t t, double lr, double eps)
 {
     /* Bias corrections in double, as Python computes them, then float32. */
-    x->k.b1 = (float)PGD_BETA1;
     x->k.one_b1 = (float)(1.0 - PGD_BETA1);
     x->k.b2 = (float)PGD_BETA2;
     x->k.one_b2 = (float)(1.0 - PGD_BETA2);
-    x->k.bc2_sqrt = (float)sqrt(1.0 - pow(PGD_BETA2, (double)t));
+    x->k.bc2_sqrt = (float)pow(1.0 - pow(PGD_BETA2, (double)t), 0.5);
     x->k.step = (float)(lr / (1.0 - pow(PGD_BETA1, (double)t)));
     x->k.eps = (float)eps;
     x->k.qmin = x->qmin;

@@ -2,8 +2,6 @@
 #include "py_common.h"
 #include "dq_solver.h"
 
-#include <string.h>
-
 typedef struct {
     double d;
     int64_t i;
@@ -33,23 +31,23 @@ static dq_status act_order_perm(const double *H, int64_t n, int64_t *perm)
     return DQ_OK;
 }
 
-static int parse_rule(const char *rule, int *out)
+static PyArrayObject *take_params(PyObject *obj, const char *name, int64_t m, int64_t G)
 {
-    if (strcmp(rule, "half_up") == 0) *out = DQ_ROUND_HALF_UP;
-    else if (strcmp(rule, "half_even") == 0) *out = DQ_ROUND_HALF_EVEN;
-    else {
-        PyErr_Format(PyExc_ValueError, "rule must be 'half_up' or 'half_even', got '%s'", rule);
-        return -1;
+    PyArrayObject *a = dq_py_take(obj, name, NPY_FLOAT32, 2);
+    if (!a) return NULL;
+    if (PyArray_DIM(a, 0) != m || PyArray_DIM(a, 1) != G) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must have shape (%lld, %lld) (rows, groups), got (%lld, %lld)", name,
+                     (long long)m, (long long)G, (long long)PyArray_DIM(a, 0),
+                     (long long)PyArray_DIM(a, 1));
+        Py_DECREF(a);
+        return NULL;
     }
-    return 0;
-}
-
-static int all_zero_f32(PyArrayObject *a)
-{
-    const float *p = (const float *)PyArray_DATA(a);
-    for (npy_intp i = 0; i < PyArray_SIZE(a); i++)
-        if (p[i] != 0.0f) return 0;
-    return 1;
+    if (dq_py_check_finite(a, name) < 0) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
 }
 
 PyDoc_STRVAR(round_pgd_doc,
@@ -71,7 +69,7 @@ PyDoc_STRVAR(round_pgd_doc,
 "layers: n = 4096 with K2 = 5 is about 1e11 m multiply-adds.\n"
 "\n"
 "W: float32 (m, n); S, Z: float32 (m, G) with G = 1 (group_size -1) or\n"
-"n / group_size (Z all zero when symmetric); H00: float64 (n, n), damped;\n"
+"n / group_size (Z is ignored when symmetric); H00: float64 (n, n), damped;\n"
 "bits: 2..8; rule: 'half_up' or 'half_even'; steps_before_round,\n"
 "steps_per_column: >= 0; lr: > 0.  Returns A int8 (m, n) in [-2^(b-1),\n"
 "2^(b-1) - 1] and err float64 (m,), the row errors of A measured with H00.\n"
@@ -79,135 +77,77 @@ PyDoc_STRVAR(round_pgd_doc,
 
 static PyObject *py_round_pgd(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    (void)self;
     static char *kwlist[] = {"W", "S", "Z", "H00", "bits", "group_size", "symmetric",
                              "act_order", "rule", "steps_before_round", "steps_per_column",
                              "lr", NULL};
-    PyObject *oW, *oS, *oZ, *oH;
+    PyObject *W_obj, *S_obj, *Z_obj, *H_obj;
     int bits, symmetric, act_order;
-    long long group_size, k1, k2;
-    const char *rule_s;
+    long group_size;
+    long long k1, k2;
+    const char *rule;
     double lr;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOiLppsLLd:round_pgd", kwlist, &oW, &oS,
-                                     &oZ, &oH, &bits, &group_size, &symmetric, &act_order,
-                                     &rule_s, &k1, &k2, &lr))
-        return NULL;
-
-    PyArrayObject *W = NULL, *S = NULL, *Z = NULL, *H = NULL, *A = NULL, *E = NULL;
+    dq_py_layer_args_t a = {0};
+    PyArrayObject *S = NULL, *Z = NULL, *A = NULL, *err = NULL;
     int64_t *perm = NULL;
-    dq_layer_t L;
-    int have_layer = 0, rule;
-    dq_status st = DQ_OK;
-
-    if (parse_rule(rule_s, &rule) < 0) goto fail;
-    if (bits < 2 || bits > 8) {
-        PyErr_Format(PyExc_ValueError, "bits must be in 2..8, got %d", bits);
-        goto fail;
-    }
+    PyObject *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOilppsLLd:round_pgd", kwlist, &W_obj,
+                                     &S_obj, &Z_obj, &H_obj, &bits, &group_size, &symmetric,
+                                     &act_order, &rule, &k1, &k2, &lr))
+        return NULL;
     if (k1 < 0) {
         PyErr_Format(PyExc_ValueError, "steps_before_round must be >= 0, got %lld", k1);
-        goto fail;
+        return NULL;
     }
     if (k2 < 0) {
         PyErr_Format(PyExc_ValueError, "steps_per_column must be >= 0, got %lld", k2);
-        goto fail;
+        return NULL;
     }
     if (!(lr > 0.0) || !isfinite(lr)) {
         PyObject *o = PyFloat_FromDouble(lr);
-        if (o) PyErr_Format(PyExc_ValueError, "lr must be a finite number > 0, got %R", o);
+        if (o) PyErr_Format(PyExc_ValueError, "lr must be finite and > 0, got %R", o);
         Py_XDECREF(o);
-        goto fail;
+        return NULL;
     }
-    if (!(W = dq_py_take(oW, "W", NPY_FLOAT32, 2))) goto fail;
-    if (!(S = dq_py_take(oS, "S", NPY_FLOAT32, 2))) goto fail;
-    if (!(Z = dq_py_take(oZ, "Z", NPY_FLOAT32, 2))) goto fail;
-    if (!(H = dq_py_take(oH, "H00", NPY_FLOAT64, 2))) goto fail;
-
-    const npy_intp m = PyArray_DIM(W, 0), n = PyArray_DIM(W, 1);
-    if (n < 1) {
-        PyErr_Format(PyExc_ValueError, "W must have at least one column, got shape (%zd, %zd)",
-                     (Py_ssize_t)m, (Py_ssize_t)n);
+    if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
+    const int64_t m = a.m, n = a.n, G = a.n / a.group_size;
+    if (!(S = take_params(S_obj, "S", m, G)) || !(Z = take_params(Z_obj, "Z", m, G))) goto fail;
+    npy_intp dims_A[2] = {m, n}, dims_e[1] = {m};
+    if (!(A = dq_py_zeros(2, dims_A, NPY_INT8)) || !(err = dq_py_zeros(1, dims_e, NPY_FLOAT64)))
         goto fail;
-    }
-    if (m > INT32_MAX || n > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "W shape (%zd, %zd) is too large for 32-bit BLAS",
-                     (Py_ssize_t)m, (Py_ssize_t)n);
-        goto fail;
-    }
-    if (PyArray_DIM(H, 0) != n || PyArray_DIM(H, 1) != n) {
-        PyErr_Format(PyExc_ValueError, "H00 must have shape (%zd, %zd) to match W, got (%zd, %zd)",
-                     (Py_ssize_t)n, (Py_ssize_t)n, (Py_ssize_t)PyArray_DIM(H, 0),
-                     (Py_ssize_t)PyArray_DIM(H, 1));
-        goto fail;
-    }
-    if (group_size != -1 && (group_size < 1 || n % group_size != 0)) {
-        PyErr_Format(PyExc_ValueError,
-                     "group_size %lld does not divide in_features %zd (use -1 for per-channel)",
-                     group_size, (Py_ssize_t)n);
-        goto fail;
-    }
-    const npy_intp G = group_size == -1 ? 1 : n / group_size;
-    if (PyArray_DIM(S, 0) != m || PyArray_DIM(S, 1) != G) {
-        PyErr_Format(PyExc_ValueError, "S must have shape (%zd, %zd), got (%zd, %zd)",
-                     (Py_ssize_t)m, (Py_ssize_t)G, (Py_ssize_t)PyArray_DIM(S, 0),
-                     (Py_ssize_t)PyArray_DIM(S, 1));
-        goto fail;
-    }
-    if (PyArray_DIM(Z, 0) != m || PyArray_DIM(Z, 1) != G) {
-        PyErr_Format(PyExc_ValueError, "Z must have shape (%zd, %zd), got (%zd, %zd)",
-                     (Py_ssize_t)m, (Py_ssize_t)G, (Py_ssize_t)PyArray_DIM(Z, 0),
-                     (Py_ssize_t)PyArray_DIM(Z, 1));
-        goto fail;
-    }
-    if (dq_py_check_finite(W, "W") < 0 || dq_py_check_finite(S, "S") < 0 ||
-        dq_py_check_finite(Z, "Z") < 0 || dq_py_check_finite(H, "H00") < 0)
-        goto fail;
-    if (symmetric && !all_zero_f32(Z)) {
-        PyErr_SetString(PyExc_ValueError, "Z must be all zero when symmetric is true");
-        goto fail;
-    }
-
-    npy_intp dA[2] = {m, n}, dE[1] = {m};
-    if (!(A = dq_py_zeros(2, dA, NPY_INT8)) || !(E = dq_py_zeros(1, dE, NPY_FLOAT64))) goto fail;
-    if (act_order && !(perm = dq_malloc((size_t)n * sizeof(int64_t)))) {
+    if (act_order && !(perm = dq_malloc(sizeof(int64_t) * (size_t)n))) {
         PyErr_NoMemory();
         goto fail;
     }
-
     const dq_pgd_opts_t opts = {.steps_before_round = k1, .steps_per_column = k2, .lr = lr};
+    dq_layer_t L;
+    dq_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = dq_layer_init(&L, (const float *)PyArray_DATA(W), (const double *)PyArray_DATA(H), m, n,
-                       group_size == -1 ? n : group_size, bits, symmetric, rule);
+    /* PGD reads only Hf: V and c of the full layer setup are not needed. */
+    st = dq_layer_init_basic(&L, PyArray_DATA(a.W), PyArray_DATA(a.H), m, n, a.group_size, a.bits,
+                             a.symmetric, a.rule);
     if (st == DQ_OK) {
-        have_layer = 1;
-        if (perm) st = act_order_perm((const double *)PyArray_DATA(H), n, perm);
+        if (perm) st = act_order_perm(PyArray_DATA(a.H), n, perm);
+        if (st == DQ_OK)
+            st = dq_round_pgd(&L, perm, PyArray_DATA(S), PyArray_DATA(Z), &opts,
+                              PyArray_DATA(A), PyArray_DATA(err));
+        dq_layer_free(&L);
     }
-    if (st == DQ_OK)
-        st = dq_round_pgd(&L, perm, (const float *)PyArray_DATA(S), (const float *)PyArray_DATA(Z),
-                          &opts, (int8_t *)PyArray_DATA(A), (double *)PyArray_DATA(E));
     Py_END_ALLOW_THREADS
     if (st != DQ_OK) {
         dq_py_status_error(st, "round_pgd");
         goto fail;
     }
-    if (have_layer) dq_layer_free(&L);
-    dq_free(perm);
-    Py_DECREF(W);
-    Py_DECREF(S);
-    Py_DECREF(Z);
-    Py_DECREF(H);
-    return Py_BuildValue("(NN)", A, E);
-
+    result = Py_BuildValue("(NN)", A, err);
+    A = err = NULL;
 fail:
-    if (have_layer) dq_layer_free(&L);
+    dq_py_layer_args_release(&a);
     dq_free(perm);
-    Py_XDECREF(W);
     Py_XDECREF(S);
     Py_XDECREF(Z);
-    Py_XDECREF(H);
     Py_XDECREF(A);
-    Py_XDECREF(E);
-    return NULL;
+    Py_XDECREF(err);
+    return result;
 }
 
 PyMethodDef dq_py_round_pgd_methods[] = {
