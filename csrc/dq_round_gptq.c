@@ -8,8 +8,19 @@
  *   quantise-and-update recurrence (rows are independent, so they are split
  *   across threads), and the block's effect on the columns to its right is
  *   one GEMM;
- * - row errors come for free from the sweep: with Delta = Q - W (original
- *   weights) and e_i the scaled column errors, Delta H_round Delta^T =
+ * - no matrix inverse: GPTQ's recurrence with U (H_round^-1 = U^T U) is
+ *   rewritten with R = U^-1, the factor of H_round = R R^T with R upper,
+ *   which one Cholesky of the reversed matrix gives.  From Delta = Q - W =
+ *   -E U (E the scaled errors), E = -Delta R, and the weight column i sees
+ *   when it is quantised is
+ *       w~_i = w_i - sum_{k<i} Delta_k R_ki / R_ii,
+ *   with e_i = (w~_i - q_i) R_ii.  Same maths as GPTQ's Cholesky -> inverse
+ *   -> Cholesky, at n^3/3 flops instead of 4n^3/3, and no explicit inverse;
+ *   The one exception is the baseline with dynamic groups: their parameters
+ *   are found from GPTQ's partially updated weights w_k - sum_{j<c} e_j U_jk
+ *   (k >= c), which only the U form carries, so that case also inverts
+ *   the factor (dtrtri) and sweeps with U;
+ * - row errors come for free from the sweep: Delta H_round Delta^T =
  *   sum_i e_i^2, so e_r(H00) = sum_i e_i^2 - lambda_extra * ||Delta_r||^2.
  */
 #include "dq_solver.h"
@@ -80,13 +91,13 @@ static dq_status make_perm(const double *H, int64_t n, int act_order, int dead_t
     return DQ_OK;
 }
 
-/* One rung: U with (P H P^T + lam I)^-1 = U^T U.  With J the reversal,
- * J (P H P^T + lam I) J = Lt Lt^T gives U = J Lt^-1 J: one Cholesky and one
- * triangular inverse (2n^3/3 flops), the same U as GPTQ's Cholesky ->
- * inverse -> Cholesky of the inverse (4n^3/3) and without squaring the
- * condition number on the way.  Returns 0 when the rung factors. */
+/* One rung: R upper with P H P^T + lam I = R R^T, as N (R with each column
+ * divided by its diagonal, float32) and rdiag (diag R).  With J the
+ * reversal, J (P H P^T + lam I) J = Lt Lt^T gives R = J Lt J.  Returns 0
+ * when the rung factors. */
 static int factor_rung(const double *H, int64_t n, const int64_t *perm, int dead_to_one,
-                       double lam, double tol, double *M, float *U)
+                       double lam, double tol, double *M, double *d, float *N, float *rdiag,
+                       float *U)
 {
     /* Row-major lower triangle of M = J P H P^T J + lam I (what LAPACK sees
      * as the column-major upper triangle). */
@@ -100,23 +111,38 @@ static int factor_rung(const double *H, int64_t n, const int64_t *perm, int dead
     int info = 0;
     dq_dpotrf_("U", &ni, M, &ni, &info, 1);
     if (info != 0) return -1;
-    /* A pivot at rounding-noise level means H_round is singular in float64:
-     * the factor would be noise, so take the next rung instead. */
+    /* d[i] = R_ii.  A pivot at rounding-noise level means H_round is
+     * singular in float64: the factor would be noise, so take the next rung
+     * instead. */
     for (int64_t i = 0; i < n; i++) {
-        const double p = M[i * n + i];
-        if (!(p > 0.0) || !(p * p > tol)) return -1;
+        const double p = M[(n - 1 - i) * n + (n - 1 - i)];
+        if (!(p > 0.0) || !(p * p > tol) || !isfinite(p)) return -1;
+        d[i] = p;
+        rdiag[i] = (float)p;
     }
+    for (int64_t i = 0; i < n; i++) {
+        const double *lrow = M + (n - 1 - i) * n;
+        float *nrow = N + i * n;
+        for (int64_t j = 0; j < i; j++) nrow[j] = 0.0f;
+        for (int64_t j = i; j < n; j++) {
+            const float v = (float)(lrow[n - 1 - j] / d[j]);
+            if (!isfinite(v)) return -1;
+            nrow[j] = v;
+        }
+    }
+    if (!U) return 0;
+    /* U = R^-1 = J Lt^-1 J. */
     dq_dtrtri_("U", "N", &ni, M, &ni, &info, 1, 1);
     if (info != 0) return -1;
     for (int64_t i = 0; i < n; i++) {
+        const double *lrow = M + (n - 1 - i) * n;
         float *urow = U + i * n;
         for (int64_t j = 0; j < i; j++) urow[j] = 0.0f;
         for (int64_t j = i; j < n; j++) {
-            const float v = (float)M[(n - 1 - i) * n + (n - 1 - j)];
+            const float v = (float)lrow[n - 1 - j];
             if (!isfinite(v)) return -1;
             urow[j] = v;
         }
-        if (!(urow[i] > 0.0f)) return -1;
     }
     return 0;
 }
@@ -128,15 +154,24 @@ dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_dampi
     const int64_t n = L->n;
     if (!L->H || n < 1 || n > INT32_MAX) return DQ_EINVAL;
     dq_status st = DQ_OK;
-    double *M = NULL;
+    double *M = NULL, *d = NULL;
     F->n = n;
     F->act_order = act_order ? 1 : 0;
     F->perm = dq_malloc(sizeof(int64_t) * (size_t)n);
-    F->U = dq_malloc(sizeof(float) * (size_t)(n * n));
+    F->N = dq_malloc(sizeof(float) * (size_t)(n * n));
+    F->rdiag = dq_malloc(sizeof(float) * (size_t)n);
     M = dq_malloc(sizeof(double) * (size_t)(n * n));
-    if (!F->perm || !F->U || !M) {
+    d = dq_malloc(sizeof(double) * (size_t)n);
+    if (!F->perm || !F->N || !F->rdiag || !M || !d) {
         st = DQ_ENOMEM;
         goto fail;
+    }
+    if (!decoupleq_damping && !act_order && L->G > 1) {
+        F->U = dq_malloc(sizeof(float) * (size_t)(n * n));
+        if (!F->U) {
+            st = DQ_ENOMEM;
+            goto fail;
+        }
     }
     const int dead_to_one = !decoupleq_damping;
     if ((st = make_perm(L->H, n, act_order, dead_to_one, F->perm)) != DQ_OK) goto fail;
@@ -154,15 +189,17 @@ dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_dampi
         const double lam = ladder[k] * mean;
         if (!isfinite(lam)) break;
         const double tol = (double)n * DBL_EPSILON * (dmax + fabs(lam));
-        if (factor_rung(L->H, n, F->perm, dead_to_one, lam, tol, M, F->U) == 0) {
+        if (factor_rung(L->H, n, F->perm, dead_to_one, lam, tol, M, d, F->N, F->rdiag, F->U) == 0) {
             F->lambda_extra = lam;
             dq_free(M);
+            dq_free(d);
             return DQ_OK;
         }
     }
     st = DQ_ENOTPD;
 fail:
     dq_free(M);
+    dq_free(d);
     dq_gptq_factor_free(F);
     return st;
 }
@@ -171,9 +208,13 @@ void dq_gptq_factor_free(dq_gptq_factor_t *F)
 {
     if (!F) return;
     dq_free(F->perm);
+    dq_free(F->N);
+    dq_free(F->rdiag);
     dq_free(F->U);
-    F->perm = NULL;
     F->U = NULL;
+    F->perm = NULL;
+    F->N = NULL;
+    F->rdiag = NULL;
 }
 
 /* ---- the sweep ---------------------------------------------------------- */
@@ -183,7 +224,9 @@ typedef struct {
     const dq_gptq_factor_t *F;
     const int64_t *gcol; /* natural group of each permuted column */
     float *Wp;           /* m x n working weights, permuted order, updated in place */
-    float *E;            /* m x B scaled errors of the current block */
+    float *E;            /* m x B: what the block feeds forward (Delta, or e in U form) */
+    const float *Mf;     /* the matrix it is fed forward with: N, or U in U form */
+    int u_form;
     int64_t B, i1, cnt;  /* block [i1, i1 + cnt) */
     int8_t *A;           /* m x n codes, natural order */
     double *esum, *dsum; /* per row: sum e_i^2 and ||Q - W||^2 */
@@ -210,7 +253,7 @@ static void permute_range(void *vctx, int64_t begin, int64_t end)
     }
 }
 
-/* Rank-1 update of the rest of the block's row: x[k] -= e * u[k]. */
+/* The rest of the block's row takes column c's correction: x[k] -= e * u[k]. */
 static inline void row_update(float *restrict x, const float *restrict u, float e, int64_t len)
 {
     for (int64_t k = 0; k < len; k++) x[k] -= e * u[k];
@@ -222,7 +265,7 @@ static void round_range(void *vctx, int64_t begin, int64_t end)
     const dq_layer_t *L = x->L;
     const int64_t n = L->n, G = L->G, i1 = x->i1, cnt = x->cnt;
     const int64_t *perm = x->F->perm;
-    const float *U = x->F->U;
+    const float *N = x->F->N, *rdiag = x->F->rdiag;
     const float qmin = (float)L->qmin, qmax = (float)L->qmax;
     const int sym = L->symmetric, rule = L->rule;
     for (int64_t r = begin; r < end; r++) {
@@ -240,14 +283,15 @@ static void round_range(void *vctx, int64_t begin, int64_t end)
             if (q < qmin) q = qmin;
             if (q > qmax) q = qmax;
             const float Q = s * q + z;
-            const float ej = (w - Q) / U[c * n + c];
-            e[j] = ej;
+            const float dj = Q - W[nat];
+            const float ej = (w - Q) * rdiag[c];
+            e[j] = dj;
             A[nat] = (int8_t)q;
             es += (double)ej * (double)ej;
             const double d = (double)Q - (double)W[nat];
             ds += d * d;
             wd += (double)W[nat] * (double)W[nat] * x->hdiag[nat];
-            row_update(w1 + j + 1, U + c * n + c + 1, ej, cnt - j - 1);
+            row_update(w1 + j + 1, N + c * n + c + 1, dj, cnt - j - 1);
         }
         x->esum[r] += es;
         x->dsum[r] += ds;
@@ -305,7 +349,7 @@ static void baseline_range(void *vctx, int64_t begin, int64_t end)
     const dq_layer_t *L = x->L;
     const int64_t n = L->n, G = L->G, g = L->g, i1 = x->i1, cnt = x->cnt;
     const int64_t *perm = x->F->perm;
-    const float *U = x->F->U;
+    const float *Mf = x->Mf, *rdiag = x->F->rdiag;
     const float maxq = (float)((1 << L->bits) - 1);
     const int qmin = L->qmin, rule = L->rule;
     for (int64_t r = begin; r < end; r++) {
@@ -336,14 +380,16 @@ static void baseline_range(void *vctx, int64_t begin, int64_t end)
             const int a = (int)qu + qmin;
             const float z = s * (float)(-(qmin + zi));
             const float Q = s * (float)a + z;
-            const float ej = (w - Q) / U[c * n + c];
-            e[j] = ej;
+            const float dj = Q - W[nat];
+            const float ej = (w - Q) * rdiag[c];
+            const float v = x->u_form ? ej : dj;
+            e[j] = v;
             A[nat] = (int8_t)a;
             es += (double)ej * (double)ej;
             const double d = (double)Q - (double)W[nat];
             ds += d * d;
             wd += (double)W[nat] * (double)W[nat] * x->hdiag[nat];
-            row_update(w1 + j + 1, U + c * n + c + 1, ej, cnt - j - 1);
+            row_update(w1 + j + 1, Mf + c * n + c + 1, v, cnt - j - 1);
         }
         x->esum[r] += es;
         x->dsum[r] += ds;
@@ -394,7 +440,7 @@ static dq_status sweep(sweep_t *x, dq_range_fn fn, int cut_at_groups, double *er
         dq_parallel_for(m, SWEEP_MIN_ROWS, nt, fn, x);
         if (i2 < n)
             dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)m, (int)(n - i2), (int)x->cnt,
-                           -1.0f, x->E, (int)x->B, x->F->U + i1 * n + i2, (int)n, 1.0f,
+                           -1.0f, x->E, (int)x->B, x->Mf + i1 * n + i2, (int)n, 1.0f,
                            x->Wp + i2, (int)n);
         i1 = i2;
     }
@@ -447,7 +493,7 @@ static int64_t clamp_block(int64_t blocksize, int64_t n)
 dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const float *S,
                         const float *Z, int64_t blocksize, int8_t *A, double *err)
 {
-    if (blocksize < 1 || !F || F->n != L->n || !F->U || !F->perm) return DQ_EINVAL;
+    if (blocksize < 1 || !F || F->n != L->n || !F->N || !F->perm) return DQ_EINVAL;
     sweep_t x;
     memset(&x, 0, sizeof(x));
     x.L = L;
@@ -456,6 +502,7 @@ dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const fl
     x.A = A;
     x.S = S;
     x.Z = Z;
+    x.Mf = F->N;
     x.wd = dq_calloc(sizeof(double) * (size_t)L->m);
     if (!x.wd) return DQ_ENOMEM;
     dq_status st = sweep(&x, round_range, 0, err);
@@ -467,7 +514,7 @@ dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const fl
 dq_status dq_gptq_baseline(const dq_layer_t *L, const dq_gptq_factor_t *F, int64_t blocksize,
                            int8_t *A, float *S, float *Z, double *err)
 {
-    if (blocksize < 1 || !F || F->n != L->n || !F->U || !F->perm || !L->H) return DQ_EINVAL;
+    if (blocksize < 1 || !F || F->n != L->n || !F->N || !F->perm || !L->H) return DQ_EINVAL;
     const int64_t m = L->m, n = L->n, G = L->G;
     dq_status st = DQ_OK;
     float *Wd = NULL;
@@ -504,6 +551,12 @@ dq_status dq_gptq_baseline(const dq_layer_t *L, const dq_gptq_factor_t *F, int64
      * inference: the parameters come from the original W's natural groups
      * instead.  Per-channel, the one group sees the original W either way. */
     x.static_groups = F->act_order && G > 1;
+    x.u_form = !x.static_groups && G > 1;
+    x.Mf = x.u_form ? F->U : F->N;
+    if (!x.Mf) {
+        st = DQ_EINVAL; /* dynamic groups need the factor made for the baseline */
+        goto done;
+    }
     if (x.static_groups)
         dq_parallel_for(m, SWEEP_MIN_ROWS, dq_num_threads(), static_params_range, &x);
     if ((st = sweep(&x, baseline_range, !x.static_groups, err)) != DQ_OK) goto done;
