@@ -223,15 +223,18 @@ typedef struct {
     const dq_layer_t *L;
     const dq_gptq_factor_t *F;
     const int64_t *gcol; /* natural group of each permuted column */
+    int identity;        /* perm is the identity */
     float *Wp;           /* m x n working weights, permuted order, updated in place */
+    const float *W0;     /* m x n original weights, permuted order (L->W if identity) */
     float *E;            /* m x B: what the block feeds forward (Delta, or e in U form) */
     const float *Mf;     /* the matrix it is fed forward with: N, or U in U form */
     int u_form;
     int64_t B, i1, cnt;  /* block [i1, i1 + cnt) */
     int8_t *A;           /* m x n codes, natural order */
+    int8_t *Ap;          /* m x n codes, permuted order (A if identity) */
     double *esum, *dsum; /* per row: sum e_i^2 and ||Q - W||^2 */
     double *wd;          /* per row: sum_j w_j^2 H_jj, for the identity's accuracy */
-    const double *hdiag; /* diag H00, natural order */
+    const double *hdiag; /* diag H00, permuted order */
     /* decoupleQ step: fixed parameters */
     const float *S, *Z;
     /* baseline: parameters found during the sweep (S is the output) */
@@ -240,7 +243,8 @@ typedef struct {
     int static_groups;
 } sweep_t;
 
-/* Copy W into permuted column order. */
+/* Copy W into permuted column order: the working copy, and (with a real
+ * permutation) the original too, so the sweep reads both contiguously. */
 static void permute_range(void *vctx, int64_t begin, int64_t end)
 {
     const sweep_t *x = (const sweep_t *)vctx;
@@ -249,7 +253,25 @@ static void permute_range(void *vctx, int64_t begin, int64_t end)
     for (int64_t r = begin; r < end; r++) {
         const float *w = x->L->W + r * n;
         float *wp = x->Wp + r * n;
-        for (int64_t j = 0; j < n; j++) wp[j] = w[perm[j]];
+        if (x->identity) {
+            memcpy(wp, w, sizeof(float) * (size_t)n);
+            continue;
+        }
+        float *w0 = (float *)x->W0 + r * n;
+        for (int64_t j = 0; j < n; j++) w0[j] = w[perm[j]];
+        memcpy(wp, w0, sizeof(float) * (size_t)n);
+    }
+}
+
+static void unpermute_codes_range(void *vctx, int64_t begin, int64_t end)
+{
+    const sweep_t *x = (const sweep_t *)vctx;
+    const int64_t n = x->L->n;
+    const int64_t *perm = x->F->perm;
+    for (int64_t r = begin; r < end; r++) {
+        const int8_t *ap = x->Ap + r * n;
+        int8_t *a = x->A + r * n;
+        for (int64_t j = 0; j < n; j++) a[perm[j]] = ap[j];
     }
 }
 
@@ -264,7 +286,6 @@ static void round_range(void *vctx, int64_t begin, int64_t end)
     const sweep_t *x = (const sweep_t *)vctx;
     const dq_layer_t *L = x->L;
     const int64_t n = L->n, G = L->G, i1 = x->i1, cnt = x->cnt;
-    const int64_t *perm = x->F->perm;
     const float *N = x->F->N, *rdiag = x->F->rdiag;
     const float qmin = (float)L->qmin, qmax = (float)L->qmax;
     const int sym = L->symmetric, rule = L->rule;
@@ -272,25 +293,25 @@ static void round_range(void *vctx, int64_t begin, int64_t end)
         float *w1 = x->Wp + r * n + i1;
         float *e = x->E + r * x->B;
         const float *S = x->S + r * G, *Z = x->Z + r * G;
-        const float *W = L->W + r * n;
-        int8_t *A = x->A + r * n;
+        const float *W = x->W0 + r * n;
+        int8_t *A = x->Ap + r * n;
         double es = 0.0, ds = 0.0, wd = 0.0;
         for (int64_t j = 0; j < cnt; j++) {
-            const int64_t c = i1 + j, nat = perm[c], gi = x->gcol[c];
+            const int64_t c = i1 + j, gi = x->gcol[c];
             const float s = S[gi], z = sym ? 0.0f : Z[gi];
             const float w = w1[j];
             float q = dq_round(safe_divf(sym ? w : w - z, s), rule);
             if (q < qmin) q = qmin;
             if (q > qmax) q = qmax;
             const float Q = s * q + z;
-            const float dj = Q - W[nat];
+            const float dj = Q - W[c];
             const float ej = (w - Q) * rdiag[c];
             e[j] = dj;
-            A[nat] = (int8_t)q;
+            A[c] = (int8_t)q;
             es += (double)ej * (double)ej;
-            const double d = (double)Q - (double)W[nat];
+            const double d = (double)Q - (double)W[c];
             ds += d * d;
-            wd += (double)W[nat] * (double)W[nat] * x->hdiag[nat];
+            wd += (double)W[c] * (double)W[c] * x->hdiag[c];
             row_update(w1 + j + 1, N + c * n + c + 1, dj, cnt - j - 1);
         }
         x->esum[r] += es;
@@ -348,7 +369,6 @@ static void baseline_range(void *vctx, int64_t begin, int64_t end)
     const sweep_t *x = (const sweep_t *)vctx;
     const dq_layer_t *L = x->L;
     const int64_t n = L->n, G = L->G, g = L->g, i1 = x->i1, cnt = x->cnt;
-    const int64_t *perm = x->F->perm;
     const float *Mf = x->Mf, *rdiag = x->F->rdiag;
     const float maxq = (float)((1 << L->bits) - 1);
     const int qmin = L->qmin, rule = L->rule;
@@ -358,11 +378,11 @@ static void baseline_range(void *vctx, int64_t begin, int64_t end)
         float *e = x->E + r * x->B;
         float *S = x->Sb + r * G;
         int32_t *zeta = x->zeta + r * G;
-        const float *W = L->W + r * n;
-        int8_t *A = x->A + r * n;
+        const float *W = x->W0 + r * n;
+        int8_t *A = x->Ap + r * n;
         double es = 0.0, ds = 0.0, wd = 0.0;
         for (int64_t j = 0; j < cnt; j++) {
-            const int64_t c = i1 + j, nat = perm[c];
+            const int64_t c = i1 + j;
             /* Dynamic groups start from the current weights: the block
              * layout guarantees every column of the group has received
              * all the updates of the columns before it. */
@@ -380,15 +400,15 @@ static void baseline_range(void *vctx, int64_t begin, int64_t end)
             const int a = (int)qu + qmin;
             const float z = s * (float)(-(qmin + zi));
             const float Q = s * (float)a + z;
-            const float dj = Q - W[nat];
+            const float dj = Q - W[c];
             const float ej = (w - Q) * rdiag[c];
             const float v = x->u_form ? ej : dj;
             e[j] = v;
-            A[nat] = (int8_t)a;
+            A[c] = (int8_t)a;
             es += (double)ej * (double)ej;
-            const double d = (double)Q - (double)W[nat];
+            const double d = (double)Q - (double)W[c];
             ds += d * d;
-            wd += (double)W[nat] * (double)W[nat] * x->hdiag[nat];
+            wd += (double)W[c] * (double)W[c] * x->hdiag[c];
             row_update(w1 + j + 1, Mf + c * n + c + 1, v, cnt - j - 1);
         }
         x->esum[r] += es;
@@ -417,18 +437,31 @@ static dq_status sweep(sweep_t *x, dq_range_fn fn, int cut_at_groups, double *er
     const dq_layer_t *L = x->L;
     const int64_t m = L->m, n = L->n;
     const int nt = dq_num_threads();
+    const int64_t *perm = x->F->perm;
     dq_status st = DQ_OK;
+    float *W0 = NULL;
+    int8_t *Ap = NULL;
+    x->identity = 1;
+    for (int64_t c = 0; c < n; c++)
+        if (perm[c] != c) x->identity = 0;
     x->Wp = dq_malloc(sizeof(float) * (size_t)(m * n));
     x->E = dq_malloc(sizeof(float) * (size_t)(m * x->B));
     x->esum = dq_calloc(sizeof(double) * (size_t)m);
     x->dsum = dq_calloc(sizeof(double) * (size_t)m);
     int64_t *gcol = dq_malloc(sizeof(int64_t) * (size_t)n);
     double *hdiag = dq_malloc(sizeof(double) * (size_t)n);
-    if (!x->Wp || !x->E || !x->esum || !x->dsum || !gcol || !hdiag) {
+    if (!x->identity) {
+        W0 = dq_malloc(sizeof(float) * (size_t)(m * n));
+        Ap = dq_malloc((size_t)(m * n));
+    }
+    if (!x->Wp || !x->E || !x->esum || !x->dsum || !gcol || !hdiag ||
+        (!x->identity && (!W0 || !Ap))) {
         st = DQ_ENOMEM;
         goto done;
     }
-    for (int64_t c = 0; c < n; c++) hdiag[c] = L->H[c * n + c];
+    x->W0 = x->identity ? L->W : W0;
+    x->Ap = x->identity ? x->A : Ap;
+    for (int64_t c = 0; c < n; c++) hdiag[c] = L->H[perm[c] * n + perm[c]];
     x->hdiag = hdiag;
     for (int64_t c = 0; c < n; c++) gcol[c] = x->F->perm[c] / L->g;
     x->gcol = gcol;
@@ -444,9 +477,14 @@ static dq_status sweep(sweep_t *x, dq_range_fn fn, int cut_at_groups, double *er
                            x->Wp + i2, (int)n);
         i1 = i2;
     }
+    if (!x->identity) dq_parallel_for(m, SWEEP_MIN_ROWS, nt, unpermute_codes_range, x);
     const double lam = x->F->lambda_extra;
     for (int64_t r = 0; r < m; r++) err[r] = x->esum[r] - lam * x->dsum[r];
 done:
+    dq_free(W0);
+    dq_free(Ap);
+    x->W0 = NULL;
+    x->Ap = NULL;
     dq_free(x->Wp);
     dq_free(x->E);
     dq_free(x->esum);
