@@ -68,8 +68,14 @@ dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z
 typedef struct {
     int64_t n;
     int64_t *perm;        /* n, column order (act-order or identity), owned */
-    float *U;             /* n x n upper Cholesky factor of H_round^-1 in permuted order, owned */
-    double lambda_extra;  /* H_round = H00[perm][:,perm] + lambda_extra * I */
+    /* H_round = H00[perm][:,perm] + lambda_extra * I = R R^T with R upper
+     * (R = U^-1 for GPTQ's U, H_round^-1 = U^T U); stored as: */
+    float *N;             /* n x n, R with each column divided by its diagonal, owned */
+    float *rdiag;         /* n, diag R, owned */
+    float *U;             /* n x n, U = R^-1; only for the baseline without act-order and with
+                             groups (its group parameters need GPTQ's own partial updates),
+                             else NULL */
+    double lambda_extra;
     int act_order;        /* perm is act-order (the baseline then uses static groups) */
 } dq_gptq_factor_t;
 
