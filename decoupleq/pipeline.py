@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -497,6 +498,8 @@ def quantize(
             batch_size=batch_size, indivisible=indivisible, tmpdir=tmpdir, verbose=verbose,
         ),
     )
+    if mcfg.tmpdir is not None and not os.path.isdir(mcfg.tmpdir):
+        raise ValueError(f"tmpdir {os.fspath(mcfg.tmpdir)!r} is not an existing directory")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     batches = calibration_batches(calibration, mcfg.batch_size, vocab if isinstance(vocab, int) else None)
     spec = find_blocks(model, blocks)

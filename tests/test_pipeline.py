@@ -322,6 +322,7 @@ def test_memory_mapped_cache_gives_identical_results(tmp_path, caplog):
         (dict(indivisible="maybe"), ValueError, "indivisible"),
         (dict(blockwise="yes"), TypeError, "blockwise"),
         (dict(verbose=1), TypeError, "verbose"),
+        (dict(tmpdir="/nonexistent/decoupleq"), ValueError, "tmpdir"),
         (dict(config=QuantConfig(group_size=48), indivisible="error"), ValueError,
          r"group_size 48 does not divide in_features 64 of layer model\.layers\.0\.self_attn"),
     ],
