@@ -1,7 +1,25 @@
 """decoupleq: 2-bit post-training weight quantization with a C core for CPUs."""
 from ._C import backend_info
-from .config import QuantConfig
+from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantConfig", "backend_info", "__version__"]
+# torch-dependent parts load on first use, so the core works without torch.
+_LAZY = {
+    "quantize": "pipeline",
+    "QuantLinear": "nn",
+    "QuantConv2d": "nn",
+    "save": "io",
+    "load": "io",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["QuantConfig", "BlockTuneConfig", "ModelQuantConfig", "backend_info", "__version__", *_LAZY]
