@@ -51,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="decoupleq", description="2-bit post-training weight quantization on a CPU.")
     p.add_argument("--version", action="version", version=f"decoupleq {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results")
+    # -q also works after the command; SUPPRESS keeps a subcommand from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only warnings and the results")
     sub = p.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model and save it to a folder",
+    q = sub.add_parser("quantize", parents=[common], help="quantize a model and save it to a folder",
                        description="Quantize MODEL's linear layers block by block and save the result to --out.")
     q.add_argument("model", help="packaged model name, local Hugging Face folder, or .gguf file")
     q.add_argument("--out", required=True, type=Path, help="output folder (created; files in it are replaced)")
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-windows", type=_positive(int), default=DEFAULT_MAX_WINDOWS)
     q.add_argument("--eval-seq-len", type=_positive(int), default=EVAL_SEQ_LEN)
 
-    e = sub.add_parser("eval", help="evaluate a quantized folder or any model on a text",
+    e = sub.add_parser("eval", parents=[common], help="evaluate a quantized folder or any model on a text",
                        description="Perplexity (causal LMs) or embedding agreement (encoders) on a text.")
     e.add_argument("model", help="a folder written by 'decoupleq quantize', or any MODEL")
     e.add_argument("--text", required=True, type=Path, help="text file to evaluate on")
@@ -101,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", default=None, help="compare with this MODEL instead")
     e.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
-    i = sub.add_parser("info", help="describe a quantized folder")
+    i = sub.add_parser("info", parents=[common], help="describe a quantized folder")
     i.add_argument("path", type=Path, help="a folder written by 'decoupleq quantize' (or its model.safetensors)")
 
-    sub.add_parser("models", help="list the packaged models")
+    sub.add_parser("models", parents=[common], help="list the packaged models")
     return p
 
 
