@@ -170,6 +170,21 @@ def packed_mb(model) -> float:
     return total / 1e6
 
 
+def save_folder(out, model, tokenizer, summary: dict) -> dict:
+    """Write a quantized folder: ``model.safetensors`` (``decoupleq.save``), the tokenizer, and
+    ``decoupleq.json`` (``summary`` plus ``file_mb``, the model file's size). Returns what was
+    written to ``decoupleq.json``."""
+    from .io import save
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save(model, str(out / MODEL_FILE))
+    tokenizer.save_pretrained(str(out))
+    summary = dict(summary, file_mb=(out / MODEL_FILE).stat().st_size / 1e6)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
 def is_quantized_folder(path) -> bool:
     p = Path(path)
     return (p / MODEL_FILE).is_file() and (p / SUMMARY_FILE).is_file()
@@ -222,7 +237,7 @@ def cmd_models(args) -> int:
 def cmd_quantize(args) -> int:
     import dataclasses
 
-    from . import quantize, save
+    from . import quantize
     from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
     from .data import calibration_data
     from .evaluate import perplexity
@@ -268,11 +283,13 @@ def cmd_quantize(args) -> int:
         print(f"after:  {r}")
         results["quantized"] = r.to_dict()
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    save(lm.model, str(args.out / MODEL_FILE))
-    lm.tokenizer.save_pretrained(str(args.out))
     report = getattr(lm.model, "decoupleq_report", None)
+    from .zoo import packaged_model
+
+    pm = packaged_model(args.model) if not os.path.exists(args.model) else None
     summary = {
+        # What --compare reloads as the full-precision reference: a packaged name, or an absolute path.
+        "model": pm.name if pm is not None else str(Path(args.model).resolve()),
         "source": lm.source,
         "name": lm.name,
         "kind": lm.kind,
@@ -284,11 +301,10 @@ def cmd_quantize(args) -> int:
         "layers": len(report.layers) if report is not None else None,
         "skipped": list(getattr(report, "skipped", []) or []),
         "fp_mb": fp_mb,
-        "file_mb": (args.out / MODEL_FILE).stat().st_size / 1e6,
         "packed_mb": packed_mb(lm.model),
         "eval": {"text": str(args.eval_text), **results} if results else {},
     }
-    (args.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    summary = save_folder(args.out, lm.model, lm.tokenizer, summary)
     print(f"quantized {summary['layers']} layers in {seconds:.1f} s (calibration data {t_calib:.1f} s)")
     print(f"size: {fp_mb:.1f} MB in memory before; file {summary['file_mb']:.1f} MB "
           f"(codes stored as int8), {summary['packed_mb']:.1f} MB with codes packed at {args.bits} bits")
@@ -308,7 +324,7 @@ def cmd_eval(args) -> int:
         if summary is None:
             raise ValueError("--compare needs a quantized folder (it compares with the model it came from); "
                              "otherwise pass --reference MODEL")
-        ref_spec = summary["source"]
+        ref_spec = summary.get("model") or summary["source"]
     if summary and summary.get("note"):
         print(f"note: {summary.get('name')}: {summary['note']}")
     out = {"model": str(args.model), "text": str(args.text)}
