@@ -1,6 +1,8 @@
 /* Boundary helpers: array checks and dq_status -> Python exceptions. */
 #include "py_common.h"
 
+#include <string.h>
+
 static const char *dtype_name(int typenum)
 {
     switch (typenum) {
@@ -99,4 +101,71 @@ PyObject *dq_py_status_error(dq_status st, const char *what)
 PyArrayObject *dq_py_zeros(int ndim, const npy_intp *dims, int typenum)
 {
     return (PyArrayObject *)PyArray_ZEROS(ndim, (npy_intp *)dims, typenum, 0);
+}
+
+int dq_py_parse_rule(const char *rule, int *out)
+{
+    if (strcmp(rule, "half_up") == 0) {
+        *out = DQ_ROUND_HALF_UP;
+        return 0;
+    }
+    if (strcmp(rule, "half_even") == 0) {
+        *out = DQ_ROUND_HALF_EVEN;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "rule must be 'half_up' or 'half_even', got '%s'", rule);
+    return -1;
+}
+
+void dq_py_layer_args_release(dq_py_layer_args_t *a)
+{
+    Py_CLEAR(a->W);
+    Py_CLEAR(a->H);
+}
+
+int dq_py_layer_args(PyObject *W, PyObject *H, long group_size, int bits, int symmetric,
+                     const char *rule, dq_py_layer_args_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (bits < 2 || bits > 8) {
+        PyErr_Format(PyExc_ValueError, "bits must be in 2..8, got %d", bits);
+        return -1;
+    }
+    if (dq_py_parse_rule(rule, &out->rule) < 0) return -1;
+    out->W = dq_py_take(W, "W", NPY_FLOAT32, 2);
+    if (!out->W) goto fail;
+    out->H = dq_py_take(H, "H00", NPY_FLOAT64, 2);
+    if (!out->H) goto fail;
+    out->m = PyArray_DIM(out->W, 0);
+    out->n = PyArray_DIM(out->W, 1);
+    if (out->m < 1 || out->n < 1) {
+        PyErr_Format(PyExc_ValueError, "W must have at least one row and one column, got shape (%lld, %lld)",
+                     (long long)out->m, (long long)out->n);
+        goto fail;
+    }
+    if (PyArray_DIM(out->H, 0) != out->n || PyArray_DIM(out->H, 1) != out->n) {
+        PyErr_Format(PyExc_ValueError, "H00 must have shape (%lld, %lld) to match W's in_features, got (%lld, %lld)",
+                     (long long)out->n, (long long)out->n, (long long)PyArray_DIM(out->H, 0),
+                     (long long)PyArray_DIM(out->H, 1));
+        goto fail;
+    }
+    if (group_size == -1) {
+        out->group_size = out->n;
+    } else if (group_size < 1) {
+        PyErr_Format(PyExc_ValueError, "group_size must be -1 (per-channel) or positive, got %ld", group_size);
+        goto fail;
+    } else if (out->n % group_size != 0) {
+        PyErr_Format(PyExc_ValueError, "group_size %ld does not divide in_features %lld", group_size,
+                     (long long)out->n);
+        goto fail;
+    } else {
+        out->group_size = group_size;
+    }
+    if (dq_py_check_finite(out->W, "W") < 0 || dq_py_check_finite(out->H, "H00") < 0) goto fail;
+    out->bits = bits;
+    out->symmetric = symmetric ? 1 : 0;
+    return 0;
+fail:
+    dq_py_layer_args_release(out);
+    return -1;
 }

@@ -51,3 +51,19 @@ extern PyMethodDef dq_py_kernels_methods[];
 int dq_py_kernels_info(PyObject *dict);
 
 #endif
+
+/* The arguments every layer-solver entry point shares, taken and checked
+ * once: W float32 (m, n), H00 float64 (n, n), both finite; bits in 2..8;
+ * group_size -1 (per-channel) or a positive divisor of n; rule a string. */
+typedef struct {
+    PyArrayObject *W, *H;
+    int64_t m, n, group_size; /* group_size resolved: n when per-channel */
+    int bits, symmetric, rule;
+} dq_py_layer_args_t;
+
+int dq_py_layer_args(PyObject *W, PyObject *H, long group_size, int bits, int symmetric,
+                     const char *rule, dq_py_layer_args_t *out);
+void dq_py_layer_args_release(dq_py_layer_args_t *a);
+
+/* "half_up" -> DQ_ROUND_HALF_UP, "half_even" -> DQ_ROUND_HALF_EVEN; else ValueError. */
+int dq_py_parse_rule(const char *rule, int *out);

@@ -1,1 +1,8 @@
 """Pure NumPy twins of every C entry point, written to read like ALGORITHM.md."""
+from .float_step import float_step
+from .gptq import gptq, round_gptq
+from .grid import minmax_params, row_errors, rtn_codes
+from .pgd import round_pgd
+from .shrink import shrink_search
+from .solver import decoupleq, rtn
+from .synthetic import synthetic_problem
