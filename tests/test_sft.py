@@ -1,5 +1,4 @@
 """SFT of the float parts: the autograd Function, prepare_for_sft, training loops, save/load after SFT."""
-import copy
 
 import pytest
 import torch
