@@ -63,9 +63,10 @@ def _dequant_rows(codes, scale, zero, r0: int, r1: int, dtype):
     rows, n = r1 - r0, codes.shape[1]
     g = scale.shape[1]
     w = codes[r0:r1].to(dtype).view(rows, g, n // g)
-    w = w * scale[r0:r1].unsqueeze(-1)
+    # In place: one buffer per tile (it is recomputed for every step anyway).
+    w.mul_(scale[r0:r1].unsqueeze(-1))
     if zero is not None:
-        w = w + zero[r0:r1].unsqueeze(-1)
+        w.add_(zero[r0:r1].unsqueeze(-1))
     return w.view(rows, n)
 
 
