@@ -1,6 +1,7 @@
 """decoupleq: 2-bit post-training weight quantization with a C core for CPUs."""
 from ._C import backend_info
 from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
+from .hessian import HessianAccumulator, damp
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,13 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["QuantConfig", "BlockTuneConfig", "ModelQuantConfig", "backend_info", "__version__", *_LAZY]
+__all__ = [
+    "BlockTuneConfig",
+    "HessianAccumulator",
+    "ModelQuantConfig",
+    "QuantConfig",
+    "backend_info",
+    "damp",
+    "__version__",
+    *_LAZY,
+]

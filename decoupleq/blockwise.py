@@ -76,6 +76,42 @@ def trainable_parameters(block: nn.Module, cfg: BlockTuneConfig) -> list:
     return params
 
 
+class _Adam:
+    """Adam with L2-style weight decay, the update of ``torch.optim.Adam``.
+
+    Written out because constructing ``torch.optim.Adam`` imports
+    ``torch._dynamo`` (several seconds on first use), a cost every CLI run and
+    test process would pay for a dozen lines of arithmetic.
+    """
+
+    def __init__(self, params, lr, betas, eps, weight_decay):
+        self.params = list(params)
+        self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        bc1 = 1.0 - self.b1**self.t
+        bc2_sqrt = (1.0 - self.b2**self.t) ** 0.5
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad
+            if self.wd:
+                g = g.add(p, alpha=self.wd)
+            m.mul_(self.b1).add_(g, alpha=1.0 - self.b1)
+            v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / bc1)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
 def _masked_sq_error(y: torch.Tensor, target: torch.Tensor, mask):
     d = (y - target).square()
     if mask is not None and tuple(d.shape[: mask.ndim]) == tuple(mask.shape):
@@ -161,15 +197,13 @@ def tune_block(
         before = block_loss(block, inputs, calls, labels)
         steps = 0
         if params:
-            opt = torch.optim.Adam(
-                params, lr=cfg.lr, betas=(0.9, 0.99), eps=2e-5, weight_decay=cfg.weight_decay
-            )
+            opt = _Adam(params, lr=cfg.lr, betas=(0.9, 0.99), eps=2e-5, weight_decay=cfg.weight_decay)
             for _ in range(cfg.epochs):
                 for i in range(len(inputs)):
                     y = run_block(block, calls[i], inputs[i], dtype=torch.float32)
                     s, n = _masked_sq_error(y, labels[i].to(y.device, torch.float32), calls[i].mask)
                     loss = s / max(n, 1)
-                    opt.zero_grad(set_to_none=True)
+                    opt.zero_grad()
                     loss.backward()
                     opt.step()
                     steps += 1

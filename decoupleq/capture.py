@@ -368,36 +368,56 @@ def _batch_mask(batch):
     return None
 
 
-def catch_block_inputs(model: nn.Module, blocks, batches, cache: ActivationCache):
+@dataclass
+class CaughtInputs:
+    """What ``catch_block_inputs`` found.
+
+    Attributes:
+        calls: a list over blocks of lists over batches of ``BlockCall``.
+        chained: True when each block's input is the previous block's output
+            (checked on the first batch), so the pipeline can feed block i's
+            quantized outputs to block i + 1. False, for example, for parallel
+            heads: then each block's inputs must be caught afresh.
+    """
+
+    calls: list
+    chained: bool
+
+
+def catch_block_inputs(model: nn.Module, blocks, batches, cache: ActivationCache) -> CaughtInputs:
     """Record the input of ``blocks[0]`` and every block's other arguments for each batch.
 
-    The first batch runs through the whole model with every block hooked, to
-    see whether the blocks are all called with the same extra arguments (most
-    models) or not (for example per-layer sliding-window masks). If they are,
-    the remaining batches stop right after reaching the first block; otherwise
-    each batch runs the full model once (in full precision) so that every
-    block's own arguments are recorded.
+    The first batch runs through the whole model (up to the last block) with
+    every block hooked, to see whether the blocks are all called with the same
+    extra arguments (most models) or not (for example per-layer sliding-window
+    masks), and whether each block consumes the previous one's output. If the
+    arguments agree, the remaining batches stop right after reaching the first
+    block; otherwise each batch runs the model up to the last block (in its
+    current precision) so that every block's own arguments are recorded.
 
     Args:
         model: the model; called as ``model(batch)`` (or ``model(**batch)`` for
             dict batches) with ``use_cache=False`` when its forward takes it.
         blocks: the sequence of block modules (``blocks[0]`` may be the model itself).
         batches: list of calibration batches (tensors or dicts of tensors).
-        cache: receives one hidden-state tensor per batch.
+        cache: receives one hidden-state tensor per batch (the input of ``blocks[0]``).
 
-    Returns:
-        ``calls``: a list over blocks of lists over batches of ``BlockCall``.
+    Raises:
+        RuntimeError: a block is not called exactly once per forward pass.
     """
     extra = _forward_kwargs(model)
     n_blocks = len(blocks)
     calls = [[] for _ in range(n_blocks)]
-    state = {"stop_at_first": False, "record": None, "batch": None}
+    state = {"stop_at_first": False, "batch": None, "probe": False}
+    probe_in, probe_out = {}, {}
 
-    def make_hook(index):
+    def make_pre_hook(index):
         def hook(module, args, kwargs):
             hidden, where, a, kw = _split_call(args, kwargs)
             if index == 0:
                 cache.append(hidden)
+            if state["probe"]:
+                probe_in[index] = hidden
             prev = calls[index][-1] if calls[index] else None
             if prev is not None:
                 a = _dedupe(a, prev.args)
@@ -413,8 +433,17 @@ def catch_block_inputs(model: nn.Module, blocks, batches, cache: ActivationCache
 
         return hook
 
+    def make_post_hook(index):
+        def hook(module, args, out):
+            if state["probe"]:
+                probe_out[index] = block_output(out)
+
+        return hook
+
     def run(batch_list, hooked):
-        handles = [blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in hooked]
+        handles = [blocks[i].register_forward_pre_hook(make_pre_hook(i), with_kwargs=True) for i in hooked]
+        if state["probe"]:
+            handles += [blocks[i].register_forward_hook(make_post_hook(i)) for i in hooked]
         try:
             for batch in batch_list:
                 state["batch"] = batch
@@ -427,20 +456,32 @@ def catch_block_inputs(model: nn.Module, blocks, batches, cache: ActivationCache
                 h.remove()
 
     with torch.no_grad():
+        state["probe"] = True
         run(batches[:1], range(n_blocks))
-        if any(len(calls[i]) != 1 for i in range(n_blocks)):
-            counts = [len(c) for c in calls]
+        state["probe"] = False
+        counts = [len(c) for c in calls]
+        if any(c != 1 for c in counts):
             raise RuntimeError(
                 f"the blocks were not each called once for one batch (calls per block: {counts}); "
                 "pass blocks= explicitly"
             )
+        chained = all(
+            i in probe_out
+            and isinstance(probe_out[i], torch.Tensor)
+            and probe_out[i].shape == probe_in[i + 1].shape
+            and bool(torch.equal(probe_out[i], probe_in[i + 1]))
+            for i in range(n_blocks - 1)
+        )
+        probe_in.clear()
+        probe_out.clear()
         uniform = all(
             _same(calls[i][0].args, calls[0][0].args) and _same(calls[i][0].kwargs, calls[0][0].kwargs)
             for i in range(1, n_blocks)
         )
-        if uniform:
-            for i in range(1, n_blocks):
-                calls[i] = calls[0]  # the same list object: every block shares block 0's calls
+        if uniform or not chained:
+            if uniform:
+                for i in range(1, n_blocks):
+                    calls[i] = calls[0]  # the same list object: every block shares block 0's calls
             state["stop_at_first"] = True
             run(batches[1:], [0])
         else:
@@ -448,7 +489,9 @@ def catch_block_inputs(model: nn.Module, blocks, batches, cache: ActivationCache
             run(batches[1:], range(n_blocks))
     if len(cache) != len(batches):
         raise RuntimeError(f"captured {len(cache)} block inputs for {len(batches)} batches")
-    return calls
+    if not chained:
+        log.info("the blocks do not feed each other; each block's inputs are caught in turn")
+    return CaughtInputs(calls, chained)
 
 
 # ---------------------------------------------------------------------------

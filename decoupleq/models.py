@@ -174,6 +174,8 @@ class BlockSpec:
 
     def full_name(self, i: int, layer: str) -> str:
         base = self.block_name(i)
+        if not layer:  # the block is itself the layer
+            return base
         return f"{base}.{layer}" if base else layer
 
 

@@ -88,6 +88,16 @@ class _QuantWeightMixin:
         self.scale = nn.Parameter(torch.ones(out_features, n_groups, dtype=torch.float32))
         self.zero = nn.Parameter(torch.zeros(out_features, n_groups, dtype=torch.float32))
 
+    def _apply(self, fn, *args, **kwargs):
+        # scale and zero are float32 masters: model.to(bfloat16) must not round them.
+        # Device moves still apply; only the dtype is put back, from the exact old values.
+        saved = (self.scale.data, self.zero.data)
+        out = super()._apply(fn, *args, **kwargs)
+        for p, old in zip((self.scale, self.zero), saved):
+            if p.dtype != torch.float32:
+                p.data = old.to(device=p.device)
+        return out
+
     @property
     def n_groups(self) -> int:
         return self.scale.shape[1]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from .capture import (
     run_block,
 )
 from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
-from .models import BlockSpec, adapter_groups, find_blocks, quantizable_layers
+from .models import BlockSpec, adapter_groups, find_blocks, is_quantizable, quantizable_layers
 from .nn import QuantConv2d, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,12 @@ class LayerReport:
 
 @dataclass
 class BlockReport:
+    """One block: its true-sequential groups (layer names inside the block), time, tuning outcome."""
+
     index: int
     name: str
     seconds: float
+    groups: list = field(default_factory=list)
     tune: BlockTuneResult | None = None
 
 
@@ -235,7 +239,14 @@ def _plan(spec: BlockSpec, mcfg: ModelQuantConfig, report: QuantReport) -> list:
     plans = []
     for i, block in enumerate(spec.blocks):
         layers = {}
-        for rel, m in quantizable_layers(block).items():
+        found = quantizable_layers(block)
+        if is_quantizable(block):  # blocks that are single layers (layer-by-layer quantization)
+            if spec.whole_model:
+                raise ValueError(
+                    f"model is a single {type(block).__name__} layer: use decoupleq.quantize_weight for one matrix"
+                )
+            found = {"": block}
+        for rel, m in found.items():
             full = spec.full_name(i, rel)
             if skip(full, m):
                 report.skipped.append(full)
@@ -323,7 +334,7 @@ def _relative_loss(W: torch.Tensor, H: torch.Tensor, damping: float, loss: float
 
 
 def _quantize_block(
-    i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output
+    model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output
 ):
     from . import HessianAccumulator, quantize_weight  # the solver lands in the package namespace
 
@@ -393,7 +404,10 @@ def _quantize_block(
                 W = layer_weight_matrix(module)
                 qw = quantize_weight(W, H, lcfg)
                 cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-                _set_module(block, name, cls.from_quantized(module, qw))
+                new = cls.from_quantized(module, qw)
+                _set_module(model, full, new)
+                if name == "":
+                    block = spec.blocks[i] = new
                 loss = float(qw.loss.sum())
                 rel = _relative_loss(W, torch.as_tensor(H), lcfg.damping, loss)
                 dt = time.perf_counter() - t0
@@ -426,8 +440,8 @@ def _quantize_block(
             for j in range(n):
                 inputs[j] = run_block(block, calls[j], inputs[j])
     seconds = time.perf_counter() - t_block
-    report.blocks.append(BlockReport(i, spec.block_name(i), seconds, result))
-    return result
+    report.blocks.append(BlockReport(i, spec.block_name(i), seconds, groups, result))
+    return result, block
 
 
 # ---------------------------------------------------------------------------
@@ -484,6 +498,8 @@ def quantize(
             batch_size=batch_size, indivisible=indivisible, tmpdir=tmpdir, verbose=verbose,
         ),
     )
+    if mcfg.tmpdir is not None and not os.path.isdir(mcfg.tmpdir):
+        raise ValueError(f"tmpdir {os.fspath(mcfg.tmpdir)!r} is not an existing directory")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     batches = calibration_batches(calibration, mcfg.batch_size, vocab if isinstance(vocab, int) else None)
     spec = find_blocks(model, blocks)
@@ -507,7 +523,7 @@ def quantize(
     inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
     bars = None
     try:
-        calls = catch_block_inputs(model, spec.blocks, batches, inputs)
+        caught = catch_block_inputs(model, spec.blocks, batches, inputs)
         if mcfg.verbose:
             from tqdm.auto import tqdm
 
@@ -519,17 +535,27 @@ def quantize(
         for i, (block, plan) in enumerate(zip(spec.blocks, plans)):
             if i > last:
                 break
+            calls = caught.calls[i]
+            if not caught.chained and i > 0 and plan.layers:
+                # Blocks that do not feed each other: catch this block's inputs from
+                # the model as it is now (earlier blocks already quantized).
+                inputs.close()
+                inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
+                calls = catch_block_inputs(model, [block], batches, inputs).calls[0]
             if plan.layers:
-                res = _quantize_block(i, block, spec, plan, calls[i], inputs, budget, mcfg, report, bars, i < last)
+                res, block = _quantize_block(
+                    model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars,
+                    caught.chained and i < last,
+                )
                 if res is not None:
                     info(
                         "block %s: tuning loss %.6g -> %.6g%s", spec.block_name(i) or "model",
                         res.loss_before, res.loss_after, " (restored)" if res.restored else "",
                     )
-            elif i < last:
+            elif caught.chained and i < last:
                 with torch.no_grad():
                     for j in range(len(inputs)):
-                        inputs[j] = run_block(block, calls[i][j], inputs[j])
+                        inputs[j] = run_block(block, calls[j], inputs[j])
             if bars is not None:
                 bars[0].update(1)
     finally:
