@@ -459,6 +459,8 @@ def embed(model, tokenizer, sentences, *, max_length: int = 256, batch_size: int
     if len(sentences) == 0:
         raise ValueError("sentences is empty")
     out = []
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         for i in range(0, len(sentences), batch_size):
             batch = tokenizer(
@@ -469,4 +471,5 @@ def embed(model, tokenizer, sentences, *, max_length: int = 256, batch_size: int
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
+    model.train(was_training)
     return torch.cat(out)
