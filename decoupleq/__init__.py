@@ -12,6 +12,7 @@ _LAZY = {
     "QuantConv2d": "nn",
     "save": "io",
     "load": "io",
+    "prepare_for_sft": "sft",
 }
 
 

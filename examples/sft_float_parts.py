@@ -83,7 +83,7 @@ def main(argv=None):
 
     import decoupleq
     from decoupleq import data, evaluate
-    from decoupleq.sft import prepare_for_sft, sft_parameter_count
+    from decoupleq.sft import sft_parameter_count
     from decoupleq.zoo import load_model
 
     if args.threads:
@@ -123,7 +123,7 @@ def main(argv=None):
     eval_s = time.perf_counter() - t
     print(f"test perplexity before SFT: {before}  ({eval_s:.0f}s)")
 
-    params = prepare_for_sft(model, norms=not args.no_norms)
+    params = decoupleq.prepare_for_sft(model, norms=not args.no_norms)
     counts = sft_parameter_count(model)
     print(f"trainable: {counts['trainable']:,} values in {len(params)} tensors, "
           f"{100 * counts['trainable'] / counts['model']:.3f}% of the model's {counts['model']:,} "
