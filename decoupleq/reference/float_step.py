@@ -137,7 +137,9 @@ def float_step(W, A, H00, group_size, symmetric):
       supported (the reference asserts): only the G scales are solved for,
       P11 s = y1 with the same retry, and z = 0.
     The solution is cast to float32 and the row errors are recomputed with
-    row_errors (float32 GEMM, float64 sums).
+    row_errors (float32 GEMM, float64 sums). P, y and the 2x2 coefficients
+    are formed in float64 (the reference forms them in float32 and solves the
+    per-group system in float64): the same solution, more accurately.
 
     Args:
         W: float32 (m, n). A: int8 (m, n). H00: float64 (n, n) damped Hessian.

@@ -37,12 +37,14 @@ class _ProjectedAdam:
         V, cols = self.V, slice(c0, None)
         grad = (V - self.W) @ self.H[:, cols]
         self.t += 1
-        self.m1[:, cols] = BETA1 * self.m1[:, cols] + (1 - BETA1) * grad
+        # m <- β1 m + (1-β1) g, written as the lerp m + (1-β1)(g - m) that torch's Adam uses.
+        m1 = self.m1[:, cols]
+        self.m1[:, cols] = m1 + (1 - BETA1) * (grad - m1)
         self.m2[:, cols] = BETA2 * self.m2[:, cols] + (1 - BETA2) * grad * grad
         step_size = lr / (1 - BETA1**self.t)
         bc2_sqrt = (1 - BETA2**self.t) ** 0.5
         denom = np.sqrt(self.m2[:, cols]) / bc2_sqrt + eps
-        V[:, cols] -= step_size * self.m1[:, cols] / denom
+        V[:, cols] -= step_size * (self.m1[:, cols] / denom)
         V[:, cols] = np.clip(V[:, cols], self.lo[:, cols], self.hi[:, cols])
 
 

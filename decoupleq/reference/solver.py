@@ -126,7 +126,9 @@ def decoupleq(W, H00, bits, group_size, symmetric, act_order, rule, iterations, 
     A float step whose solution is not finite (fatal in float_step) is
     handled like the reference's out-of-memory fallback (ALGORITHM 3.3, 3.8):
     in iteration 0 the candidate stays the shrunk (S, Z); later, the
-    alternation stops and the current best is returned.
+    alternation stops and the current best is returned. Unlike the reference,
+    a float step that returns a zero error (an all-zero row fitted exactly) is
+    not an error: the reference raises on err <= 0 there.
 
     Args:
         W: float32 (m, n). H00: float64 (n, n) damped Hessian. bits: 2..8.
