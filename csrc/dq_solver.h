@@ -80,12 +80,14 @@ typedef struct {
 } dq_gptq_factor_t;
 
 /* Factor once per layer: perm = act-order (stable argsort of diag H00,
- * descending; ties by index) or identity, and U = the upper Cholesky factor
- * of H_round^-1 with H_round = H00[perm][:,perm] + t*mean(diag H00)*I, t the
- * first rung of the damping ladder that factors: decoupleq_damping = 1 gives
+ * descending; ties by index) or identity, and the factor R of H_round =
+ * H00[perm][:,perm] + t*mean(diag H00)*I (float64 Cholesky of the reversed
+ * matrix, stored float32), t the first rung of the damping ladder that
+ * factors with no pivot at rounding-noise level: decoupleq_damping = 1 gives
  * decoupleQ's t in {0.01, 0.1, 1, 10, 100}, 0 the GPTQ baseline's
- * {0, 0.01, 0.1, 1, 10, 100}.  DQ_ENOTPD when every rung fails.  Needs L->H
- * in float64 only (not V or c). */
+ * {0, 0.01, 0.1, 1, 10, 100} (and, as reference GPTQ, a zero diagonal entry
+ * counts as 1).  DQ_ENOTPD when every rung fails.  Needs L->H only (not V,
+ * c or Hf). */
 dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_damping,
                          dq_gptq_factor_t *F);
 void dq_gptq_factor_free(dq_gptq_factor_t *F);
