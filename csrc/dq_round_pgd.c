@@ -208,7 +208,7 @@ static int64_t rows_per_chunk(int64_t cols)
 dq_status dq_round_pgd(const dq_layer_t *L, const int64_t *perm, const float *S, const float *Z,
                        const dq_pgd_opts_t *opts, int8_t *A, double *err)
 {
-    if (!L || !S || !Z || !opts || !A || !err) return DQ_EINVAL;
+    if (!L || !L->W || !L->Hf || !S || !Z || !opts || !A || !err) return DQ_EINVAL;
     const int64_t m = L->m, n = L->n, g = L->g, G = L->G;
     const int64_t K1 = opts->steps_before_round, K2 = opts->steps_per_column;
     if (K1 < 0 || K2 < 0 || !(opts->lr > 0.0) || !isfinite(opts->lr)) return DQ_EINVAL;
