@@ -32,6 +32,10 @@ static PyArrayObject *take(PyObject *obj, const char *argname, int typenum, int 
                      dtype_name(PyArray_TYPE(a)));
         return NULL;
     }
+    if (!PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_TypeError, "%s must be in native byte order", argname);
+        return NULL;
+    }
     if (ndim >= 0 && PyArray_NDIM(a) != ndim) {
         PyErr_Format(PyExc_ValueError, "%s must be %d-dimensional, got %d dimensions", argname, ndim,
                      PyArray_NDIM(a));
