@@ -14,6 +14,15 @@
 /* Rows per GEMM in dq_row_errors: caps its two m x n work buffers. */
 #define ERR_CHUNK_ELEMS (1 << 22)
 
+/* Safe division of ALGORITHM 1.4 in float32, as the reference does it:
+ * plain division whenever |y| >= 1e-15. */
+static inline float safe_divf(float x, float y)
+{
+    float ay = fabsf(y);
+    if (!(ay >= 1e-15f)) ay = 1e-15f;
+    return x / (y < 0.0f ? -ay : ay);
+}
+
 static int64_t min_rows(int64_t n)
 {
     int64_t r = ROW_CHUNK_ELEMS / (n > 0 ? n : 1);
@@ -90,10 +99,9 @@ static void rtn_range(void *vctx, int64_t begin, int64_t end)
             const float s = x->S[r * L->G + j];
             const float z = L->symmetric ? 0.0f : x->Z[r * L->G + j];
             for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
-                const float t = L->symmetric ? w[c] / s : (w[c] - z) / s;
+                const float t = safe_divf(L->symmetric ? w[c] : w[c] - z, s);
                 float q = dq_round(t, L->rule);
-                /* NaN (s == 0) lands on qmin rather than an undefined cast. */
-                if (!(q >= qmin)) q = qmin;
+                if (q < qmin) q = qmin;
                 if (q > qmax) q = qmax;
                 a[c] = (int8_t)q;
             }
@@ -111,24 +119,30 @@ void dq_rtn_codes(const dq_layer_t *L, const float *S, const float *Z, int8_t *A
 
 typedef struct {
     const dq_layer_t *L;
+    const int64_t *rows; /* NULL: rows r0, r0 + 1, ... */
     const int8_t *A;
-    const float *S, *Z;
-    int64_t r0;   /* first row of the chunk */
-    float *D, *P; /* chunk rows x n */
+    const float *S, *Z;  /* Z NULL: zero */
+    int64_t r0;          /* first entry of the chunk */
+    float *D, *P;        /* chunk rows x n */
     double *err;
 } err_ctx_t;
+
+static inline int64_t row_of(const err_ctx_t *x, int64_t i)
+{
+    return x->rows ? x->rows[x->r0 + i] : x->r0 + i;
+}
 
 static void diff_range(void *vctx, int64_t begin, int64_t end)
 {
     const err_ctx_t *x = (const err_ctx_t *)vctx;
     const dq_layer_t *L = x->L;
     for (int64_t i = begin; i < end; i++) {
-        const int64_t r = x->r0 + i;
+        const int64_t r = row_of(x, i);
         const float *w = L->W + r * L->n;
         const int8_t *a = x->A + r * L->n;
         float *d = x->D + i * L->n;
         for (int64_t j = 0; j < L->G; j++) {
-            const float s = x->S[r * L->G + j], z = x->Z[r * L->G + j];
+            const float s = x->S[r * L->G + j], z = x->Z ? x->Z[r * L->G + j] : 0.0f;
             for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
                 const float what = (float)a[c] * s + z;
                 d[c] = what - w[c];
@@ -145,29 +159,30 @@ static void dot_range(void *vctx, int64_t begin, int64_t end)
         const float *d = x->D + i * n, *p = x->P + i * n;
         double acc = 0.0;
         for (int64_t c = 0; c < n; c++) acc += (double)d[c] * (double)p[c];
-        x->err[x->r0 + i] = acc;
+        x->err[row_of(x, i)] = acc;
     }
 }
 
-dq_status dq_row_errors(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,
-                        double *err)
+dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *A,
+                             const float *S, const float *Z, double *err)
 {
-    const int64_t m = L->m, n = L->n;
+    const int64_t n = L->n;
     if (!L->Hf) return DQ_EINVAL;
-    int64_t rows = ERR_CHUNK_ELEMS / n;
-    if (rows < 64) rows = 64;
-    if (rows > m) rows = m;
-    float *D = dq_malloc(sizeof(float) * (size_t)(rows * n));
-    float *P = dq_malloc(sizeof(float) * (size_t)(rows * n));
+    if (k <= 0) return DQ_OK;
+    int64_t chunk = ERR_CHUNK_ELEMS / n;
+    if (chunk < 64) chunk = 64;
+    if (chunk > k) chunk = k;
+    float *D = dq_malloc(sizeof(float) * (size_t)(chunk * n));
+    float *P = dq_malloc(sizeof(float) * (size_t)(chunk * n));
     if (!D || !P) {
         dq_free(D);
         dq_free(P);
         return DQ_ENOMEM;
     }
     const int nt = dq_num_threads();
-    for (int64_t r0 = 0; r0 < m; r0 += rows) {
-        const int64_t cnt = (m - r0) < rows ? (m - r0) : rows;
-        err_ctx_t ctx = {L, A, S, Z, r0, D, P, err};
+    for (int64_t r0 = 0; r0 < k; r0 += chunk) {
+        const int64_t cnt = (k - r0) < chunk ? (k - r0) : chunk;
+        err_ctx_t ctx = {L, rows, A, S, Z, r0, D, P, err};
         dq_parallel_for(cnt, min_rows(n), nt, diff_range, &ctx);
         dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)cnt, (int)n, (int)n, 1.0f, D, (int)n,
                        L->Hf, (int)n, 0.0f, P, (int)n);
@@ -176,4 +191,10 @@ dq_status dq_row_errors(const dq_layer_t *L, const int8_t *A, const float *S, co
     dq_free(D);
     dq_free(P);
     return DQ_OK;
+}
+
+dq_status dq_row_errors(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,
+                        double *err)
+{
+    return dq_row_errors_rows(L, NULL, L->m, A, S, Z, err);
 }

@@ -116,6 +116,14 @@ static PyObject *py_minmax_params(PyObject *self, PyObject *args, PyObject *kwar
             goto fail;
         }
         if (dq_py_check_finite(P, "p_row") < 0) goto fail;
+        const float *p = PyArray_DATA(P);
+        for (int64_t r = 0; r < m; r++) {
+            if (!(p[r] > 0.0f && p[r] <= 1.0f)) {
+                PyErr_Format(PyExc_ValueError, "p_row must lie in (0, 1], got %g at row %lld",
+                             (double)p[r], (long long)r);
+                goto fail;
+            }
+        }
     }
     npy_intp dims[2] = {m, n / g};
     if (!(S = dq_py_zeros(2, dims, NPY_FLOAT32)) || !(Z = dq_py_zeros(2, dims, NPY_FLOAT32))) goto fail;
