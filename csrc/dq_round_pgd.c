@@ -113,9 +113,14 @@ static void adam_row_plain(ADAM_ROW_ARGS) { ADAM_ROW_BODY }
 __attribute__((target("avx2"))) static void adam_row_avx2(ADAM_ROW_ARGS) { ADAM_ROW_BODY }
 #endif
 
+/* AVX2 where the CPU has it, unless DECOUPLEQ_KERNEL=reference asks for the
+ * portable build (the results are the same bits either way). */
 static adam_row_fn pick_adam_row(void)
 {
+    const char *env = getenv("DECOUPLEQ_KERNEL");
+    if (env && strcmp(env, "reference") == 0) return adam_row_plain;
 #if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2")) return adam_row_avx2;
 #endif
     return adam_row_plain;
