@@ -220,6 +220,11 @@ dq_status dq_round_pgd(const dq_layer_t *L, const int64_t *perm, const float *S,
     if (m == 0 || n == 0) return m == 0 ? DQ_OK : DQ_EINVAL;
     if ((int64_t)(int)m != m || (int64_t)(int)n != n) return DQ_EINVAL;  /* BLAS is LP64 */
 
+    if (perm) {  /* an identity order needs no permuted copies */
+        int64_t j = 0;
+        while (j < n && perm[j] == j) j++;
+        if (j == n) perm = NULL;
+    }
     const size_t mn = (size_t)m * (size_t)n;
     const int need_grad = K1 > 0 || K2 > 0;
     const int nth = dq_num_threads();
