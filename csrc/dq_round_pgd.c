@@ -15,11 +15,23 @@
  * one GEMM over the columns [c, n): D[:, c] then holds (last step's change +
  * snap change) of column c, and column c's own gradient, never needed again,
  * is not computed.  So each Adam step costs one m x r x r GEMM (r = columns
- * left), K2 m n^3 / 3 multiply-adds in all instead of K2 m n^3 / 2, and the
- * result equals the faithful one up to float rounding (the same sums in a
- * different order).  There is no exact way to batch steps further: every
- * remaining column moves at every step and its next move depends on all the
- * others' moves through H, so step k+1 needs all of step k's GEMM.
+ * left), K2 m n^3 / 3 multiply-adds in all instead of K2 m n^3 / 2.
+ *
+ * The result equals the faithful one up to float rounding (the same sums in a
+ * different order), but the rounding of the incremental G accumulates over
+ * the n K2 steps and PGD's snaps turn some of it into different codes (up to
+ * 0.13% of codes against the reference measured on small layers).  So G is
+ * recomputed exactly, (V - W) H[:, c+1:] in one m x n x r GEMM, at the first
+ * snap after every PGD_REFRESH_STEPS incremental steps.  That bounds the
+ * drift (100% equal codes on the same 72 layers with a refresh every 16, 32,
+ * 64 or 128 steps) and is cheap: a refresh at r remaining columns costs
+ * m r (n - r) more than the merged update it replaces, summing to m n^3 / 6
+ * over all columns, and one column in 64/K2 refreshes: K2 m n^3 / 384, or
+ * 1/128 of the steps' K2 m n^3 / 3 whatever K2.
+ *
+ * Batching steps further is not possible without changing the algorithm:
+ * every remaining column moves at every step and its next move depends on
+ * all the others' moves through H, so step k+1 needs all of step k's GEMM.
  *
  * Elementwise work (Adam, clamp, snap) is plain float32 with the operation
  * order of the NumPy reference, parallel over rows; BLAS stays outside.
@@ -35,6 +47,9 @@
 #define PGD_EPS_A 1e-5  /* phase A */
 #define PGD_EPS_B 1e-4  /* phase B, inner steps */
 #define PGD_LR_B 1e-3   /* phase B: the reference does not pass --lr on */
+
+/* Incremental Adam steps between two exact recomputations of G (see top). */
+#define PGD_REFRESH_STEPS 64
 
 /* x / y with |y| floored at 1e-15 and sign(0) = +1 (ALGORITHM 1.4), in
  * float32 like the reference. */
@@ -98,9 +113,14 @@ static void adam_row_plain(ADAM_ROW_ARGS) { ADAM_ROW_BODY }
 __attribute__((target("avx2"))) static void adam_row_avx2(ADAM_ROW_ARGS) { ADAM_ROW_BODY }
 #endif
 
+/* AVX2 where the CPU has it, unless DECOUPLEQ_KERNEL=reference asks for the
+ * portable build (the results are the same bits either way). */
 static adam_row_fn pick_adam_row(void)
 {
+    const char *env = getenv("DECOUPLEQ_KERNEL");
+    if (env && strcmp(env, "reference") == 0) return adam_row_plain;
 #if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2")) return adam_row_avx2;
 #endif
     return adam_row_plain;
@@ -193,13 +213,18 @@ static int64_t rows_per_chunk(int64_t cols)
 dq_status dq_round_pgd(const dq_layer_t *L, const int64_t *perm, const float *S, const float *Z,
                        const dq_pgd_opts_t *opts, int8_t *A, double *err)
 {
-    if (!L || !S || !Z || !opts || !A || !err) return DQ_EINVAL;
+    if (!L || !L->W || !L->Hf || !S || !Z || !opts || !A || !err) return DQ_EINVAL;
     const int64_t m = L->m, n = L->n, g = L->g, G = L->G;
     const int64_t K1 = opts->steps_before_round, K2 = opts->steps_per_column;
     if (K1 < 0 || K2 < 0 || !(opts->lr > 0.0) || !isfinite(opts->lr)) return DQ_EINVAL;
     if (m == 0 || n == 0) return m == 0 ? DQ_OK : DQ_EINVAL;
     if ((int64_t)(int)m != m || (int64_t)(int)n != n) return DQ_EINVAL;  /* BLAS is LP64 */
 
+    if (perm) {  /* an identity order needs no permuted copies */
+        int64_t j = 0;
+        while (j < n && perm[j] == j) j++;
+        if (j == n) perm = NULL;
+    }
     const size_t mn = (size_t)m * (size_t)n;
     const int need_grad = K1 > 0 || K2 > 0;
     const int nth = dq_num_threads();
@@ -260,6 +285,7 @@ dq_status dq_round_pgd(const dq_layer_t *L, const int64_t *perm, const float *S,
                            (int)n, H, (int)n, 0.0f, Gr, (int)n);
     }
 
+    int64_t since_refresh = 0;
     /* Phase B: snap column c, then K2 steps on the columns [c+1, n). */
     x.phase_a = 0;
     for (int64_t c = 0; c + 1 < n; c++) {
@@ -270,14 +296,16 @@ dq_status dq_round_pgd(const dq_layer_t *L, const int64_t *perm, const float *S,
             V[i] = nv;
         }
         if (K2 == 0) continue;
-        if (c == 0) {
-            /* Exact start: G[:, 1:] = (V - W) H[:, 1:]. */
+        if (c == 0 || since_refresh >= PGD_REFRESH_STEPS) {
+            since_refresh = 0;
+            /* Exact start: G[:, c+1:] = (V - W) H[:, c+1:]. */
             if ((st = dq_parallel_for(m, rows_per_chunk(n), nth, diff_rows, &x)) != DQ_OK)
                 goto done;
-            grad_update(&x, H, 0, 1, 0.0f);
+            grad_update(&x, H, 0, c + 1, 0.0f);
         } else {
             grad_update(&x, H, c, c + 1, 1.0f);
         }
+        since_refresh += K2;
         x.c0 = c + 1;
         for (int64_t k = 0; k < K2; k++) {
             set_adam(&x, ++t, PGD_LR_B, PGD_EPS_B);
@@ -290,7 +318,14 @@ dq_status dq_round_pgd(const dq_layer_t *L, const int64_t *perm, const float *S,
     }
 
     if ((st = dq_parallel_for(m, rows_per_chunk(n), nth, codes_rows, &x)) != DQ_OK) goto done;
-    st = dq_row_errors(L, A, S, Z, err);
+    if (L->symmetric) {
+        /* Symmetric: the zero is 0 whatever Z holds; row errors read Z. */
+        float *Z0 = dq_calloc((size_t)m * (size_t)G * sizeof(float));
+        st = Z0 ? dq_row_errors(L, A, S, Z0, err) : DQ_ENOMEM;
+        dq_free(Z0);
+    } else {
+        st = dq_row_errors(L, A, S, Z, err);
+    }
 
 done:
     dq_free(Wp);
