@@ -48,6 +48,10 @@
 #define TIE_RTOL 3e-5
 #define MAX_TIES 8
 
+/* Rows whose largest |w| is below this (products of two weights near the
+ * float32 underflow) are evaluated exhaustively. */
+#define TINY_ROW 1e-15f
+
 /* Flips per element above which the exact exhaustive evaluation is cheaper. */
 #define EXHAUSTIVE_FLIPS 64
 
@@ -832,6 +836,22 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
             s0 = s1;
         }
         for (int64_t i = 0; i < rows; i++) {
+            /* A row of tiny weights (float32 products near underflow) has
+             * no usable estimates: all its candidates are checked. */
+            float amax = 0.0f;
+            for (int64_t j = 0; j < G; j++) {
+                const float a = fabsf(B.lo[i * G + j]) > B.hi[i * G + j] ? fabsf(B.lo[i * G + j])
+                                                                         : B.hi[i * G + j];
+                if (a > amax) amax = a;
+            }
+            if (amax < TINY_ROW) {
+                for (int st = 1; st < N_STEPS; st++) {
+                    pr[npairs] = (int32_t)i;
+                    ps[npairs] = (int16_t)st;
+                    npairs++;
+                }
+                continue;
+            }
             estimates(&B, i, est);
             int16_t tie[MAX_TIES];
             const int k = pick_ties(est, L->c[r0 + i], err_start[r0 + i], tie);
