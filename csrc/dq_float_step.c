@@ -262,7 +262,7 @@ dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z
 {
     int64_t m = L->m, n = L->n, g = L->g, G = L->G;
     if (m == 0) return DQ_OK;
-    if (n < 1 || g < 1 || G * g != n) return DQ_EINVAL;
+    if (!L->Hf || !L->V || n < 1 || g < 1 || G * g != n) return DQ_EINVAL;
     int64_t N = L->symmetric ? G : 2 * G;
 
     int64_t npair = G * (G + 1) / 2;
@@ -282,20 +282,24 @@ dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z
         st = DQ_ENOMEM;
         goto done;
     }
-    for (int64_t c = 0; c < n; c++) {
-        const double *h = L->H + c * n;
-        for (int64_t k = 0; k < G; k++) {
-            double s = 0;
-            for (int64_t t = k * g; t < (k + 1) * g; t++) s += h[t];
-            Hs[c * G + k] = s;
+    /* Column-group sums of H (float64) and their group sums: P12's and
+     * P22's ingredients (asymmetric only). */
+    if (!L->symmetric) {
+        for (int64_t c = 0; c < n; c++) {
+            const double *h = L->H + c * n;
+            for (int64_t k = 0; k < G; k++) {
+                double s = 0;
+                for (int64_t t = k * g; t < (k + 1) * g; t++) s += h[t];
+                Hs[c * G + k] = s;
+            }
         }
+        for (int64_t j = 0; j < G; j++)
+            for (int64_t k = 0; k < G; k++) {
+                double s = 0;
+                for (int64_t c = j * g; c < (j + 1) * g; c++) s += Hs[c * G + k];
+                P22[j * G + k] = s;
+            }
     }
-    for (int64_t j = 0; j < G; j++)
-        for (int64_t k = 0; k < G; k++) {
-            double s = 0;
-            for (int64_t c = j * g; c < (j + 1) * g; c++) s += Hs[c * G + k];
-            P22[j * G + k] = s;
-        }
 
     ctx_t X = {.L = L, .A = A, .N = N, .npair = npair, .T = T, .P11 = P11, .Hs = Hs,
                .P22 = P22, .S = S, .Z = Z, .nomem = 0};

@@ -48,16 +48,20 @@
 #define TIE_RTOL 3e-5
 #define MAX_TIES 8
 
+/* Rows whose largest |w| is below this (products of two weights near the
+ * float32 underflow) are evaluated exhaustively. */
+#define TINY_ROW 1e-15f
+
 /* Flips per element above which the exact exhaustive evaluation is cheaper. */
 #define EXHAUSTIVE_FLIPS 64
 
 /* Column tile of the replay: TILE floats of K per row kept in registers;
  * the packed H tile (n x TILE floats) should sit in L2. */
 #ifndef TILE
-#define TILE 32
+#define TILE 64
 #endif
 #ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 8
+#define PREFETCH_AHEAD 16 /* flips ahead whose H tile row is prefetched */
 #endif
 
 /* Working-memory targets: rows per block (u1 and K, float32) and flip
@@ -153,60 +157,92 @@ static void row_grid(const dq_layer_t *L, const float *lo, const float *hi, row_
         params_at(L, lo, hi, shrink_p(st), T->s + st * L->G, T->z + st * L->G);
 }
 
-/* In grid units of p = 1, element x(p) = (w/p - z1)/s1 = x0 + u / p moves
- * monotonically away from x0 as p falls, so its code can only change where
- * x(p) crosses a rounding boundary k + 1/2.  The float32 value the reference
- * rounds differs from x(p_i) by a few ulps (s_i, z_i are roundings of
- * p_i s1, p_i z1), so codes are evaluated exactly at every step whose x lies
- * within TOL_REL of a boundary (plus the step after), and are constant in
- * between.  Cost: a few exact evaluations per element instead of 159. */
+/* In grid units of p = 1, element x(p) = (w/p - z1)/s1 = x0 + u r, with
+ * r = 1/p rising from 1 to 1/0.205, moves monotonically away from x0, so its
+ * code can only change where x crosses a rounding boundary k + 1/2: at the
+ * first step past the crossing.  The float32 value the reference rounds
+ * differs from x(p_i) by a few ulps (s_i, z_i are roundings of p_i s1,
+ * p_i z1), so steps whose x lies within TOL_REL (relative to the magnitudes
+ * involved) of a boundary are evaluated exactly too, with the step after
+ * each.  Codes are constant between evaluated steps.  Cost: about one exact
+ * evaluation per flip instead of 159 per element. */
 #define TOL_REL 1e-5
 
-/* Steps [i_lo, i_hi] whose x(p_i) may round differently from its neighbours
- * for boundary b; returns 0 if none. */
-static int boundary_window(double x0, double u, double b, double tol, const double *rinv,
-                           int *i_lo, int *i_hi)
+typedef struct {
+    uint64_t bits[(N_STEPS + 63) / 64];
+} stepset_t;
+
+static inline void mark(stepset_t *m, int i) { m->bits[i >> 6] |= (uint64_t)1 << (i & 63); }
+
+/* Mark the steps to evaluate for boundary b. */
+static void boundary_steps(double x0, double u, double b, double tol, const double *rinv,
+                           stepset_t *m)
 {
     if (u == 0.0) {
-        if (fabs(x0 - b) > tol) return 0;
-        *i_lo = 1;
-        *i_hi = N_STEPS - 1;
-        return 1;
+        if (fabs(x0 - b) <= tol)
+            for (int i = 1; i < N_STEPS; i++) mark(m, i);
+        return;
     }
-    double r1 = (b - tol - x0) / u, r2 = (b + tol - x0) / u;
-    double rlo = r1 < r2 ? r1 : r2, rhi = r1 < r2 ? r2 : r1;
-    /* r_i = 1/p_i increases with i from 1 to rinv[N_STEPS - 1]. */
-    if (rhi < 1.0 || rlo > rinv[N_STEPS - 1]) return 0;
-    int lo = rlo <= 1.0 ? 0 : (int)floor(GRID * (1.0 - 1.0 / rlo)) - 1;
-    int hi = rhi >= rinv[N_STEPS - 1] ? N_STEPS - 1 : (int)ceil(GRID * (1.0 - 1.0 / rhi)) + 2;
-    if (lo < 1) lo = 1;
-    if (hi > N_STEPS - 1) hi = N_STEPS - 1;
-    if (lo > hi) return 0;
-    *i_lo = lo;
-    *i_hi = hi;
-    return 1;
+    const double rs = (b - x0) / u, dr = tol / fabs(u);
+    /* ic: first step with r_i > rs (N_STEPS if none). */
+    int ic;
+    if (rs < 1.0) {
+        ic = 0;
+    } else if (rs >= rinv[N_STEPS - 1]) {
+        ic = N_STEPS;
+    } else {
+        ic = (int)(GRID * (1.0 - 1.0 / rs)) + 1; /* rs >= 1: truncation is floor */
+        if (ic < 0) ic = 0;
+        if (ic > N_STEPS) ic = N_STEPS;
+        while (ic > 0 && rinv[ic - 1] > rs) ic--;
+        while (ic < N_STEPS && rinv[ic] <= rs) ic++;
+    }
+    if (ic >= 1 && ic < N_STEPS) mark(m, ic);
+    for (int i = ic - 1; i >= 0 && rinv[i] >= rs - dr; i--) {
+        if (i >= 1) mark(m, i);
+        if (i + 1 < N_STEPS) mark(m, i + 1);
+    }
+    for (int i = ic; i < N_STEPS && rinv[i] <= rs + dr; i++) {
+        if (i >= 1) mark(m, i);
+        if (i + 1 < N_STEPS) mark(m, i + 1);
+    }
+}
+
+/* floor for |x| < 2^30 (grid positions are bounded by the group's range;
+ * the callers clamp first), without a libm call on SSE2. */
+static inline int ifloor(double x)
+{
+    const int i = (int)x;
+    return i - (x < (double)i);
 }
 
 /* Boundaries k + 1/2 (qmin <= k < qmax) inside [a, b]: k in [*k0, *k1]. */
 static int boundaries_in(const dq_layer_t *L, double a, double b, int *k0, int *k1)
 {
-    double klo = ceil(a - 0.5), khi = floor(b - 0.5);
+    const double lim = 1 << 20;
+    if (a < -lim) a = -lim;
+    if (b > lim) b = lim;
+    if (!(a <= b)) return 0;
+    int klo = -ifloor(0.5 - a), khi = ifloor(b - 0.5);
     if (klo < L->qmin) klo = L->qmin;
     if (khi > L->qmax - 1) khi = L->qmax - 1;
     if (klo > khi) return 0;
-    *k0 = (int)klo;
-    *k1 = (int)khi;
+    *k0 = klo;
+    *k1 = khi;
     return 1;
 }
 
-/* Element geometry in grid units of p = 1: x0 = -z1/s1, u = w/s1, and
- * the tolerance around boundaries. */
-static inline void element(const dq_layer_t *L, float w, float s1, float z1, double *x0,
-                           double *u, double *tol)
+/* Group geometry in grid units of p = 1: x0 = -z1/s1 and 1/s1. */
+static inline void group_geometry(const dq_layer_t *L, float s1, float z1, double *x0,
+                                  double *inv_s1)
 {
     *x0 = L->symmetric ? 0.0 : -(double)z1 / (double)s1;
-    *u = (double)w / (double)s1;
-    *tol = TOL_REL * (4.0 + fabs(*x0) + 5.0 * fabs(*u));
+    *inv_s1 = 1.0 / (double)s1;
+}
+
+static inline double element_tol(double x0, double u)
+{
+    return TOL_REL * (4.0 + fabs(x0) + 5.0 * fabs(u));
 }
 
 /* Upper estimate of a row's flips: boundaries its trajectories pass. */
@@ -216,9 +252,14 @@ static int64_t estimate_flips(const dq_layer_t *L, const float *w, const row_gri
     int64_t cnt = 0;
     const double rmax = rinv[N_STEPS - 1];
     for (int64_t j = 0; j < L->G; j++) {
+        double x0, inv_s1;
+        group_geometry(L, T->s[j], T->z[j], &x0, &inv_s1);
+        if (!(inv_s1 < 1e30)) {
+            cnt += L->g * (L->qmax - L->qmin);
+            continue;
+        }
         for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
-            double x0, u, tol;
-            element(L, w[c], T->s[j], T->z[j], &x0, &u, &tol);
+            const double u = (double)w[c] * inv_s1, tol = element_tol(x0, u);
             const double xa = x0 + u, xb = x0 + u * rmax;
             int k0, k1;
             if (boundaries_in(L, (xa < xb ? xa : xb) - tol, (xa < xb ? xb : xa) + tol, &k0, &k1))
@@ -249,31 +290,39 @@ static int push_flip(flip_t **buf, int16_t **bstep, int64_t *cap, int64_t k, int
 
 /* All flips of one row, unsorted (column-major); returns the count or -1 if
  * out of memory.  *buf grows as needed. */
-static int64_t row_flips(const dq_layer_t *L, const float *w, const row_grid_t *T,
-                         const double *rinv, flip_t **buf, int16_t **bstep, int64_t *cap)
+static int64_t row_flips(const dq_layer_t *L, const float *w, const int8_t *q0,
+                         const row_grid_t *T, const double *rinv, flip_t **buf, int16_t **bstep,
+                         int64_t *cap)
 {
     const int64_t G = L->G, g = L->g;
     const double rmax = rinv[N_STEPS - 1];
     int64_t k = 0;
     for (int64_t j = 0; j < G; j++) {
-        const float s1 = T->s[j], z1 = T->z[j];
+        const float s1 = T->s[j];
+        double x0, inv_s1;
+        group_geometry(L, s1, T->z[j], &x0, &inv_s1);
+        /* A scale that underflowed (a subnormal range): no geometry to
+         * trust, so every step is evaluated. */
+        const int degenerate = !(inv_s1 < 1e30);
         for (int64_t c = j * g; c < (j + 1) * g; c++) {
-            double x0, u, tol;
-            element(L, w[c], s1, z1, &x0, &u, &tol);
-            const double xa = x0 + u, xb = x0 + u * rmax;
-            int k0, k1;
-            if (!boundaries_in(L, (xa < xb ? xa : xb) - tol, (xa < xb ? xb : xa) + tol, &k0,
-                               &k1))
-                continue;
-            int q_prev = code_one(w[c], s1, z1, L);
-            int done = 0; /* last step evaluated */
-            /* Boundaries in the order the trajectory meets them. */
-            for (int t = 0; t <= k1 - k0; t++) {
-                const int kb = u >= 0.0 ? k0 + t : k1 - t;
-                int lo, hi;
-                if (!boundary_window(x0, u, kb + 0.5, tol, rinv, &lo, &hi)) continue;
-                if (lo <= done) lo = done + 1;
-                for (int st = lo; st <= hi; st++) {
+            stepset_t m = {{0}};
+            if (degenerate) {
+                for (int i = 1; i < N_STEPS; i++) mark(&m, i);
+            } else {
+                const double u = (double)w[c] * inv_s1, tol = element_tol(x0, u);
+                const double xa = x0 + u, xb = x0 + u * rmax;
+                int k0, k1;
+                if (!boundaries_in(L, (xa < xb ? xa : xb) - tol, (xa < xb ? xb : xa) + tol, &k0,
+                                   &k1))
+                    continue;
+                for (int kb = k0; kb <= k1; kb++) boundary_steps(x0, u, kb + 0.5, tol, rinv, &m);
+            }
+            int q_prev = q0[c];
+            for (int word = 0; word < (int)(sizeof(m.bits) / sizeof(m.bits[0])); word++) {
+                uint64_t bits = m.bits[word];
+                while (bits) {
+                    const int st = word * 64 + __builtin_ctzll(bits);
+                    bits &= bits - 1;
                     const int q = code_one(w[c], T->s[st * G + j], T->z[st * G + j], L);
                     if (q == q_prev) continue;
                     if (push_flip(buf, bstep, cap, k, (int32_t)c, (float)(q - q_prev) * s1, st))
@@ -281,7 +330,6 @@ static int64_t row_flips(const dq_layer_t *L, const float *w, const row_grid_t *
                     k++;
                     q_prev = q;
                 }
-                if (hi > done) done = hi;
             }
         }
     }
@@ -296,7 +344,8 @@ typedef struct {
     int64_t ntiles, npad;  /* column tiles of the replay; n rounded up to TILE */
     const double *rinv;    /* N_STEPS: 1 / p_i */
     float *lo, *hi;        /* rows x G base ranges */
-    int64_t *est_flips;    /* rows */
+    int64_t est_stride;    /* rows sampled for the flip estimate */
+    int64_t *est_flips;    /* estimates of the sampled rows */
     flip_t **ev;           /* rows: each row's flips in step order (owned) */
     int32_t *step_end;     /* rows x N_STEPS: end of each step's flips in ev[i] */
     double *gamma_step;    /* rows x N_STEPS: change of u . v at each step */
@@ -307,20 +356,24 @@ typedef struct {
     int nomem;
 } block_t;
 
+/* Flip estimates of a sample of the block's rows (every est_stride-th):
+ * enough to choose between replay and exhaustive evaluation and to size
+ * the sub-blocks. */
 static void estimate_rows(void *vctx, int64_t begin, int64_t end)
 {
     block_t *B = (block_t *)vctx;
     const dq_layer_t *L = B->L;
-    float *tab = dq_malloc(sizeof(float) * 2 * N_STEPS * (size_t)L->G);
+    float *tab = dq_malloc(sizeof(float) * 2 * (size_t)L->G);
     if (!tab) {
         __atomic_store_n(&B->nomem, 1, __ATOMIC_RELAXED);
         return;
     }
-    row_grid_t T = {tab, tab + N_STEPS * L->G};
-    for (int64_t i = begin; i < end; i++) {
-        /* Only step 0 of the table is needed here. */
+    row_grid_t T = {tab, tab + L->G};
+    for (int64_t k = begin; k < end; k++) {
+        const int64_t i = k * B->est_stride;
+        /* Only step 0 of the grid is needed here. */
         params_at(L, B->lo + i * L->G, B->hi + i * L->G, shrink_p(0), T.s, T.z);
-        B->est_flips[i] = estimate_flips(L, L->W + (B->r0 + i) * L->n, &T, B->rinv);
+        B->est_flips[k] = estimate_flips(L, L->W + (B->r0 + i) * L->n, &T, B->rinv);
     }
     dq_free(tab);
 }
@@ -333,10 +386,11 @@ static void fill_rows(void *vctx, int64_t begin, int64_t end)
     const dq_layer_t *L = B->L;
     const int64_t n = L->n, G = L->G, g = L->g, npad = B->npad;
     float *tab = dq_malloc(sizeof(float) * 2 * N_STEPS * (size_t)G);
+    int8_t *q0 = dq_malloc((size_t)n);
     flip_t *buf = NULL;
     int16_t *bstep = NULL;
     int64_t cap = 0;
-    if (!tab) goto oom;
+    if (!tab || !q0) goto oom;
     row_grid_t T = {tab, tab + N_STEPS * G};
     for (int64_t i = begin; i < end; i++) {
         const int64_t r = B->r0 + i;
@@ -346,11 +400,13 @@ static void fill_rows(void *vctx, int64_t begin, int64_t end)
         float *u1 = B->U1 + i * npad;
         for (int64_t j = 0; j < G; j++)
             for (int64_t c = j * g; c < (j + 1) * g; c++) {
-                const float q = (float)code_one(w[c], T.s[j], T.z[j], L);
+                const int qi = code_one(w[c], T.s[j], T.z[j], L);
+                const float q = (float)qi;
+                q0[c] = (int8_t)qi;
                 u1[c] = L->symmetric ? q * T.s[j] : q * T.s[j] + T.z[j];
             }
         for (int64_t c = n; c < npad; c++) u1[c] = 0.0f;
-        const int64_t k = row_flips(L, w, &T, B->rinv, &buf, &bstep, &cap);
+        const int64_t k = row_flips(L, w, q0, &T, B->rinv, &buf, &bstep, &cap);
         if (k < 0) goto oom;
 #ifdef DQ_SHRINK_SELFCHECK
         {
@@ -396,12 +452,14 @@ static void fill_rows(void *vctx, int64_t begin, int64_t end)
         }
     }
     dq_free(tab);
+    dq_free(q0);
     free(buf);
     free(bstep);
     return;
 oom:
     __atomic_store_n(&B->nomem, 1, __ATOMIC_RELAXED);
     dq_free(tab);
+    dq_free(q0);
     free(buf);
     free(bstep);
 }
@@ -723,14 +781,17 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
     }
     for (int64_t i = 0; i < rows; i++) base_range(L, r0 + i, B.lo + i * G, B.hi + i * G);
 
-    st = dq_parallel_for(rows, 4, nth, estimate_rows, &B);
+    B.est_stride = rows > 64 ? rows / 64 : 1;
+    const int64_t nsample = (rows + B.est_stride - 1) / B.est_stride;
+    st = dq_parallel_for(nsample, 4, nth, estimate_rows, &B);
     if (st == DQ_OK && B.nomem) st = DQ_ENOMEM;
     if (st != DQ_OK) goto done;
-    int64_t total = 0;
-    for (int64_t i = 0; i < rows; i++) total += B.est_flips[i];
+    int64_t sampled = 0;
+    for (int64_t k = 0; k < nsample; k++) sampled += B.est_flips[k];
+    const double per_row = (double)sampled / (double)nsample;
 
     int64_t npairs = 0;
-    if (total > (int64_t)EXHAUSTIVE_FLIPS * rows * n) {
+    if (per_row > (double)EXHAUSTIVE_FLIPS * (double)n) {
         for (int64_t i = 0; i < rows; i++)
             for (int s = 1; s < N_STEPS; s++) {
                 pr[npairs] = (int32_t)i;
@@ -739,11 +800,10 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
             }
     } else {
         /* Sub-blocks whose (estimated) flip records fit EVENT_BYTES. */
-        const int64_t max_events = EVENT_BYTES / (int64_t)sizeof(flip_t);
+        int64_t sub = (int64_t)((double)(EVENT_BYTES / (int64_t)sizeof(flip_t)) / (per_row + 1.0));
+        if (sub < 1) sub = 1;
         for (int64_t s0 = 0; s0 < rows;) {
-            int64_t s1 = s0, ev = 0;
-            while (s1 < rows && (s1 == s0 || ev + B.est_flips[s1] <= max_events))
-                ev += B.est_flips[s1++];
+            const int64_t s1 = rows - s0 < sub ? rows : s0 + sub;
             block_t Bs = B;
             Bs.r0 = r0 + s0;
             Bs.lo = B.lo + s0 * G;
@@ -776,6 +836,22 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
             s0 = s1;
         }
         for (int64_t i = 0; i < rows; i++) {
+            /* A row of tiny weights (float32 products near underflow) has
+             * no usable estimates: all its candidates are checked. */
+            float amax = 0.0f;
+            for (int64_t j = 0; j < G; j++) {
+                const float a = fabsf(B.lo[i * G + j]) > B.hi[i * G + j] ? fabsf(B.lo[i * G + j])
+                                                                         : B.hi[i * G + j];
+                if (a > amax) amax = a;
+            }
+            if (amax < TINY_ROW) {
+                for (int st = 1; st < N_STEPS; st++) {
+                    pr[npairs] = (int32_t)i;
+                    ps[npairs] = (int16_t)st;
+                    npairs++;
+                }
+                continue;
+            }
             estimates(&B, i, est);
             int16_t tie[MAX_TIES];
             const int k = pick_ties(est, L->c[r0 + i], err_start[r0 + i], tie);

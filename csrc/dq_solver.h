@@ -55,13 +55,16 @@ dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k
 /* Per-row shrink search of ALGORITHM 3.3 (the same objective: the row's H00
  * error of the RTN codes under range p*(lo, hi), p on the 0.005 grid from
  * 1.0 down to 0.205); writes the best (S, Z), its p per row, and its error.
- * err_start holds the min-max errors (a candidate must be strictly better). */
+ * err_start holds the min-max errors (a candidate must be strictly better);
+ * err is the exact (float32 GEMM) error of the returned (S, Z). */
 dq_status dq_shrink_search(const dq_layer_t *L, const double *err_start, float *S, float *Z,
                            float *p_row, double *err);
 
 /* ---- float step (dq_float_step.c) ------------------------------------ */
 /* Closed-form least squares for (S, Z) given A, per row; writes S, Z and the
- * new row errors. Singular rows are damped (relative to their diagonal). */
+ * new row errors (dq_row_errors of the float32 result).  A parameter that a
+ * row's codes leave undetermined (a group of all-equal codes) is fixed at 0;
+ * see dq_float_step.c for the relative pivot guard. */
 dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z, double *err);
 
 /* ---- integer step "gptq" (dq_round_gptq.c) --------------------------- */

@@ -106,6 +106,7 @@ def test_nasty_rows():
     W[3] = np.float32(1e-30)                # tiny, all equal
     W[4] = np.round(W[4] * 64) / 64         # values on a lattice: exact ties
     W[5, :32] = 0.0                         # an all-zero group
+    W[6] *= np.float32(1e-40)               # subnormal: the scale underflows
     for group_size in (-1, 32):
         for symmetric in (False, True):
             check_against_brute_force(W, H, 2, group_size, symmetric, "half_up")
