@@ -30,19 +30,22 @@ GROUPS = (-1, 64, 128)
 BATCHES = (1, 8, 128)
 
 
-def timeit(fn, min_reps: int, budget_s: float) -> float:
-    """Best time of one call: a warm-up call, then at least min_reps calls
-    and more while the budget lasts."""
+def timeit(fn, min_reps: int, budget_s: float):
+    """Best wall time and best process CPU time of one call: a warm-up call,
+    then at least min_reps calls (2 for calls slower than the budget) and
+    more while the budget lasts.  CPU time counts every thread of the
+    process, so on an otherwise busy machine cpu / threads estimates the wall
+    time a quiet machine would give (it also counts BLAS threads spinning)."""
     fn()
-    best, spent, reps = float("inf"), 0.0, 0
-    while reps < min_reps or (spent < budget_s and reps < 200):
-        t0 = time.perf_counter()
+    best, best_cpu, spent, reps = float("inf"), float("inf"), 0.0, 0
+    while reps < 2 or (reps < min_reps and spent < 4 * budget_s) or (spent < budget_s and reps < 200):
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        dt = time.perf_counter() - t0
-        best = min(best, dt)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        best, best_cpu = min(best, dt), min(best_cpu, dc)
         spent += dt
         reps += 1
-    return best
+    return best, best_cpu
 
 
 def main(argv=None) -> int:
@@ -51,14 +54,19 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write one JSON record per measurement to PATH")
     ap.add_argument("--quick", action="store_true", help="two shapes, batches 1 and 8, fewer repetitions")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
+    ap.add_argument("--shapes", help="comma-separated OUTxIN weight shapes (default: the five of the issue)")
+    ap.add_argument("--batches", help="comma-separated batch sizes (default 1,8,128)")
     ap.add_argument("--bandwidth-mib", type=int, default=512, help="buffer of the read-bandwidth test")
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error("--threads must be >= 1")
 
     os.environ["DECOUPLEQ_NUM_THREADS"] = str(args.threads)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import decoupleq
+    try:
+        import decoupleq
+    except ImportError:  # run from a source checkout built in place
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import decoupleq
     from decoupleq import _C
     from decoupleq.kernels import packed_linear
     from decoupleq.packing import PackedWeight
@@ -76,10 +84,24 @@ def main(argv=None) -> int:
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
     batches = (1, 8) if args.quick else BATCHES
+    try:
+        if args.shapes:
+            shapes = [tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")]
+            if any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
+                raise ValueError
+        if args.batches:
+            batches = tuple(int(v) for v in args.batches.split(","))
+            if min(batches) < 1:
+                raise ValueError
+    except ValueError:
+        ap.error("--shapes takes OUTxIN[,OUTxIN...] and --batches positive ints, e.g. 4096x4096 and 1,128")
     min_reps, budget = (3, 0.2) if args.quick else (5, 0.5)
     records = []
 
     info = decoupleq.backend_info()
+    load0 = os.getloadavg()[0]
+    # Timings on a shared machine mean little without the load next to them.
+    print(f"load average at start: {load0:.2f} on {os.cpu_count()} CPUs")
     print(f"kernel: {info['kernel']} ({info['kernel_reason']})")
     print(f"BLAS: {info['blas_config']}; threads: {args.threads}")
     bw = _C.read_bandwidth(nbytes=args.bandwidth_mib << 20, threads=args.threads, repeats=5)
@@ -109,38 +131,45 @@ def main(argv=None) -> int:
             x = rng.standard_normal((batch, in_f), dtype=np.float32)
             rows = []
 
-            def add(impl, bits, gs, seconds, nbytes):
+            def add(impl, bits, gs, times, nbytes):
+                seconds, cpu = times
                 rec = {"shape": [out_f, in_f], "bits": bits, "group_size": gs, "batch": batch,
                        "impl": impl, "seconds": seconds, "gbps": nbytes / seconds / 1e9,
-                       "threads": args.threads}
+                       "cpu_seconds": cpu, "threads": args.threads, "bytes": nbytes}
                 records.append(rec)
                 rows.append(rec)
 
-            t = timeit(lambda: _C.blas_linear(x, w32), min_reps, budget)
-            add("openblas_fp32", 32, -1, t, w32.nbytes)
+            add("openblas_fp32", 32, -1, timeit(lambda: _C.blas_linear(x, w32), min_reps, budget),
+                w32.nbytes)
             if torch is not None:
                 tx = torch.from_numpy(x)
                 tx16 = tx.to(torch.bfloat16)
                 with torch.inference_mode():
-                    t = timeit(lambda: F.linear(tx, tw32), min_reps, budget)
-                    add("torch_fp32", 32, -1, t, w32.nbytes)
-                    t = timeit(lambda: F.linear(tx16, tw16), min_reps, budget)
-                    add("torch_bf16", 16, -1, t, w32.nbytes // 2)
+                    add("torch_fp32", 32, -1, timeit(lambda: F.linear(tx, tw32), min_reps, budget),
+                        w32.nbytes)
+                    add("torch_bf16", 16, -1, timeit(lambda: F.linear(tx16, tw16), min_reps, budget),
+                        w32.nbytes // 2)
             for (bits, gs), pw in packs.items():
-                t = timeit(lambda: packed_linear(x, pw, threads=args.threads), min_reps, budget)
-                add("decoupleq", bits, gs, t, pw.nbytes)
+                add("decoupleq", bits, gs,
+                    timeit(lambda: packed_linear(x, pw, threads=args.threads), min_reps, budget),
+                    pw.nbytes)
 
             base = rows[0]["seconds"]
             print(f"{out_f}x{in_f}  batch {batch}")
-            print(f"  {'impl':<14}{'bits':>5}{'group':>7}{'ms':>10}{'GB/s':>8}{'% read bw':>10}{'vs fp32 BLAS':>13}")
+            print(f"  {'impl':<14}{'bits':>5}{'group':>7}{'ms':>10}{'GB/s':>8}{'% read bw':>10}"
+                  f"{'vs fp32 BLAS':>13}{'cpu ms':>10}")
             for r in rows:
                 g = "chan" if r["group_size"] == -1 else f"g{r['group_size']}"
                 g = "-" if r["impl"] != "decoupleq" else g
                 print(f"  {r['impl']:<14}{r['bits']:>5}{g:>7}{r['seconds'] * 1e3:>10.3f}{r['gbps']:>8.2f}"
-                      f"{100 * r['gbps'] / bw:>9.0f}%{base / r['seconds']:>12.2f}x")
+                      f"{100 * r['gbps'] / bw:>9.0f}%{base / r['seconds']:>12.2f}x{r['cpu_seconds'] * 1e3:>10.3f}")
             print()
         del w32, tw32, tw16, packs
 
+    load1 = os.getloadavg()[0]
+    print(f"load average at end: {load1:.2f}\n")
+    records.append({"impl": "machine", "load_start": load0, "load_end": load1,
+                    "cpus": os.cpu_count(), "kernel": info["kernel"], "threads": args.threads})
     summarize(records, bw)
     if args.json:
         with open(args.json, "w") as f:

@@ -294,3 +294,21 @@ def test_unknown_kernel_in_environment_falls_back_and_says_so():
 def test_read_bandwidth_is_measured():
     gbps = _C.read_bandwidth(nbytes=1 << 22, threads=1, repeats=2)
     assert 0.1 < gbps < 10000
+
+
+def test_benchmark_writes_the_documented_records(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "bench_kernels.py"), "--quick", "--no-torch",
+           "--shapes", "8x64", "--batches", "1,17", "--bandwidth-mib", "4", "--threads", "1",
+           "--json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=root)
+    records = json.loads(out.read_text())
+    bw = [r for r in records if r["impl"] == "read_bandwidth"]
+    assert len(bw) == 1 and bw[0]["gbps"] > 0
+    runs = [r for r in records if r["impl"] in ("decoupleq", "openblas_fp32")]
+    # 2 batches x (fp32 baseline + 3 bit widths x {per-channel, g64}); g128 does not divide 64
+    assert len(runs) == 2 * (1 + 3 * 2)
+    for r in runs:
+        assert {"shape", "bits", "group_size", "batch", "impl", "seconds", "gbps"} <= set(r)
+        assert r["shape"] == [8, 64] and r["seconds"] > 0 and r["gbps"] > 0
