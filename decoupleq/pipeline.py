@@ -395,12 +395,15 @@ def _quantize_block(
                 for h in handles:
                     h.remove()
 
+            hessians = {}  # layers fed the same input share one H
             for name in group:
                 module, lcfg = layers[name]
                 full = spec.full_name(i, name)
                 acc = reps[owner[name]][1]
                 t0 = time.perf_counter()
-                H = acc.hessian()
+                if owner[name] not in hessians:
+                    hessians[owner[name]] = acc.hessian()
+                H = hessians[owner[name]]
                 W = layer_weight_matrix(module)
                 qw = quantize_weight(W, H, lcfg)
                 cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
@@ -418,7 +421,7 @@ def _quantize_block(
                 if bars is not None:
                     bars[1].set_postfix_str(f"{full} rel.loss {rel:.3g}", refresh=False)
                     bars[1].update(1)
-            del reps
+            del reps, hessians
 
         result = None
         if labels is not None:
