@@ -39,6 +39,7 @@ class BlockTuneResult:
         restored: True if the tuned parameters were discarded because the loss rose.
         n_params: number of trained scalars.
         seconds: wall time.
+        outputs_in_labels: the labels cache now holds the tuned block's outputs.
     """
 
     loss_before: float
@@ -47,6 +48,7 @@ class BlockTuneResult:
     restored: bool
     n_params: int
     seconds: float
+    outputs_in_labels: bool = False
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -119,8 +121,13 @@ def _masked_sq_error(y: torch.Tensor, target: torch.Tensor, mask):
     return d.sum(), d.numel()
 
 
-def block_loss(block, inputs: ActivationCache, calls, labels: ActivationCache) -> float:
-    """Mean squared error of ``block`` on the cached inputs against ``labels`` (float32, no grad)."""
+def block_loss(block, inputs: ActivationCache, calls, labels: ActivationCache, replace_labels=False) -> float:
+    """Mean squared error of ``block`` on the cached inputs against ``labels`` (float32, no grad).
+
+    With ``replace_labels``, each label is overwritten by the block's output
+    once its error is counted (saving a forward pass when those outputs are
+    needed next).
+    """
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(len(inputs)):
@@ -128,6 +135,8 @@ def block_loss(block, inputs: ActivationCache, calls, labels: ActivationCache) -
             s, n = _masked_sq_error(y, labels[i].to(y.device, torch.float32), calls[i].mask)
             total += float(s)
             count += n
+            if replace_labels:
+                labels[i] = y
     return total / max(count, 1)
 
 
@@ -163,6 +172,7 @@ def tune_block(
     labels: ActivationCache,
     cfg: BlockTuneConfig,
     progress=None,
+    outputs_to_labels: bool = False,
 ) -> BlockTuneResult:
     """Tune the float parts of ``block`` in place to match ``labels``.
 
@@ -173,6 +183,10 @@ def tune_block(
         labels: the full-precision block's outputs for the same inputs.
         cfg: the tuning settings (``cfg.enabled`` is not consulted here).
         progress: optional callable ``progress(step, loss)`` after each step.
+        outputs_to_labels: if the tuned parameters are kept and the block is
+            entirely float32, overwrite ``labels`` with the block's outputs
+            (the next block's inputs) instead of discarding them; the result's
+            ``outputs_in_labels`` says whether that happened.
 
     Returns:
         A ``BlockTuneResult``; the block ends with the better of the tuned
@@ -185,6 +199,11 @@ def tune_block(
     all_params = list(block.parameters())
     dtypes = _local_dtypes(block)
     grad_flags = {id(p): p.requires_grad for p in all_params}
+    # Outputs computed in float32 are the block's own outputs only if it runs in float32 anyway.
+    reuse = outputs_to_labels and all(d == torch.float32 for d in dtypes.values()) and all(
+        inputs[i].dtype == torch.float32 for i in range(len(inputs))
+    )
+    in_labels = False
     was_training = block.training
     block.float()
     block.eval()  # dropout off; BatchNorm uses its running statistics
@@ -210,7 +229,11 @@ def tune_block(
                     if progress is not None:
                         progress(steps, float(loss))
             del opt
-        after = block_loss(block, inputs, calls, labels) if steps else before
+        # The labels are not needed after this pass, whatever happens next: if the
+        # tuned parameters are restored, the caller recomputes the outputs instead.
+        replace = reuse and steps > 0
+        after = block_loss(block, inputs, calls, labels, replace_labels=replace) if steps else before
+        in_labels = replace
         restored = False
         if cfg.keep_best and not after < before:
             with torch.no_grad():
@@ -218,6 +241,7 @@ def tune_block(
                     p.copy_(s)
             restored = steps > 0
             after = before
+            in_labels = False
     finally:
         for p in all_params:
             p.requires_grad_(grad_flags[id(p)])
@@ -225,7 +249,7 @@ def tune_block(
         _restore_dtypes(block, dtypes)
         block.train(was_training)
     n_params = sum(p.numel() for p in params)
-    res = BlockTuneResult(before, after, steps, restored, n_params, time.perf_counter() - t0)
+    res = BlockTuneResult(before, after, steps, restored, n_params, time.perf_counter() - t0, in_labels)
     log.debug(
         "block tuning: loss %.6g -> %.6g in %d steps (%d parameters)%s",
         before, after, steps, n_params, ", restored" if restored else "",

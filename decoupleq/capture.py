@@ -86,7 +86,7 @@ class ActivationCache:
         self._parent = os.fspath(tmpdir) if tmpdir is not None else None
         self._dir = None
         self._finalizer = None
-        self._entries: list = []  # (tensor, on_disk: bool)
+        self._entries: list = []  # (tensor, spill file path or None)
         self._counter = 0
         self.name = name
 
@@ -96,11 +96,11 @@ class ActivationCache:
 
     @property
     def n_on_disk(self) -> int:
-        return sum(1 for _, d in self._entries if d)
+        return sum(1 for _, path in self._entries if path)
 
     @property
     def bytes_in_memory(self) -> int:
-        return sum(_nbytes(t) for t, d in self._entries if not d)
+        return sum(_nbytes(t) for t, path in self._entries if t is not None and not path)
 
     @property
     def directory(self):
@@ -124,18 +124,24 @@ class ActivationCache:
             # Own the memory: a view into a larger tensor would keep that alive.
             if t.untyped_storage().nbytes() != nbytes:
                 t = t.clone()
-            return t, False
+            return t, None
         path = os.path.join(self._spill_dir(), f"{self.name}-{self._counter}.bin")
         self._counter += 1
         mapped = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
         mapped.copy_(t)
-        return mapped, True
+        return mapped, path
 
     def _release(self, entry):
-        t, on_disk = entry
-        if not on_disk:
+        t, path = entry
+        if t is None:
+            return
+        if path is None:
             self.budget.give_back(_nbytes(t))
-        # Mapped files are unlinked with the directory; dropping the tensor unmaps it.
+        else:
+            try:  # the mapping stays valid until the tensor is dropped; the name goes now
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     # -- list interface --------------------------------------------------------
     def append(self, t: torch.Tensor):
@@ -145,20 +151,19 @@ class ActivationCache:
         return self._entries[i][0]
 
     def __setitem__(self, i: int, t: torch.Tensor):
-        old, on_disk = self._entries[i]
+        old, path = self._entries[i]
         t = t.detach()
-        if old.shape == t.shape and old.dtype == t.dtype and on_disk:
+        if path is not None and old.shape == t.shape and old.dtype == t.dtype:
             old.copy_(t)
             return
         self._release(self._entries[i])
-        self._entries[i] = (None, False)
+        self._entries[i] = (None, None)
         self._entries[i] = self._store(t)
 
     def close(self):
         """Drop every entry and delete the spill files."""
         for e in self._entries:
-            if e[0] is not None:
-                self._release(e)
+            self._release(e)
         self._entries = []
         if self._finalizer is not None:
             self._finalizer()

@@ -134,10 +134,17 @@ class BlockTuneConfig:
 
     Defaults are chosen for a CPU: two epochs over the calibration batches at
     ``lr=1e-4`` (the reference uses 1e-5 for 4 epochs over 128 x 2048 tokens;
-    with 32 x 256 tokens there are 16x fewer steps, and the measured gain on
-    small models came from the larger step). If the tuned block's loss ends
-    above the loss it started from, the float parts are restored
-    (``keep_best``), so tuning never makes a block worse on its calibration data.
+    with 32 windows of a few hundred tokens there are far fewer steps). Measured
+    on a 4-layer byte-level Llama (hidden 128) briefly trained on
+    tinyshakespeare, W2 g32, 32 x 128 calibration tokens, perplexity on 8k
+    held-out bytes (full precision 6.954): no tuning 7.016; lr 1e-5 x 2 epochs
+    6.996; 1e-4 x 1 7.002; **1e-4 x 2 6.982**; 3e-4 x 2 6.993; 1e-3 unstable
+    (a block's loss rose and was restored). Per-channel W2: no tuning 7.072,
+    1e-4 x 2 7.050, 1e-4 x 4 7.014. Tuning took about as long as the layer
+    solves on that model; real models should be re-measured. If the tuned
+    block's loss ends above the loss it started from, the float parts are
+    restored (``keep_best``), so tuning never makes a block worse on its
+    calibration data.
 
     Attributes:
         enabled: run the tuning at all.

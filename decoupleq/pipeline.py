@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -394,12 +395,15 @@ def _quantize_block(
                 for h in handles:
                     h.remove()
 
+            hessians = {}  # layers fed the same input share one H
             for name in group:
                 module, lcfg = layers[name]
                 full = spec.full_name(i, name)
                 acc = reps[owner[name]][1]
                 t0 = time.perf_counter()
-                H = acc.hessian()
+                if owner[name] not in hessians:
+                    hessians[owner[name]] = acc.hessian()
+                H = hessians[owner[name]]
                 W = layer_weight_matrix(module)
                 qw = quantize_weight(W, H, lcfg)
                 cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
@@ -417,7 +421,7 @@ def _quantize_block(
                 if bars is not None:
                     bars[1].set_postfix_str(f"{full} rel.loss {rel:.3g}", refresh=False)
                     bars[1].update(1)
-            del reps
+            del reps, hessians
 
         result = None
         if labels is not None:
@@ -429,7 +433,12 @@ def _quantize_block(
                     if step == 1 or step == total or step % max(1, total // 20) == 0:
                         bars[0].set_postfix_str(f"tuning {step}/{total} mse {loss:.3g}")
 
-            result = tune_block(block, inputs, calls, labels, tune, progress=progress)
+            result = tune_block(block, inputs, calls, labels, tune, progress=progress, outputs_to_labels=need_output)
+            if result.outputs_in_labels:
+                # The tuned block's outputs are already computed: that cache holds the next inputs.
+                inputs.close()
+                inputs, labels = labels, None
+                need_output = False
     finally:
         if labels is not None:
             labels.close()
@@ -440,7 +449,7 @@ def _quantize_block(
                 inputs[j] = run_block(block, calls[j], inputs[j])
     seconds = time.perf_counter() - t_block
     report.blocks.append(BlockReport(i, spec.block_name(i), seconds, groups, result))
-    return result, block
+    return result, block, inputs
 
 
 # ---------------------------------------------------------------------------
@@ -497,6 +506,8 @@ def quantize(
             batch_size=batch_size, indivisible=indivisible, tmpdir=tmpdir, verbose=verbose,
         ),
     )
+    if mcfg.tmpdir is not None and not os.path.isdir(mcfg.tmpdir):
+        raise ValueError(f"tmpdir {os.fspath(mcfg.tmpdir)!r} is not an existing directory")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     batches = calibration_batches(calibration, mcfg.batch_size, vocab if isinstance(vocab, int) else None)
     spec = find_blocks(model, blocks)
@@ -540,7 +551,7 @@ def quantize(
                 inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
                 calls = catch_block_inputs(model, [block], batches, inputs).calls[0]
             if plan.layers:
-                res, block = _quantize_block(
+                res, block, inputs = _quantize_block(
                     model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars,
                     caught.chained and i < last,
                 )

@@ -80,7 +80,8 @@ def token_batches(n=8, seq=24, vocab=96, seed=1):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
 
 
 def logits(model, ids):

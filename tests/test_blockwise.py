@@ -157,3 +157,20 @@ def test_adam_matches_torch_optim_adam():
             ((p - target) ** 3).sum().backward()
             opt.step()
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), step
+
+
+def test_tuned_outputs_can_replace_the_labels():
+    block, inputs, calls, labels = _quantized_block_and_data()
+    res = tune_block(block, inputs, calls, labels, BlockTuneConfig(lr=1e-3, epochs=1), outputs_to_labels=True)
+    assert res.outputs_in_labels and not res.restored
+    with torch.no_grad():
+        for i in range(len(inputs)):
+            assert torch.equal(labels[i], block(inputs[i], gain=0.5))
+
+    block, inputs, calls, labels = _quantized_block_and_data()
+    res = tune_block(block, inputs, calls, labels, BlockTuneConfig(lr=5.0, epochs=1), outputs_to_labels=True)
+    assert res.restored and not res.outputs_in_labels
+
+    block, inputs, calls, labels = _quantized_block_and_data(dtype=torch.bfloat16)
+    res = tune_block(block, inputs, calls, labels, BlockTuneConfig(lr=1e-3, epochs=1), outputs_to_labels=True)
+    assert not res.outputs_in_labels  # computed in float32, not what the bf16 block outputs

@@ -241,6 +241,9 @@ def test_blocks_given_by_path_or_modules():
         ("qwen2", lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
             vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2))),
+        ("mistral", lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2))),
         ("opt", lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
             vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
             word_embed_proj_dim=32, max_position_embeddings=64))),
@@ -261,6 +264,46 @@ def test_family_adapters_resolve(family, make):
     decoupleq.quantize(model, token_batches(n=2, seq=12, vocab=64), QuantConfig(bits=4, group_size=16, iterations=1),
                        blockwise=False, verbose=False)
     assert [g for g in model.decoupleq_report.blocks[1].groups] == [list(g) for g in spec.adapter.groups]
+
+
+def test_per_layer_masks_are_caught_for_each_block():
+    """Qwen2 with sliding-window layers passes each layer its own mask: every block
+    must be replayed with the mask the model gives it, not block 0's."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)).eval()
+    ids = token_batches(n=3, seq=10, vocab=64)
+    seen = {}
+
+    def record(i):
+        def hook(module, args, kwargs):
+            seen.setdefault(i, kwargs.get("attention_mask"))
+
+        return hook
+
+    handles = [
+        layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        model(ids[:1])
+    for h in handles:
+        h.remove()
+    assert seen[0] is None and isinstance(seen[1], torch.Tensor)  # the two layers really differ
+
+    from decoupleq.capture import catch_block_inputs
+
+    cache = ActivationCache(1 << 30)
+    caught = catch_block_inputs(model, list(model.model.layers), [ids[i : i + 1] for i in range(3)], cache)
+    assert caught.chained and len(cache) == 3
+    for j in range(3):
+        assert caught.calls[0][j].kwargs["attention_mask"] is None
+        assert torch.equal(caught.calls[1][j].kwargs["attention_mask"], seen[1])
+    fp = copy.deepcopy(model)
+    decoupleq.quantize(model, ids, QuantConfig(bits=4, group_size=16, iterations=2), verbose=False)
+    assert len(_quant_linears(model)) == 14
+    assert rel_err(logits(model, ids), logits(fp, ids)) < 0.1
 
 
 # ---------------------------------------------------------------------------
@@ -284,6 +327,8 @@ def test_activation_cache_spills_to_a_private_temp_dir(tmp_path):
     assert torch.equal(on_disk.view(3, 5, 8), new) and torch.equal(cache[2], new)
     cache[3] = torch.ones(2, 2, dtype=torch.bfloat16)  # another shape and dtype
     assert cache[3].dtype == torch.bfloat16 and torch.equal(cache[3], torch.ones(2, 2, dtype=torch.bfloat16))
+    # The small replacement fits the budget: its old spill file is gone.
+    assert len(os.listdir(spill)) == 2 and cache.n_on_disk == 2
     cache.close()
     assert not os.path.exists(spill) and os.listdir(tmp_path) == []
 
@@ -322,6 +367,7 @@ def test_memory_mapped_cache_gives_identical_results(tmp_path, caplog):
         (dict(indivisible="maybe"), ValueError, "indivisible"),
         (dict(blockwise="yes"), TypeError, "blockwise"),
         (dict(verbose=1), TypeError, "verbose"),
+        (dict(tmpdir="/nonexistent/decoupleq"), ValueError, "tmpdir"),
         (dict(config=QuantConfig(group_size=48), indivisible="error"), ValueError,
          r"group_size 48 does not divide in_features 64 of layer model\.layers\.0\.self_attn"),
     ],
