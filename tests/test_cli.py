@@ -8,16 +8,16 @@ import torch
 
 import decoupleq
 from decoupleq import cli, evaluate
-from zoo_helpers import data_dir, read, tiny_bert, tiny_llama, train_tokenizer
+from zoo_helpers import read, text_slice, tiny_bert, tiny_llama, train_tokenizer
 
 needs_solver = pytest.mark.skipif(not hasattr(decoupleq, "quantize_weight"),
                                   reason="the layer solver (decoupleq.quantize_weight) has not landed")
 
 
 @pytest.fixture(scope="module")
-def texts():
-    d = data_dir() / "wikitext-2"
-    return d / "valid.txt", d / "test.txt"
+def texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    return text_slice("wikitext-2/valid.txt", d / "valid.txt"), text_slice("wikitext-2/test.txt", d / "test.txt")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from decoupleq import data
-from zoo_helpers import data_dir, read, tiny_llama, train_tokenizer
+from zoo_helpers import read, text_slice, tiny_llama, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_random_windows_exact_length_stream_and_wrap():
     assert torch.equal(w, expect.expand(3, -1))
 
 
-def test_text_file_windows_come_from_the_text(tok):
-    path = data_dir() / "wikitext-2" / "valid.txt"
+def test_text_file_windows_come_from_the_text(tok, tmp_path):
+    path = text_slice("wikitext-2/valid.txt", tmp_path / "valid.txt", chars=100_000)
     w = data.calibration_data(path, tokenizer=tok, num_samples=5, seq_len=64, seed=0)
     assert w.shape == (5, 64)
     stream = data.tokenize(tok, data.read_text(path))

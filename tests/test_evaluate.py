@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from decoupleq import evaluate
-from zoo_helpers import data_dir, read, tiny_bert, tiny_llama, train_tokenizer
+from zoo_helpers import read, text_slice, tiny_bert, tiny_llama, train_tokenizer
 
 VOCAB = 53
 
@@ -90,11 +90,11 @@ def test_compare_logits_against_direct_kl(llama, stream):
     assert "2 x 16 tokens" in str(r)
 
 
-def test_perplexity_on_real_text():
+def test_perplexity_on_real_text(tmp_path):
     text = read("wikitext-2/valid.txt", limit=120_000)
     tok = train_tokenizer(text, vocab_size=280)
     model = tiny_llama(vocab_size=len(tok), seed=3)
-    path = data_dir() / "wikitext-2" / "test.txt"
+    path = text_slice("wikitext-2/test.txt", tmp_path / "test.txt", chars=60_000)
     by_path = evaluate.perplexity(model, path, tok, seq_len=64, max_windows=4)
     by_str_path = evaluate.perplexity(model, str(path), tok, seq_len=64, max_windows=4)
     ids = evaluate.token_stream(path.read_text(encoding="utf-8"), tok)

@@ -27,6 +27,13 @@ def read(rel: str, limit: int = None) -> str:
     return text if limit is None else text[:limit]
 
 
+def text_slice(rel: str, dest: Path, chars: int = 40_000) -> Path:
+    """The first ``chars`` characters of a shared text file, written to ``dest`` (tests stay fast
+    with a small tokenizer: tokenizing a whole 1 MB split takes seconds each time)."""
+    dest.write_text(read(rel, limit=chars), encoding="utf-8")
+    return dest
+
+
 def train_tokenizer(text: str, vocab_size: int = 300, encoder: bool = False):
     """A byte-level BPE tokenizer trained on ``text``; with ``encoder`` it has [CLS]/[SEP]/[PAD]."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
