@@ -50,7 +50,7 @@ _LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
 def _row_tiles(out_features: int, in_features: int, tile_rows: int | None):
     rows = tile_rows if tile_rows is not None else max(1, TILE_ELEMENTS // max(in_features, 1))
-    rows = min(rows, out_features)
+    rows = max(1, min(rows, out_features))
     return [(r0, min(r0 + rows, out_features)) for r0 in range(0, out_features, rows)]
 
 

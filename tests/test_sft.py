@@ -392,7 +392,8 @@ def test_quant_conv2d_float_parts_train():
     assert qc.scale.grad is not None and qc.zero.grad is not None and qc.bias.grad is None
 
 
-def test_hf_trainer_runs_a_few_steps(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_hf_trainer_runs_a_few_steps(tmp_path, bf16):
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from torch.utils.data import Dataset
 
@@ -413,10 +414,14 @@ def test_hf_trainer_runs_a_few_steps(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
         logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, seed=0,
+        dataloader_num_workers=0, seed=0, bf16=bf16,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Windows(token_batch(batch=8)))
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     result = trainer.train()
+    hook.remove()
+    assert set(seen) == {torch.bfloat16 if bf16 else torch.float32}  # autocast reached the quantized layers
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
     opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert opt_params == {id(p) for p in params}
