@@ -43,6 +43,10 @@ def label(method, rounding):
     return f"decoupleq/{rounding}" if method == "decoupleq" else method
 
 
+def setting_name(bits, group):
+    return f"W{bits} " + ("pc" if group == -1 else f"g{group}")
+
+
 def predicted(history, key, m, n, power):
     """Scale the last measured time of `key` to shape (m, n) by m * n**power."""
     if key not in history:
@@ -79,9 +83,18 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write one record per run to PATH")
     parser.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
     parser.add_argument("--pgd-steps", type=int, default=5, help="PGD steps per column (K2)")
+    parser.add_argument("--shapes", nargs="+", metavar="MxN", help="only these shapes, e.g. 2048x2048")
+    parser.add_argument("--settings", nargs="+", metavar="SETTING",
+                        help="only these settings, e.g. W2g64 W2pc")
+    parser.add_argument("--methods", nargs="+", choices=[label(*mr) for mr in METHODS],
+                        help="only these methods")
     args = parser.parse_args(argv)
 
     shapes = [s for s in SHAPES if not args.quick or max(s) <= 2048]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    settings = [s for s in SETTINGS if not args.settings or setting_name(*s).replace(" ", "") in args.settings]
+    methods = [mr for mr in METHODS if not args.methods or label(*mr) in args.methods]
     info = decoupleq.backend_info()
     print(f"# decoupleq {decoupleq.__version__}; BLAS {info['blas_config']}; threads {info['blas_threads']}")
     print(f"# synthetic Hessians; reference skipped where predicted > {LIMIT_SECONDS:.0f} s")
@@ -93,12 +106,12 @@ def main(argv=None):
     results = {}  # (shape, setting, method label, impl) -> (seconds, loss)
     for m, n in shapes:
         W, H = synthetic_problem(m, n, seed=0)
-        for bits, group in SETTINGS:
-            setting = f"W{bits} " + ("pc" if group == -1 else f"g{group}")
+        for bits, group in settings:
+            setting = setting_name(bits, group)
             if group != -1 and n % group:
                 print(f"{m}x{n:<5} {setting:>9}  skipped: group size {group} does not divide in_features {n}")
                 continue
-            for method, rounding in METHODS:
+            for method, rounding in methods:
                 name = label(method, rounding)
                 config = QuantConfig(method=method, bits=bits, group_size=group, rounding=rounding,
                                      iterations=4, pgd_steps_per_column=args.pgd_steps)
@@ -124,7 +137,7 @@ def main(argv=None):
 
     print()
     summarize(results, shapes)
-    if not args.quick and (4096, 4096) in shapes:
+    if (4096, 4096) in shapes and (2, 64) in settings:
         grew, bound = peak_memory_check(4096, 4096)
         print(f"peak memory of decoupleQ W2 g64 on 4096x4096: +{grew / 2**20:.0f} MiB "
               f"(bound 4x float64 W+H = {bound / 2**20:.0f} MiB): {'ok' if grew <= bound else 'OVER'}")
