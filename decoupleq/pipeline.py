@@ -54,8 +54,10 @@ from .capture import (
     run_block,
 )
 from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
+from .hessian import HessianAccumulator
 from .models import BlockSpec, adapter_groups, find_blocks, is_quantizable, quantizable_layers
 from .nn import QuantConv2d, QuantLinear
+from .solver import quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -336,8 +338,6 @@ def _relative_loss(W: torch.Tensor, H: torch.Tensor, damping: float, loss: float
 def _quantize_block(
     model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output
 ):
-    from . import HessianAccumulator, quantize_weight  # the solver lands in the package namespace
-
     t_block = time.perf_counter()
     layers = plan.layers
     n = len(inputs)
