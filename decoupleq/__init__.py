@@ -1,7 +1,9 @@
 """decoupleq: 2-bit post-training weight quantization with a C core for CPUs."""
+from . import reference
 from ._C import backend_info
 from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
 from .hessian import HessianAccumulator, damp
+from .solver import QuantizedWeight, quantize_weight
 
 __version__ = "0.1.0"
 
@@ -12,6 +14,7 @@ _LAZY = {
     "QuantConv2d": "nn",
     "save": "io",
     "load": "io",
+    "prepare_for_sft": "sft",
 }
 
 
@@ -28,8 +31,11 @@ __all__ = [
     "HessianAccumulator",
     "ModelQuantConfig",
     "QuantConfig",
+    "QuantizedWeight",
     "backend_info",
     "damp",
+    "quantize_weight",
+    "reference",
     "__version__",
     *_LAZY,
 ]

@@ -213,6 +213,10 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from . import sft  # training: gradients from the codes, no dequantized weight kept for backward
+
+        if sft.uses_training_path(self, x):
+            return sft.quant_linear_forward(self, x)
         w = self.dequantize().to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, b)
