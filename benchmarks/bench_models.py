@@ -14,7 +14,8 @@ tokens from the start of the test split, printed in the table's header) unless
 stored 4-bit in blocks of 32, so W4 results (g32 most of all) flatter any method.
 
 ``--json PATH`` writes one record per run: model, method, bits, group_size, blockwise, ppl,
-seconds, peak_rss_mb, file_mb, packed_mb, eval and calibration budgets, threads.
+seconds (wall), cpu_seconds (all threads), peak_rss_mb, file_mb, packed_mb, eval and calibration budgets,
+threads.
 """
 import argparse
 import json
@@ -57,16 +58,16 @@ def run_one(spec: dict, data: Path) -> dict:
 
     lm = load_model(spec["model"])
     test_ids = token_stream(read_text(data / "wikitext-2" / "test.txt"), lm.tokenizer)
-    seconds = 0.0
+    seconds = cpu = 0.0
     if spec["method"] != "fp":
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         calib = calibration_data(data / "wikitext-2" / "valid.txt", tokenizer=lm.tokenizer,
                                  num_samples=spec["num_samples"], seq_len=spec["seq_len"], seed=0)
         config = decoupleq.ModelQuantConfig(
             quant=decoupleq.QuantConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"]),
             blockwise=spec["blockwise"], verbose=False)
         decoupleq.quantize(lm.model, calib, config)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     ppl = perplexity(lm.model, test_ids, seq_len=spec["eval_seq_len"], max_windows=spec["eval_windows"],
                      full=spec["full_eval"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +75,7 @@ def run_one(spec: dict, data: Path) -> dict:
         decoupleq.save(lm.model, str(path))
         file_mb = path.stat().st_size / 1e6
     return dict(
-        spec, ppl=ppl.ppl, seconds=seconds, file_mb=file_mb, packed_mb=packed_mb(lm.model),
+        spec, ppl=ppl.ppl, seconds=seconds, cpu_seconds=cpu, file_mb=file_mb, packed_mb=packed_mb(lm.model),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         eval={"windows": ppl.budget.windows, "seq_len": ppl.budget.seq_len, "tokens": ppl.budget.tokens,
               "full": ppl.budget.full},
@@ -149,14 +150,15 @@ def main(argv=None):
     budget = "whole test split" if args.full_eval else f"first {eval_windows} windows x {args.eval_seq_len} tokens"
     print(f"\nSmolLM2-135M, WikiText-2 test perplexity ({budget}); calibrated on {num_samples} x {args.seq_len} "
           f"tokens of WikiText-2 valid\n")
-    print("| config | method | ppl | time (s) | peak RSS (MB) | file (MB) | packed (MB) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| config | method | ppl | time (s) | CPU (s) | peak RSS (MB) | file (MB) | packed (MB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in records:
         cells = [config_label(r["bits"], r["group_size"]), method_label(r["method"], r["blockwise"])]
         if r.get("ppl") is None:
-            cells += ["failed", "", "", "", ""]
+            cells += ["failed", "", "", "", "", ""]
         else:
-            cells += [f"{r['ppl']:.2f}", f"{r['seconds']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['file_mb']:.0f}",
+            cells += [f"{r['ppl']:.2f}", f"{r['seconds']:.0f}", f"{r['cpu_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}",
+                      f"{r['file_mb']:.0f}",
                       f"{r['packed_mb']:.0f}"]
         print("| " + " | ".join(cells) + " |")
     print("\nfile = decoupleq.save output (codes stored as int8); packed = codes at their bit width, "
