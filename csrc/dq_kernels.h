@@ -187,9 +187,10 @@ const char *dq_kernel_reason(void);
 /* ---- driver (dq_matmul.c) ----------------------------------------------- */
 /* y (batch x out) = x (batch x in) * What^T.  kernel NULL: the default.
  * nthreads < 1: dq_num_threads().  Batches above DQ_SMALL_BATCH_MAX go
- * through dequantized tiles and sgemm (BLAS threads, never inside ours). */
+ * through dequantized tiles of tile_rows rows (< 1: about 64 MiB) and sgemm
+ * (BLAS threads, never inside ours). */
 dq_status dq_packed_matmul(const dq_packed_t *W, const float *x, int64_t batch, float *y,
-                           int nthreads, const dq_kernel_t *kernel);
+                           int nthreads, const dq_kernel_t *kernel, int64_t tile_rows);
 /* What (out x in, float32) with the kernel's dequantizer, rows in parallel. */
 dq_status dq_packed_dequantize(const dq_packed_t *W, float *out, int nthreads,
                                const dq_kernel_t *kernel);

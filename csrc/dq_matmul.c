@@ -16,9 +16,13 @@
 /* Below this many multiply-adds per thread, starting a thread costs more
  * than it saves. */
 #define MIN_WORK_PER_THREAD ((int64_t)1 << 19)
-/* Floats in one dequantized tile (4 MiB): small enough to stay in the
- * last-level cache between the dequantization and sgemm. */
-#define TILE_FLOATS ((int64_t)1 << 20)
+/* Floats in one dequantized tile (64 MiB, e.g. a whole 4096 x 4096 layer).
+ * Few, large tiles matter more than cache reuse: after every sgemm OpenBLAS's
+ * idle workers keep spinning for a while, so each switch between our
+ * dequantization threads and BLAS costs contended cores, and sgemm itself is
+ * less efficient on narrow tiles.  Measured on 2 cores at batch 128: 4 MiB
+ * tiles took 2-4x the time of one sgemm on the fp32 weight, 32 MiB ~1.3x. */
+#define TILE_FLOATS ((int64_t)1 << 24)
 
 typedef struct {
     const dq_packed_t *W;
@@ -89,11 +93,13 @@ static dq_status matmul_small(const dq_packed_t *W, const float *x, int64_t batc
 }
 
 static dq_status matmul_tiles(const dq_packed_t *W, const float *x, int64_t batch, float *y,
-                              int nthreads, const dq_kernel_t *k)
+                              int nthreads, const dq_kernel_t *k, int64_t tile)
 {
     if (batch > INT32_MAX || W->out > INT32_MAX || W->in > INT32_MAX) return DQ_EINVAL;
-    int64_t tile = TILE_FLOATS / W->in;
-    if (tile < 16) tile = 16;
+    if (tile < 1) {
+        tile = TILE_FLOATS / W->in;
+        if (tile < 16) tile = 16;
+    }
     if (tile > W->out) tile = W->out;
     float *buf = (float *)dq_malloc((size_t)(tile * W->in) * sizeof(float));
     if (!buf) return DQ_ENOMEM;
@@ -111,12 +117,12 @@ static dq_status matmul_tiles(const dq_packed_t *W, const float *x, int64_t batc
 }
 
 dq_status dq_packed_matmul(const dq_packed_t *W, const float *x, int64_t batch, float *y,
-                           int nthreads, const dq_kernel_t *kernel)
+                           int nthreads, const dq_kernel_t *kernel, int64_t tile_rows)
 {
     if (batch < 0) return DQ_EINVAL;
     if (batch == 0 || W->out == 0) return DQ_OK;
     const dq_kernel_t *k = resolve(W, kernel);
     if (nthreads < 1) nthreads = dq_num_threads();
     if (batch <= DQ_SMALL_BATCH_MAX) return matmul_small(W, x, batch, y, nthreads, k);
-    return matmul_tiles(W, x, batch, y, nthreads, k);
+    return matmul_tiles(W, x, batch, y, nthreads, k, tile_rows);
 }

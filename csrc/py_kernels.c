@@ -268,18 +268,22 @@ static PyObject *py_packed_matmul(PyObject *self, PyObject *args, PyObject *kwar
 {
     (void)self;
     static char *kwlist[] = {"x", "packed", "scale", "zero", "bits", "in_features", "group_size",
-                             "out", "threads", "kernel", NULL};
+                             "out", "threads", "kernel", "tile_rows", NULL};
     PyObject *x_obj, *packed, *scale, *zero, *out_obj = Py_None, *kname = Py_None;
     int bits, threads = 0;
-    Py_ssize_t in, group_size;
+    Py_ssize_t in, group_size, tile_rows = 0;
     PyArrayObject *X = NULL, *pk = NULL, *ps = NULL, *pz = NULL, *Y = NULL;
     dq_packed_t W;
     const dq_kernel_t *k;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOinn|OiO:packed_matmul", kwlist, &x_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOinn|OiOn:packed_matmul", kwlist, &x_obj,
                                      &packed, &scale, &zero, &bits, &in, &group_size, &out_obj,
-                                     &threads, &kname))
+                                     &threads, &kname, &tile_rows))
         return NULL;
     if (check_threads(threads) < 0 || !(k = take_kernel(kname))) return NULL;
+    if (tile_rows < 0) {
+        PyErr_Format(PyExc_ValueError, "tile_rows must be >= 0 (0: automatic), got %zd", tile_rows);
+        return NULL;
+    }
     if (take_packed(packed, scale, zero, bits, in, group_size, &W, &pk, &ps, &pz) < 0) return NULL;
     if (!(X = dq_py_take(x_obj, "x", NPY_FLOAT32, 2))) goto fail;
     if (PyArray_DIM(X, 1) != in) {
@@ -306,7 +310,7 @@ static PyObject *py_packed_matmul(PyObject *self, PyObject *args, PyObject *kwar
     dq_status st;
     Py_BEGIN_ALLOW_THREADS
     st = dq_packed_matmul(&W, (const float *)PyArray_DATA(X), dims[0], (float *)PyArray_DATA(Y),
-                          threads, k);
+                          threads, k, tile_rows);
     Py_END_ALLOW_THREADS
     if (st != DQ_OK) {
         dq_py_status_error(st, "packed_matmul");
@@ -429,7 +433,8 @@ PyMethodDef dq_py_kernels_methods[] = {
      "kernel=None) -> float32 (out, in_features): code * s + z."},
     {"packed_matmul", (PyCFunction)(void (*)(void))py_packed_matmul, METH_VARARGS | METH_KEYWORDS,
      "packed_matmul(x, packed, scale, zero, bits, in_features, group_size, out=None, threads=0, "
-     "kernel=None) -> float32 (batch, out): x @ dequant(packed).T."},
+     "kernel=None, tile_rows=0) -> float32 (batch, out): x @ dequant(packed).T.  Batches above 16 "
+     "dequantize tile_rows rows at a time (0: about 64 MiB) for sgemm."},
     {"kernel_names", py_kernel_names, METH_NOARGS,
      "kernel_names() -> list of the packed kernels runnable on this CPU, reference first."},
     {"read_bandwidth", (PyCFunction)(void (*)(void))py_read_bandwidth, METH_VARARGS | METH_KEYWORDS,

@@ -105,6 +105,15 @@ def test_large_batches_give_identical_results_in_every_kernel():
     assert_close(ys[0], x, pw)
 
 
+@pytest.mark.parametrize("tile_rows", [1, 7, 16, 0])
+def test_large_batch_over_several_tiles(tile_rows):
+    rng = np.random.default_rng(22)
+    pw = make(rng, 45, 264, 4, 8)
+    x = rng.standard_normal((19, 264)).astype(np.float32)
+    # 45 rows in tiles of 1, 7 (a partial last tile), 16 or automatic (one tile)
+    assert_close(_C.packed_matmul(x, *_args(pw), tile_rows=tile_rows), x, pw)
+
+
 @pytest.mark.skipif("avx2" not in KERNELS, reason="no AVX2 on this CPU")
 def test_both_avx2_variants_round_identically():
     # Power-of-two scalings are exact, so reading codes as subnormals changes
@@ -255,6 +264,8 @@ def test_boundary_rejects_bad_out_kernel_threads_and_misaligned_x():
         _C.packed_matmul(x, *_args(pw), kernel="avx512")
     with pytest.raises(ValueError, match="threads must be >= 0"):
         _C.packed_matmul(x, *_args(pw), threads=-3)
+    with pytest.raises(ValueError, match="tile_rows must be >= 0"):
+        _C.packed_matmul(x, *_args(pw), tile_rows=-1)
     raw = np.zeros(2 * 16 * 4 + 1, np.uint8)
     mis = np.frombuffer(raw.data, dtype=np.float32, count=32, offset=1).reshape(2, 16)
     with pytest.raises(ValueError, match="x must be C-contiguous and aligned"):
