@@ -4,8 +4,8 @@ The integer codes stay frozen; the per-group scales and zeros of every
 quantized layer and the RMSNorm weights are trained with the ordinary
 language-modelling loss on WikiText-2 *validation* text (the calibration
 split), and perplexity is measured on WikiText-2 *test* before and after,
-on the same token budget as the model benchmark (``decoupleq.evaluate``'s
-default: the first 64 windows of 512 tokens).
+on the same token budget as the model benchmark (``benchmarks/bench_models.py``:
+the first 16 windows of 512 tokens).
 
     python examples/sft_float_parts.py                       # quantize (decoupleQ), fine-tune, report
     python examples/sft_float_parts.py --save-quantized q.safetensors    # keep the quantized model
@@ -68,8 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--no-norms", action="store_true", help="train scales and zeros only")
     p.add_argument("--bf16", action="store_true", help="train under torch.autocast('cpu', dtype=torch.bfloat16)")
-    p.add_argument("--eval-windows", type=int, default=None, help="test windows (default: the benchmark's)")
-    p.add_argument("--eval-seq-len", type=int, default=None, help="tokens per test window (default: the benchmark's)")
+    # The budget of benchmarks/bench_models.py, so the numbers sit beside its table.
+    p.add_argument("--eval-windows", type=int, default=16, help="test windows scored (default 16)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per test window (default 512)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the figures to this file")
@@ -94,11 +95,7 @@ def main(argv=None):
         sys.exit("WikiText-2 not found: pass --data-dir (the folder holding wikitext-2/) or set DECOUPLEQ_DATA")
     valid_path = data_dir / "wikitext-2" / "valid.txt"
     test_path = data_dir / "wikitext-2" / "test.txt"
-    eval_kw = {}
-    if args.eval_windows:
-        eval_kw["max_windows"] = args.eval_windows
-    if args.eval_seq_len:
-        eval_kw["seq_len"] = args.eval_seq_len
+    eval_kw = dict(max_windows=args.eval_windows, seq_len=args.eval_seq_len)
 
     t0 = time.perf_counter()
     loaded = load_model(args.model)
