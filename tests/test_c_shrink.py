@@ -42,6 +42,9 @@ def all_candidate_errors(W, H, bits, group_size, symmetric, rule):
 # Two float32 GEMMs over different row counts may round differently (OpenBLAS
 # picks its kernels by size): errors of the same parameters agree to ~1e-8.
 GEMM_RTOL = 1e-6
+# Below float32's smallest subnormal (1.4e-45) a float32 GEMM has no digits
+# left: errors of rows of near-underflow weights are compared absolutely there.
+GEMM_ATOL = 1.4e-45
 
 
 def check_against_brute_force(W, H, bits, group_size, symmetric, rule):
@@ -56,8 +59,8 @@ def check_against_brute_force(W, H, bits, group_size, symmetric, rule):
     np.testing.assert_array_equal(Z, Z2)
     # err is the error of the returned parameters' RTN codes.
     A = C.rtn_codes(W, S, Z, bits, symmetric, rule)
-    np.testing.assert_allclose(err, C.row_errors(W, A, S, Z, H), rtol=GEMM_RTOL, atol=0)
-    np.testing.assert_allclose(err, E[idx, np.arange(m)], rtol=GEMM_RTOL, atol=0)
+    np.testing.assert_allclose(err, C.row_errors(W, A, S, Z, H), rtol=GEMM_RTOL, atol=GEMM_ATOL)
+    np.testing.assert_allclose(err, E[idx, np.arange(m)], rtol=GEMM_RTOL, atol=GEMM_ATOL)
     # As good as the exhaustive search: the best of all 159 candidates...
     best = E[1:].min(axis=0)
     assert np.all(err <= np.minimum(best, E[0]) * (1 + GEMM_RTOL))
