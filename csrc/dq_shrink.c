@@ -25,8 +25,10 @@
  *    error as dq_row_errors, and the exact errors decide.  With the noise
  *    measured (< 1e-5 c_r) this reproduces the exhaustive search's choice,
  *    and the returned err is the exact error of the returned (S, Z).
- * Blocks whose rows flip more than EXHAUSTIVE_FLIPS times per element (7-8
- * bits) evaluate all 159 candidates exactly instead, as the reference does.
+ * Blocks whose rows would flip more than EXHAUSTIVE_FLIPS times per element
+ * evaluate all 159 candidates exactly instead, as the reference does (none
+ * up to 8 bits on synthetic layers: 6.5, 13, 26, 47 flips per element at
+ * 5, 6, 7, 8 bits), and so do rows of near-underflow weights.
  *
  * Codes, scales and zeros are computed with the same float32 expressions as
  * dq_minmax_params / dq_rtn_codes (the reference's operation order), so the
@@ -240,9 +242,12 @@ static inline void group_geometry(const dq_layer_t *L, float s1, float z1, doubl
     *inv_s1 = 1.0 / (double)s1;
 }
 
-static inline double element_tol(double x0, double u)
+/* Bound on |computed (w - z_i)/s_i - x(p_i)| with a wide margin: a few
+ * float32 ulps of w/s_i (|u| r <= 5 |u|), of z_i/s_i (|x0|) and of the
+ * range ends p lo, p hi (up to 2^b - 1 grid steps). */
+static inline double element_tol(const dq_layer_t *L, double x0, double u)
 {
-    return TOL_REL * (4.0 + fabs(x0) + 5.0 * fabs(u));
+    return TOL_REL * (4.0 + fabs(x0) + 5.0 * fabs(u) + (double)(L->qmax - L->qmin));
 }
 
 /* Upper estimate of a row's flips: boundaries its trajectories pass. */
@@ -259,7 +264,7 @@ static int64_t estimate_flips(const dq_layer_t *L, const float *w, const row_gri
             continue;
         }
         for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
-            const double u = (double)w[c] * inv_s1, tol = element_tol(x0, u);
+            const double u = (double)w[c] * inv_s1, tol = element_tol(L, x0, u);
             const double xa = x0 + u, xb = x0 + u * rmax;
             int k0, k1;
             if (boundaries_in(L, (xa < xb ? xa : xb) - tol, (xa < xb ? xb : xa) + tol, &k0, &k1))
@@ -309,7 +314,7 @@ static int64_t row_flips(const dq_layer_t *L, const float *w, const int8_t *q0,
             if (degenerate) {
                 for (int i = 1; i < N_STEPS; i++) mark(&m, i);
             } else {
-                const double u = (double)w[c] * inv_s1, tol = element_tol(x0, u);
+                const double u = (double)w[c] * inv_s1, tol = element_tol(L, x0, u);
                 const double xa = x0 + u, xb = x0 + u * rmax;
                 int k0, k1;
                 if (!boundaries_in(L, (xa < xb ? xa : xb) - tol, (xa < xb ? xb : xa) + tol, &k0,
@@ -335,6 +340,29 @@ static int64_t row_flips(const dq_layer_t *L, const float *w, const int8_t *q0,
     }
     return k;
 }
+
+#ifdef DQ_SHRINK_SELFCHECK
+/* Debug build only (CFLAGS=-DDQ_SHRINK_SELFCHECK): replays the flips of a
+ * row against brute-force codes at every step and reports mismatches. */
+static void selfcheck_row(const dq_layer_t *L, const float *w, const row_grid_t *T,
+                          const flip_t *buf, const int16_t *bstep, int64_t k, int64_t r)
+{
+    const int64_t n = L->n, g = L->g, G = L->G;
+    int *cur = malloc(sizeof(int) * (size_t)n);
+    if (!cur) return;
+    for (int64_t c = 0; c < n; c++) cur[c] = code_one(w[c], T->s[c / g], T->z[c / g], L);
+    int64_t bad = 0;
+    for (int st = 1; st < N_STEPS; st++) {
+        for (int64_t e = 0; e < k; e++)
+            if (bstep[e] == st) cur[buf[e].col] += (int)lrintf(buf[e].delta / T->s[buf[e].col / g]);
+        for (int64_t c = 0; c < n; c++)
+            bad += code_one(w[c], T->s[st * G + c / g], T->z[st * G + c / g], L) != cur[c];
+    }
+    if (bad) fprintf(stderr, "shrink selfcheck: row %lld has %lld code mismatches\n", (long long)r,
+                     (long long)bad);
+    free(cur);
+}
+#endif
 
 /* ---- a block of rows ---------------------------------------------------- */
 
@@ -409,23 +437,7 @@ static void fill_rows(void *vctx, int64_t begin, int64_t end)
         const int64_t k = row_flips(L, w, q0, &T, B->rinv, &buf, &bstep, &cap);
         if (k < 0) goto oom;
 #ifdef DQ_SHRINK_SELFCHECK
-        {
-            /* Brute force: codes at every step must follow the flips. */
-            int *cur = malloc(sizeof(int) * n);
-            for (int64_t c = 0; c < n; c++) cur[c] = code_one(w[c], T.s[c / g], T.z[c / g], L);
-            int64_t bad = 0, nfl = 0;
-            for (int st = 1; st < N_STEPS; st++) {
-                for (int64_t e = 0; e < k; e++)
-                    if (bstep[e] == st) cur[buf[e].col] += (int)lrintf(buf[e].delta / T.s[buf[e].col / g]);
-                for (int64_t c = 0; c < n; c++) {
-                    int q = code_one(w[c], T.s[st * G + c / g], T.z[st * G + c / g], L);
-                    if (q != cur[c]) bad++;
-                }
-            }
-            for (int64_t e = 0; e < k; e++) nfl++;
-            if (bad) fprintf(stderr, "SELFCHECK row %lld: %lld mismatches (%lld flips)\n", (long long)r, (long long)bad, (long long)nfl);
-            free(cur);
-        }
+        selfcheck_row(L, w, &T, buf, bstep, k, r);
 #endif
         flip_t *ev = malloc(sizeof(flip_t) * (size_t)(k + 1));
         if (!ev) goto oom;
