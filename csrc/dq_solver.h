@@ -27,6 +27,12 @@ typedef struct {
 /* Validate sizes (g divides n, 2 <= bits <= 8), and compute Hf, V and c. */
 dq_status dq_layer_init(dq_layer_t *L, const float *W, const double *H, int64_t m, int64_t n,
                         int64_t group_size, int bits, int symmetric, int rule);
+/* The same validation and Hf (NULL when H is NULL) without the O(m n^2)
+ * products: V and c stay NULL.  For callers that never read them (RTN,
+ * row errors, the GPTQ step and baseline). */
+dq_status dq_layer_init_basic(dq_layer_t *L, const float *W, const double *H, int64_t m,
+                              int64_t n, int64_t group_size, int bits, int symmetric, int rule);
+/* Safe on a zeroed or failed layer, and twice. */
 void dq_layer_free(dq_layer_t *L);
 
 /* H00 = H + percdamp * mean(diag H) * I, written to out (may alias H).
@@ -42,29 +48,49 @@ void dq_rtn_codes(const dq_layer_t *L, const float *S, const float *Z, int8_t *A
 /* e_r for a given (A, S, Z); one m x n x n GEMM on D = A*S + Z - W. */
 dq_status dq_row_errors(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,
                         double *err);
+/* The same for the k rows listed in `rows` (NULL: rows 0..k-1); err is
+ * indexed by row number.  Z NULL counts as zero (symmetric). */
+dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *A,
+                             const float *S, const float *Z, double *err);
 /* Per-row shrink search of ALGORITHM 3.3 (the same objective: the row's H00
  * error of the RTN codes under range p*(lo, hi), p on the 0.005 grid from
  * 1.0 down to 0.205); writes the best (S, Z), its p per row, and its error.
- * err_start holds the min-max errors (a candidate must be strictly better). */
+ * err_start holds the min-max errors (a candidate must be strictly better);
+ * err is the exact (float32 GEMM) error of the returned (S, Z). */
 dq_status dq_shrink_search(const dq_layer_t *L, const double *err_start, float *S, float *Z,
                            float *p_row, double *err);
 
 /* ---- float step (dq_float_step.c) ------------------------------------ */
 /* Closed-form least squares for (S, Z) given A, per row; writes S, Z and the
- * new row errors. Singular rows are damped (relative to their diagonal). */
+ * new row errors (dq_row_errors of the float32 result).  A parameter that a
+ * row's codes leave undetermined (a group of all-equal codes) is fixed at 0;
+ * see dq_float_step.c for the relative pivot guard. */
 dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z, double *err);
 
 /* ---- integer step "gptq" (dq_round_gptq.c) --------------------------- */
 typedef struct {
     int64_t n;
     int64_t *perm;        /* n, column order (act-order or identity), owned */
-    float *U;             /* n x n upper Cholesky factor of H_round^-1 in permuted order, owned */
-    double lambda_extra;  /* H_round = H00[perm][:,perm] + lambda_extra * I */
+    /* H_round = H00[perm][:,perm] + lambda_extra * I = R R^T with R upper
+     * (R = U^-1 for GPTQ's U, H_round^-1 = U^T U); stored as: */
+    float *N;             /* n x n, R with each column divided by its diagonal, owned */
+    float *rdiag;         /* n, diag R, owned */
+    float *U;             /* n x n, U = R^-1; only for the baseline without act-order and with
+                             groups (its group parameters need GPTQ's own partial updates),
+                             else NULL */
+    double lambda_extra;
+    int act_order;        /* perm is act-order (the baseline then uses static groups) */
 } dq_gptq_factor_t;
 
-/* Factor once per layer. extra_damp_first: the first rung of the damping
- * ladder t*mean(diag H00) to try (decoupleQ's step starts at t = 0.01 of
- * {0.01, 0.1, 1, 10, 100}; the GPTQ baseline starts at t = 0). */
+/* Factor once per layer: perm = act-order (stable argsort of diag H00,
+ * descending; ties by index) or identity, and the factor R of H_round =
+ * H00[perm][:,perm] + t*mean(diag H00)*I (float64 Cholesky of the reversed
+ * matrix, stored float32), t the first rung of the damping ladder that
+ * factors with no pivot at rounding-noise level: decoupleq_damping = 1 gives
+ * decoupleQ's t in {0.01, 0.1, 1, 10, 100}, 0 the GPTQ baseline's
+ * {0, 0.01, 0.1, 1, 10, 100} (and, as reference GPTQ, a zero diagonal entry
+ * counts as 1).  DQ_ENOTPD when every rung fails.  Needs L->H only (not V,
+ * c or Hf). */
 dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_damping,
                          dq_gptq_factor_t *F);
 void dq_gptq_factor_free(dq_gptq_factor_t *F);

@@ -33,7 +33,7 @@ static PyArrayObject *take(PyObject *obj, const char *argname, int typenum, int 
         return NULL;
     }
     if (!PyArray_ISNOTSWAPPED(a)) {
-        PyErr_Format(PyExc_TypeError, "%s must be in native byte order", argname);
+        PyErr_Format(PyExc_ValueError, "%s must be in native byte order", argname);
         return NULL;
     }
     if (ndim >= 0 && PyArray_NDIM(a) != ndim) {

@@ -42,17 +42,6 @@ static state_t *acquire(PyObject *obj)
     return s;
 }
 
-/* dq_py_take checks the type number, which ignores byte order: reject
- * byte-swapped arrays here rather than read them as garbage. */
-static int check_native(PyArrayObject *a, const char *argname)
-{
-    if (!PyArray_ISNOTSWAPPED(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be in native byte order", argname);
-        return -1;
-    }
-    return 0;
-}
-
 static PyObject *py_hessian_new(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
@@ -109,7 +98,7 @@ static PyObject *py_hessian_add(PyObject *self, PyObject *args, PyObject *kwargs
                       ? NPY_FLOAT64
                       : NPY_FLOAT32;
     X = dq_py_take(X_obj, "X", typenum, 2);
-    if (!X || check_native(X, "X") < 0) goto fail;
+    if (!X) goto fail;
     const int64_t rows = PyArray_DIM(X, 0);
     if (PyArray_DIM(X, 1) != n) {
         PyErr_Format(PyExc_ValueError, "X has %lld features (shape (%lld, %lld)), expected n_features %lld",
@@ -119,7 +108,7 @@ static PyObject *py_hessian_add(PyObject *self, PyObject *args, PyObject *kwargs
     }
     if (w_obj != Py_None) {
         w = dq_py_take(w_obj, "weights", NPY_FLOAT64, 1);
-        if (!w || check_native(w, "weights") < 0) goto fail;
+        if (!w) goto fail;
         if (PyArray_DIM(w, 0) != rows) {
             PyErr_Format(PyExc_ValueError, "weights has %lld entries, expected one per row of X (%lld)",
                          (long long)PyArray_DIM(w, 0), (long long)rows);
@@ -240,7 +229,7 @@ static PyObject *py_damp(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     H = dq_py_take(H_obj, "H", NPY_FLOAT64, 2);
-    if (!H || check_native(H, "H") < 0) goto fail;
+    if (!H) goto fail;
     const int64_t n = PyArray_DIM(H, 0);
     if (PyArray_DIM(H, 1) != n || n == 0) {
         PyErr_Format(PyExc_ValueError, "H must be a non-empty square matrix, got shape (%lld, %lld)",
@@ -288,9 +277,9 @@ static PyObject *py_bare_ssyrk(PyObject *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:bare_ssyrk", kwlist, &X_obj, &C_obj))
         return NULL;
     X = dq_py_take(X_obj, "X", NPY_FLOAT32, 2);
-    if (!X || check_native(X, "X") < 0) goto fail;
+    if (!X) goto fail;
     C = dq_py_take_out(C_obj, "C", NPY_FLOAT32, 2);
-    if (!C || check_native(C, "C") < 0) goto fail;
+    if (!C) goto fail;
     const int64_t rows = PyArray_DIM(X, 0), n = PyArray_DIM(X, 1);
     if (PyArray_DIM(C, 0) != n || PyArray_DIM(C, 1) != n) {
         PyErr_Format(PyExc_ValueError, "C must have shape (%lld, %lld) to match X, got (%lld, %lld)",

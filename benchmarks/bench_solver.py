@@ -1,0 +1,185 @@
+"""Layer-solver benchmark: the C core against the NumPy reference, side by side in one run.
+
+For each layer shape and quantization setting, RTN, GPTQ, decoupleQ (GPTQ
+rounding, 4 iterations) and decoupleQ (PGD rounding) run through
+``decoupleq.quantize_weight`` with ``impl="c"`` and ``impl="reference"``; the
+table shows wall time and mean layer loss (the per-row H00 error, averaged).
+
+Hessians come from ``decoupleq.reference.synthetic.synthetic_problem``
+(activations with a decaying spectrum and a few outlier channels; see its
+docstring). The reference is skipped, and the table says so, where its
+predicted time (scaled from the last measured shape by m*n^2) is over 10
+minutes; PGD likewise, its cost growing as m*n^3.
+
+    python benchmarks/bench_solver.py --quick           # shapes up to 2048, a few minutes
+    python benchmarks/bench_solver.py --json out.json   # every shape
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import decoupleq
+from decoupleq import QuantConfig, quantize_weight
+from decoupleq.reference.synthetic import synthetic_problem
+
+SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (4096, 4096)]
+SETTINGS = [(2, -1), (2, 64), (3, 128), (4, -1)]  # (bits, group_size)
+METHODS = [
+    ("rtn", "gptq"),
+    ("gptq", "gptq"),
+    ("decoupleq", "gptq"),
+    ("decoupleq", "pgd"),
+]
+LIMIT_SECONDS = 600.0
+
+
+def label(method, rounding):
+    return f"decoupleq/{rounding}" if method == "decoupleq" else method
+
+
+def setting_name(bits, group):
+    return f"W{bits} " + ("pc" if group == -1 else f"g{group}")
+
+
+def predicted(history, key, m, n, power):
+    """Scale the last measured time of `key` to shape (m, n) by m * n**power."""
+    if key not in history:
+        return 0.0
+    seconds, (m0, n0) = history[key]
+    return seconds * (m * n**power) / (m0 * n0**power)
+
+
+def run_one(W, H, config, impl):
+    start = time.perf_counter()
+    qw = quantize_weight(W, H, config, impl=impl)
+    return time.perf_counter() - start, float(qw.loss.mean())
+
+
+def peak_memory_check(m, n):
+    """Peak RSS growth of one decoupleQ W2 g64 solve, in a fresh process."""
+    code = (
+        "import resource, numpy as np, decoupleq\n"
+        "from decoupleq.reference.synthetic import synthetic_problem\n"
+        f"W, H = synthetic_problem({m}, {n}, seed=0)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "decoupleq.quantize_weight(W, H, decoupleq.QuantConfig(bits=2, group_size=64))\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(before, after)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before_kb, after_kb = map(int, out.stdout.split())
+    return (after_kb - before_kb) * 1024, 4 * 8 * (m * n + n * n)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shapes up to 2048 only")
+    parser.add_argument("--json", metavar="PATH", help="write one record per run to PATH")
+    parser.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
+    parser.add_argument("--pgd-steps", type=int, default=5, help="PGD steps per column (K2)")
+    parser.add_argument("--shapes", nargs="+", metavar="MxN", help="only these shapes, e.g. 2048x2048")
+    parser.add_argument("--settings", nargs="+", metavar="SETTING",
+                        help="only these settings, e.g. W2g64 W2pc")
+    parser.add_argument("--methods", nargs="+", choices=[label(*mr) for mr in METHODS],
+                        help="only these methods")
+    args = parser.parse_args(argv)
+
+    shapes = [s for s in SHAPES if not args.quick or max(s) <= 2048]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    settings = [s for s in SETTINGS if not args.settings or setting_name(*s).replace(" ", "") in args.settings]
+    methods = [mr for mr in METHODS if not args.methods or label(*mr) in args.methods]
+    info = decoupleq.backend_info()
+    print(f"# decoupleq {decoupleq.__version__}; BLAS {info['blas_config']}; threads {info['blas_threads']}")
+    print(f"# synthetic Hessians; reference skipped where predicted > {LIMIT_SECONDS:.0f} s")
+    header = f"{'shape':>11} {'setting':>9} {'method':>15} | {'C s':>8} {'C loss':>11} | {'ref s':>8} {'ref loss':>11} | {'speedup':>7} {'loss C/ref':>10}"
+    print(header)
+    print("-" * len(header))
+
+    records, history = [], {}
+    results = {}  # (shape, setting, method label, impl) -> (seconds, loss)
+    for m, n in shapes:
+        W, H = synthetic_problem(m, n, seed=0)
+        for bits, group in settings:
+            setting = setting_name(bits, group)
+            if group != -1 and n % group:
+                print(f"{m}x{n:<5} {setting:>9}  skipped: group size {group} does not divide in_features {n}")
+                continue
+            for method, rounding in methods:
+                name = label(method, rounding)
+                config = QuantConfig(method=method, bits=bits, group_size=group, rounding=rounding,
+                                     iterations=4, pgd_steps_per_column=args.pgd_steps)
+                power = 3 if rounding == "pgd" and method == "decoupleq" else 2
+                row = {}
+                for impl in ("c", "reference"):
+                    key = (name, setting, impl)
+                    if impl == "reference" and args.no_reference:
+                        row[impl] = "off"
+                        continue
+                    guess = predicted(history, key, m, n, power)
+                    if guess > LIMIT_SECONDS:
+                        row[impl] = f"skip~{guess:.0f}s"
+                        continue
+                    seconds, loss = run_one(W, H, config, impl)
+                    history[key] = (seconds, (m, n))
+                    row[impl] = (seconds, loss)
+                    results[((m, n), setting, name, impl)] = (seconds, loss)
+                    records.append(dict(shape=[m, n], bits=bits, group_size=group, method=method,
+                                        rounding=rounding if method == "decoupleq" else None,
+                                        impl=impl, seconds=seconds, mean_loss=loss))
+                print(format_row(m, n, setting, name, row), flush=True)
+
+    print()
+    summarize(results, shapes)
+    if (4096, 4096) in shapes and (2, 64) in settings:
+        grew, bound = peak_memory_check(4096, 4096)
+        print(f"peak memory of decoupleQ W2 g64 on 4096x4096: +{grew / 2**20:.0f} MiB "
+              f"(bound 4x float64 W+H = {bound / 2**20:.0f} MiB): {'ok' if grew <= bound else 'OVER'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {len(records)} records to {args.json}")
+
+
+def format_row(m, n, setting, name, row):
+    def cell(v):
+        if isinstance(v, tuple):
+            return f"{v[0]:8.3f} {v[1]:11.5g}"
+        return f"{v:>8} {'':>11}"
+
+    c, r = row.get("c"), row.get("reference")
+    extra = ""
+    if isinstance(c, tuple) and isinstance(r, tuple):
+        extra = f"{r[0] / c[0]:7.1f}x {c[1] / r[1]:10.4f}"
+    return f"{m:>5}x{n:<5} {setting:>9} {name:>15} | {cell(c)} | {cell(r)} | {extra}"
+
+
+def summarize(results, shapes):
+    """The foundation issue's targets, computed from this run."""
+    print("targets:")
+    for m, n in shapes:
+        for setting in ("W2 pc", "W2 g64", "W3 g128", "W4 pc"):
+            dq = results.get(((m, n), setting, "decoupleq/gptq", "c"))
+            gq = results.get(((m, n), setting, "gptq", "c"))
+            if dq and gq:
+                print(f"  {m}x{n} {setting}: decoupleQ time / GPTQ time = {dq[0] / gq[0]:.2f} (target <= 8); "
+                      f"loss decoupleQ / GPTQ = {dq[1] / gq[1]:.3f}"
+                      + (" (target <= 0.5)" if setting == "W2 pc" else ""))
+    dq = results.get(((2048, 2048), "W2 g64", "decoupleq/gptq", "c"))
+    ref = results.get(((2048, 2048), "W2 g64", "decoupleq/gptq", "reference"))
+    if dq and ref:
+        print(f"  2048x2048 W2 g64 decoupleQ: C {ref[0] / dq[0]:.1f}x faster than the reference "
+              f"(target >= 20), loss C/ref = {dq[1] / ref[1]:.4f} (target <= 1.01)")
+    big = results.get(((4096, 4096), "W2 g64", "decoupleq/gptq", "c"))
+    if big:
+        print(f"  4096x4096 W2 g64 decoupleQ: {big[0]:.1f} s (target < 60)")
+
+
+if __name__ == "__main__":
+    main()

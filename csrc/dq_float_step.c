@@ -1,0 +1,341 @@
+/* Closed-form float step of decoupleQ (ALGORITHM 3.6, 6.1-6.2).
+ *
+ * Given the codes A, each row's dequantised weight is linear in its float
+ * parameters theta = (s_1..s_G, z_1..z_G) (symmetric: s only), so the best
+ * theta solves the normal equations P theta = y with
+ *   P11[j,k] = a_j^T H_jk a_k   P12[j,k] = a_j^T H_jk 1   P22[j,k] = 1^T H_jk 1
+ *   y1[j] = sum_{c in j} v_c a_c   y2[j] = sum_{c in j} v_c      (v = w H)
+ * The returned errors are those of the float32 (S, Z), recomputed by
+ * dq_row_errors (see the note at the end of dq_float_step).
+ *
+ * Assembly without any m x G x n temporary: rows are processed in blocks of
+ * mb; for each column block b (the group for G > 1, 256 columns per channel)
+ * one sgemm T = A[:, b] Hf[b, b0:] gives a_b^T H_{b,k} for every k at or
+ * after b, which is all P11 needs because P11 is symmetric (half the flops of
+ * A*H).  P12 and P22 come from Hs (n x G column-group sums of H, float64).
+ * Working memory is O(mb * n + mb * N^2), N = 2G.
+ *
+ * Singular systems.  The only exact singularities are groups whose codes are
+ * all equal: a_j = q 1 makes s_j and z_j interchangeable (q != 0) or s_j
+ * meaningless (q == 0).  Those are detected exactly on the integer codes and
+ * the redundant variable is fixed at 0 (z_j when q != 0, s_j when q == 0):
+ * the fit of every other parameter stays exactly optimal, and the group is
+ * still represented exactly (s_j = const/q, or z_j = const).  As a numerical
+ * backstop the system is equilibrated to a unit diagonal and factored by
+ * Cholesky; a pivot below PIVOT_RTOL (relative to that unit diagonal) drops
+ * its variable the same way.  This differs on purpose from the reference,
+ * which clamps |det| of the 2x2 system at an ABSOLUTE 1e-5 (scale dependent:
+ * it distorts small-scale layers) and damps a failed per-group LU by
+ * 0.01 mean(diag P), which biases every parameter of the row.  A row whose
+ * solution is still not finite (only possible if H00 is not positive
+ * definite, or beyond float32) falls back to theta = 0 (S = Z = 0).
+ */
+#include "dq_solver.h"
+#include "dq_blas.h"
+
+#include <string.h>
+
+/* Scaled-pivot threshold of the Cholesky backstop.  P is assembled from
+ * float32 products (relative noise ~1e-7), so a pivot of that order carries
+ * no information; 1e-9 only catches systems that are singular to working
+ * precision after the exact all-equal-codes test has removed the structural
+ * singularities. */
+#define PIVOT_RTOL 1e-9
+
+/* Columns per block of the per-channel P11 assembly (the sgemm's k): large
+ * enough that the symmetric half costs few BLAS calls. */
+#define CHANNEL_BLOCK 512
+
+/* Memory caps of a row block: the packed upper triangle of P11 (float64)
+ * and the T buffer (float32).  The whole layer is one block whenever they
+ * fit, so a layer costs G (or n / CHANNEL_BLOCK) sgemm calls in all. */
+#define P11_BUDGET_BYTES ((int64_t)64 << 20)
+#define T_BUDGET_BYTES ((int64_t)64 << 20)
+
+typedef struct {
+    const dq_layer_t *L;
+    const int8_t *A;      /* codes of the whole layer */
+    int64_t r0;           /* first row of the current block */
+    int64_t N;            /* unknowns per row: 2G, or G if symmetric */
+    int64_t npair;        /* G (G + 1) / 2: packed upper triangle of P11 */
+    int64_t b0, b1;       /* current column block */
+    const float *T;       /* rows x (n - b0): A[:, b0:b1] Hf[b0:b1, b0:] */
+    double *P11;          /* rows x npair */
+    const double *Hs;     /* n x G */
+    const double *P22;    /* G x G */
+    float *S, *Z;
+    int nomem;            /* set by a worker whose scratch allocation failed */
+} ctx_t;
+
+/* Index of (j, k), j <= k, in the packed upper triangle of a G x G matrix. */
+static inline int64_t upper_index(int64_t j, int64_t k, int64_t G)
+{
+    return j * G - j * (j - 1) / 2 + (k - j);
+}
+
+/* sum_i t[i] * a[i] in float64 with four fixed accumulators: the same
+ * result on every machine (no reassociation beyond this fixed split). */
+static double dot_fa(const float *t, const int8_t *a, int64_t len)
+{
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= len; i += 4) {
+        s0 += (double)t[i] * a[i];
+        s1 += (double)t[i + 1] * a[i + 1];
+        s2 += (double)t[i + 2] * a[i + 2];
+        s3 += (double)t[i + 3] * a[i + 3];
+    }
+    for (; i < len; i++) s0 += (double)t[i] * a[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* P11 contributions of column block [b0, b1) for the rows [begin, end). */
+static void accumulate_p11(void *vctx, int64_t begin, int64_t end)
+{
+    ctx_t *X = (ctx_t *)vctx;
+    const dq_layer_t *L = X->L;
+    int64_t n = L->n, g = L->g, G = L->G, b0 = X->b0, b1 = X->b1;
+    int64_t ldt = n - b0;
+    for (int64_t i = begin; i < end; i++) {
+        const float *t = X->T + i * ldt;
+        const int8_t *a = X->A + (X->r0 + i) * n + b0;
+        double *P11 = X->P11 + i * X->npair;
+        if (G == 1) {
+            double diag = dot_fa(t, a, b1 - b0);
+            double off = dot_fa(t + (b1 - b0), a + (b1 - b0), n - b1);
+            P11[0] += diag + 2.0 * off;
+        } else {
+            int64_t j = b0 / g;
+            double *out = P11 + upper_index(j, j, G);
+            for (int64_t k = j; k < G; k++) out[k - j] = dot_fa(t + (k - j) * g, a + (k - j) * g, g);
+        }
+    }
+}
+
+/* Dense equilibrated Cholesky with dropped pivots; solves P theta = y in
+ * place of theta.  fixed[i] != 0 forces theta_i = 0.  P (N x N, row-major,
+ * symmetric) is overwritten.  Returns 0, or -1 if the result is not finite. */
+static int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed, double *theta,
+                     double *scale, double *u)
+{
+    for (int64_t i = 0; i < N; i++) {
+        double d = P[i * N + i];
+        scale[i] = (d > 0 && !fixed[i]) ? 1.0 / sqrt(d) : 0.0;
+    }
+    /* Lower-triangular factor in place: row i holds L[i][0..i]. */
+    for (int64_t k = 0; k < N; k++) {
+        double *Lk = P + k * N;
+        if (scale[k] == 0.0) {
+            for (int64_t i = k; i < N; i++) P[i * N + k] = 0.0;
+            continue;
+        }
+        double d = Lk[k] * scale[k] * scale[k];
+        for (int64_t l = 0; l < k; l++) d -= Lk[l] * Lk[l];
+        if (!(d > PIVOT_RTOL)) {
+            scale[k] = 0.0;
+            for (int64_t i = k; i < N; i++) P[i * N + k] = 0.0;
+            continue;
+        }
+        double piv = sqrt(d);
+        Lk[k] = piv;
+        for (int64_t i = k + 1; i < N; i++) {
+            double *Li = P + i * N;
+            if (scale[i] == 0.0) {
+                Li[k] = 0.0;
+                continue;
+            }
+            double s = Li[k] * scale[i] * scale[k];
+            double s0 = 0, s1 = 0;
+            int64_t l = 0;
+            for (; l + 2 <= k; l += 2) {
+                s0 += Li[l] * Lk[l];
+                s1 += Li[l + 1] * Lk[l + 1];
+            }
+            for (; l < k; l++) s0 += Li[l] * Lk[l];
+            Li[k] = (s - (s0 + s1)) / piv;
+        }
+    }
+    /* Forward: L u = D^-1/2 y; backward: L^T t = u; theta = D^-1/2 t. */
+    for (int64_t i = 0; i < N; i++) {
+        if (scale[i] == 0.0) {
+            u[i] = 0.0;
+            continue;
+        }
+        double s = y[i] * scale[i];
+        const double *Li = P + i * N;
+        for (int64_t l = 0; l < i; l++) s -= Li[l] * u[l];
+        u[i] = s / Li[i];
+    }
+    for (int64_t i = N - 1; i >= 0; i--) {
+        if (scale[i] == 0.0) {
+            theta[i] = 0.0;
+            continue;
+        }
+        double s = u[i];
+        for (int64_t l = i + 1; l < N; l++) s -= P[l * N + i] * theta[l];
+        theta[i] = s / P[i * N + i];
+    }
+    int ok = 1;
+    for (int64_t i = 0; i < N; i++) {
+        theta[i] *= scale[i];
+        if (!isfinite(theta[i])) ok = 0;
+    }
+    return ok ? 0 : -1;
+}
+
+/* The rest of P and y, then the solve, for the rows [begin, end). */
+static void finish_rows(void *vctx, int64_t begin, int64_t end)
+{
+    ctx_t *X = (ctx_t *)vctx;
+    const dq_layer_t *L = X->L;
+    int64_t n = L->n, g = L->g, G = L->G, N = X->N;
+    int sym = L->symmetric;
+    double *P = dq_malloc(sizeof(double) * (size_t)(N * N + 4 * N));
+    uint8_t *fixed = dq_malloc((size_t)N);
+    if (!P || !fixed) {
+        __atomic_store_n(&X->nomem, 1, __ATOMIC_RELAXED);
+        dq_free(P);
+        dq_free(fixed);
+        return;
+    }
+    double *y = P + N * N, *theta = y + N, *scale = theta + N, *u = scale + N;
+    for (int64_t i = begin; i < end; i++) {
+        int64_t r = X->r0 + i;
+        const int8_t *a = X->A + r * n;
+        const float *v = L->V + r * n;
+        const double *P11 = X->P11 + i * X->npair;
+        memset(fixed, 0, (size_t)N);
+        for (int64_t j = 0; j < G; j++)
+            for (int64_t k = j; k < G; k++)
+                P[j * N + k] = P[k * N + j] = P11[upper_index(j, k, G)];
+
+        for (int64_t j = 0; j < G; j++) {
+            const int8_t *aj = a + j * g;
+            const float *vj = v + j * g;
+            double s1 = 0, s2 = 0;
+            int all_equal = 1;
+            for (int64_t c = 0; c < g; c++) {
+                s1 += (double)vj[c] * aj[c];
+                s2 += (double)vj[c];
+                all_equal &= aj[c] == aj[0];
+            }
+            y[j] = s1;
+            if (!sym) {
+                y[G + j] = s2;
+                /* s_j and z_j are interchangeable: keep s_j (a scale that
+                 * reproduces the group's value), fix z_j. */
+                if (all_equal && aj[0] != 0) fixed[G + j] = 1;
+            }
+            if (all_equal && aj[0] == 0) fixed[j] = 1;
+        }
+        if (!sym) {
+            /* P12[j, k] = sum_{c in j} a_c Hs[c, k];  P22 is shared. */
+            for (int64_t j = 0; j < G; j++) {
+                double *row = P + j * N + G;
+                for (int64_t k = 0; k < G; k++) row[k] = 0.0;
+                for (int64_t c = j * g; c < (j + 1) * g; c++) {
+                    double ac = (double)a[c];
+                    if (ac == 0.0) continue;
+                    const double *hs = X->Hs + c * G;
+                    for (int64_t k = 0; k < G; k++) row[k] += ac * hs[k];
+                }
+                for (int64_t k = 0; k < G; k++) P[(G + k) * N + j] = row[k];
+            }
+            for (int64_t j = 0; j < G; j++)
+                for (int64_t k = 0; k < G; k++) P[(G + j) * N + G + k] = X->P22[j * G + k];
+        }
+
+        int bad = solve_row(P, y, N, fixed, theta, scale, u) != 0;
+        for (int64_t k = 0; k < N && !bad; k++) bad = !isfinite((float)theta[k]);
+        if (bad)
+            for (int64_t k = 0; k < N; k++) theta[k] = 0.0;
+        for (int64_t j = 0; j < G; j++) {
+            X->S[r * G + j] = (float)theta[j];
+            X->Z[r * G + j] = sym ? 0.0f : (float)theta[G + j];
+        }
+    }
+    dq_free(P);
+    dq_free(fixed);
+}
+
+dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z, double *err)
+{
+    int64_t m = L->m, n = L->n, g = L->g, G = L->G;
+    if (m == 0) return DQ_OK;
+    if (!L->Hf || !L->V || n < 1 || g < 1 || G * g != n) return DQ_EINVAL;
+    int64_t N = L->symmetric ? G : 2 * G;
+
+    int64_t npair = G * (G + 1) / 2;
+    int64_t mb = m;
+    if (mb * npair * 8 > P11_BUDGET_BYTES) mb = P11_BUDGET_BYTES / (npair * 8);
+    if (mb * n * 4 > T_BUDGET_BYTES) mb = T_BUDGET_BYTES / (n * 4);
+    if (mb < 16) mb = 16;
+    if (mb > m) mb = m;
+
+    dq_status st = DQ_OK;
+    double *Hs = dq_malloc(sizeof(double) * (size_t)(n * G));
+    double *P22 = dq_malloc(sizeof(double) * (size_t)(G * G));
+    double *P11 = dq_malloc(sizeof(double) * (size_t)(mb * npair));
+    float *Af = dq_malloc(sizeof(float) * (size_t)(mb * n));
+    float *T = dq_malloc(sizeof(float) * (size_t)(mb * n));
+    if (!Hs || !P22 || !P11 || !Af || !T) {
+        st = DQ_ENOMEM;
+        goto done;
+    }
+    /* Column-group sums of H (float64) and their group sums: P12's and
+     * P22's ingredients (asymmetric only). */
+    if (!L->symmetric) {
+        for (int64_t c = 0; c < n; c++) {
+            const double *h = L->H + c * n;
+            for (int64_t k = 0; k < G; k++) {
+                double s = 0;
+                for (int64_t t = k * g; t < (k + 1) * g; t++) s += h[t];
+                Hs[c * G + k] = s;
+            }
+        }
+        for (int64_t j = 0; j < G; j++)
+            for (int64_t k = 0; k < G; k++) {
+                double s = 0;
+                for (int64_t c = j * g; c < (j + 1) * g; c++) s += Hs[c * G + k];
+                P22[j * G + k] = s;
+            }
+    }
+
+    ctx_t X = {.L = L, .A = A, .N = N, .npair = npair, .T = T, .P11 = P11, .Hs = Hs,
+               .P22 = P22, .S = S, .Z = Z, .nomem = 0};
+    int nth = dq_num_threads();
+    int64_t bs = G > 1 ? g : (n < CHANNEL_BLOCK ? n : CHANNEL_BLOCK);
+    for (int64_t r0 = 0; r0 < m; r0 += mb) {
+        int64_t rows = m - r0 < mb ? m - r0 : mb;
+        X.r0 = r0;
+        for (int64_t i = 0; i < rows * n; i++) Af[i] = (float)A[r0 * n + i];
+        memset(P11, 0, sizeof(double) * (size_t)(rows * npair));
+        for (int64_t b0 = 0; b0 < n; b0 += bs) {
+            int64_t b1 = b0 + bs < n ? b0 + bs : n;
+            dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)rows, (int)(n - b0),
+                           (int)(b1 - b0), 1.0f, Af + b0, (int)n, L->Hf + b0 * n + b0, (int)n,
+                           0.0f, T, (int)(n - b0));
+            X.b0 = b0;
+            X.b1 = b1;
+            st = dq_parallel_for(rows, 8, nth, accumulate_p11, &X);
+            if (st != DQ_OK) goto done;
+        }
+        st = dq_parallel_for(rows, 4, nth, finish_rows, &X);
+        if (st == DQ_OK && X.nomem) st = DQ_ENOMEM;
+        if (st != DQ_OK) goto done;
+    }
+    /* Errors of the float32 (S, Z) actually returned, by the same GEMM as
+     * every other error of the solver.  The cheaper identity
+     * e* = c_r - theta^T y cancels catastrophically: c_r and y come from
+     * V = W Hf (float32), and e* is a small difference of the two (measured
+     * on synthetic W2 layers: up to 4e-5 relative error per channel, 2e-4 at
+     * g64, against 1e-6 / 5e-6 for this recomputation). */
+    st = dq_row_errors(L, A, S, Z, err);
+done:
+    dq_free(Hs);
+    dq_free(P22);
+    dq_free(P11);
+    dq_free(Af);
+    dq_free(T);
+    return st;
+}

@@ -1,0 +1,200 @@
+/* Min-max initialisation, round-to-nearest codes and row errors
+ * (ALGORITHM 1.2, 3.2 step 1, 6.1).
+ *
+ * The scalar float32 expressions below are written in the same operation
+ * order as the NumPy reference (compiled with -ffp-contract=off), so codes,
+ * scales and zeros are bit-identical to it.
+ */
+#include "dq_solver.h"
+#include "dq_blas.h"
+
+#include <string.h>
+
+#define ROW_CHUNK_ELEMS 65536
+/* Rows per GEMM in dq_row_errors: caps its two m x n work buffers. */
+#define ERR_CHUNK_ELEMS (1 << 22)
+
+/* Safe division of ALGORITHM 1.4 in float32, as the reference does it:
+ * plain division whenever |y| >= 1e-15. */
+static inline float safe_divf(float x, float y)
+{
+    float ay = fabsf(y);
+    if (!(ay >= 1e-15f)) ay = 1e-15f;
+    return x / (y < 0.0f ? -ay : ay);
+}
+
+static int64_t min_rows(int64_t n)
+{
+    int64_t r = ROW_CHUNK_ELEMS / (n > 0 ? n : 1);
+    return r < 1 ? 1 : r;
+}
+
+/* ---- min-max parameters ------------------------------------------------ */
+
+typedef struct {
+    const dq_layer_t *L;
+    const float *p_row;
+    float *S, *Z;
+} minmax_ctx_t;
+
+static void minmax_range(void *vctx, int64_t begin, int64_t end)
+{
+    const minmax_ctx_t *x = (const minmax_ctx_t *)vctx;
+    const dq_layer_t *L = x->L;
+    const float maxq = (float)((1 << L->bits) - 1);
+    const float qmin = (float)L->qmin;
+    for (int64_t r = begin; r < end; r++) {
+        const float *w = L->W + r * L->n;
+        for (int64_t j = 0; j < L->G; j++) {
+            const float *wg = w + j * L->g;
+            /* The range always contains 0. */
+            float lo = 0.0f, hi = 0.0f;
+            for (int64_t c = 0; c < L->g; c++) {
+                if (wg[c] < lo) lo = wg[c];
+                if (wg[c] > hi) hi = wg[c];
+            }
+            if (lo == 0.0f && hi == 0.0f) {
+                lo = -1.0f;
+                hi = 1.0f;
+            }
+            if (L->symmetric) {
+                if (-lo > hi) hi = -lo;
+                if (lo < 0.0f) lo = -hi;
+            }
+            if (x->p_row) {
+                const float p = x->p_row[r];
+                lo = p * lo;
+                hi = p * hi;
+            }
+            const float s = (hi - lo) / maxq;
+            x->S[r * L->G + j] = s;
+            x->Z[r * L->G + j] = L->symmetric ? 0.0f : lo - s * qmin;
+        }
+    }
+}
+
+void dq_minmax_params(const dq_layer_t *L, const float *p_row, float *S, float *Z)
+{
+    minmax_ctx_t ctx = {L, p_row, S, Z};
+    dq_parallel_for(L->m, min_rows(L->n), dq_num_threads(), minmax_range, &ctx);
+}
+
+/* ---- round to nearest -------------------------------------------------- */
+
+typedef struct {
+    const dq_layer_t *L;
+    const float *S, *Z;
+    int8_t *A;
+} rtn_ctx_t;
+
+static void rtn_range(void *vctx, int64_t begin, int64_t end)
+{
+    const rtn_ctx_t *x = (const rtn_ctx_t *)vctx;
+    const dq_layer_t *L = x->L;
+    const float qmin = (float)L->qmin, qmax = (float)L->qmax;
+    for (int64_t r = begin; r < end; r++) {
+        const float *w = L->W + r * L->n;
+        int8_t *a = x->A + r * L->n;
+        for (int64_t j = 0; j < L->G; j++) {
+            const float s = x->S[r * L->G + j];
+            const float z = L->symmetric ? 0.0f : x->Z[r * L->G + j];
+            for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
+                const float t = safe_divf(L->symmetric ? w[c] : w[c] - z, s);
+                float q = dq_round(t, L->rule);
+                if (q < qmin) q = qmin;
+                if (q > qmax) q = qmax;
+                a[c] = (int8_t)q;
+            }
+        }
+    }
+}
+
+void dq_rtn_codes(const dq_layer_t *L, const float *S, const float *Z, int8_t *A)
+{
+    rtn_ctx_t ctx = {L, S, Z, A};
+    dq_parallel_for(L->m, min_rows(L->n), dq_num_threads(), rtn_range, &ctx);
+}
+
+/* ---- row errors -------------------------------------------------------- */
+
+typedef struct {
+    const dq_layer_t *L;
+    const int64_t *rows; /* NULL: rows r0, r0 + 1, ... */
+    const int8_t *A;
+    const float *S, *Z;  /* Z NULL: zero */
+    int64_t r0;          /* first entry of the chunk */
+    float *D, *P;        /* chunk rows x n */
+    double *err;
+} err_ctx_t;
+
+static inline int64_t row_of(const err_ctx_t *x, int64_t i)
+{
+    return x->rows ? x->rows[x->r0 + i] : x->r0 + i;
+}
+
+static void diff_range(void *vctx, int64_t begin, int64_t end)
+{
+    const err_ctx_t *x = (const err_ctx_t *)vctx;
+    const dq_layer_t *L = x->L;
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t r = row_of(x, i);
+        const float *w = L->W + r * L->n;
+        const int8_t *a = x->A + r * L->n;
+        float *d = x->D + i * L->n;
+        for (int64_t j = 0; j < L->G; j++) {
+            const float s = x->S[r * L->G + j], z = x->Z ? x->Z[r * L->G + j] : 0.0f;
+            for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
+                const float what = (float)a[c] * s + z;
+                d[c] = what - w[c];
+            }
+        }
+    }
+}
+
+static void dot_range(void *vctx, int64_t begin, int64_t end)
+{
+    const err_ctx_t *x = (const err_ctx_t *)vctx;
+    const int64_t n = x->L->n;
+    for (int64_t i = begin; i < end; i++) {
+        const float *d = x->D + i * n, *p = x->P + i * n;
+        double acc = 0.0;
+        for (int64_t c = 0; c < n; c++) acc += (double)d[c] * (double)p[c];
+        x->err[row_of(x, i)] = acc;
+    }
+}
+
+dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *A,
+                             const float *S, const float *Z, double *err)
+{
+    const int64_t n = L->n;
+    if (!L->Hf) return DQ_EINVAL;
+    if (k <= 0) return DQ_OK;
+    int64_t chunk = ERR_CHUNK_ELEMS / n;
+    if (chunk < 64) chunk = 64;
+    if (chunk > k) chunk = k;
+    float *D = dq_malloc(sizeof(float) * (size_t)(chunk * n));
+    float *P = dq_malloc(sizeof(float) * (size_t)(chunk * n));
+    if (!D || !P) {
+        dq_free(D);
+        dq_free(P);
+        return DQ_ENOMEM;
+    }
+    const int nt = dq_num_threads();
+    for (int64_t r0 = 0; r0 < k; r0 += chunk) {
+        const int64_t cnt = (k - r0) < chunk ? (k - r0) : chunk;
+        err_ctx_t ctx = {L, rows, A, S, Z, r0, D, P, err};
+        dq_parallel_for(cnt, min_rows(n), nt, diff_range, &ctx);
+        dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)cnt, (int)n, (int)n, 1.0f, D, (int)n,
+                       L->Hf, (int)n, 0.0f, P, (int)n);
+        dq_parallel_for(cnt, min_rows(n), nt, dot_range, &ctx);
+    }
+    dq_free(D);
+    dq_free(P);
+    return DQ_OK;
+}
+
+dq_status dq_row_errors(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,
+                        double *err)
+{
+    return dq_row_errors_rows(L, NULL, L->m, A, S, Z, err);
+}

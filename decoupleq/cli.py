@@ -1,0 +1,392 @@
+"""Command line: ``decoupleq quantize | eval | info | models`` (also ``python -m decoupleq``).
+
+    decoupleq quantize MODEL --bits 2 --group-size 64 --out DIR [--calib self|FILE|hf:NAME...]
+    decoupleq eval DIR --text FILE [--max-windows 64 | --full] [--compare]
+    decoupleq info DIR
+    decoupleq models
+
+MODEL is a packaged model name (``decoupleq models``), a local Hugging Face folder or a GGUF
+file. A quantized folder ``DIR`` holds ``model.safetensors`` (``decoupleq.save``), the
+tokenizer, and ``decoupleq.json`` (where the model came from, the settings, timings, sizes
+and any evaluation results).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+MODEL_FILE = "model.safetensors"
+SUMMARY_FILE = "decoupleq.json"
+
+log = logging.getLogger("decoupleq.cli")
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _group_size(text):
+    value = int(text)
+    if value == 0 or value < -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (per-channel) or a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .config import METHODS, ROUNDINGS
+    from .data import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
+    from .evaluate import DEFAULT_MAX_WINDOWS, DEFAULT_SEQ_LEN as EVAL_SEQ_LEN
+
+    p = argparse.ArgumentParser(prog="decoupleq", description="2-bit post-training weight quantization on a CPU.")
+    p.add_argument("--version", action="version", version=f"decoupleq {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results")
+    # -q also works after the command; SUPPRESS keeps a subcommand from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only warnings and the results")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", parents=[common], help="quantize a model and save it to a folder",
+                       description="Quantize MODEL's linear layers block by block and save the result to --out.")
+    q.add_argument("model", help="packaged model name, local Hugging Face folder, or .gguf file")
+    q.add_argument("--out", required=True, type=Path, help="output folder (created; files in it are replaced)")
+    q.add_argument("--method", choices=METHODS, default="decoupleq")
+    q.add_argument("--bits", type=int, default=2, help="code width, 2..8 (default 2)")
+    q.add_argument("--group-size", type=_group_size, default=64,
+                   help="inputs per scale/zero; -1 for per-channel (default 64)")
+    q.add_argument("--symmetric", action="store_true", help="zero fixed at 0")
+    q.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="visit columns in natural order instead of by decreasing Hessian diagonal")
+    q.add_argument("--iterations", type=_positive(int), default=4,
+                   help="decoupleQ: one GPTQ pass plus ITERATIONS-1 alternations (default 4)")
+    q.add_argument("--rounding", choices=ROUNDINGS, default="gptq", help="decoupleQ's integer step (default gptq)")
+    q.add_argument("--damping", type=float, default=0.01, help="percdamp (default 0.01)")
+    q.add_argument("--blockwise", dest="blockwise", action="store_true", default=None,
+                   help="tune each block's float parts against its full-precision outputs (default for decoupleq)")
+    q.add_argument("--no-blockwise", dest="blockwise", action="store_false")
+    q.add_argument("--blockwise-lr", type=_positive(float), default=None)
+    q.add_argument("--blockwise-epochs", type=_positive(int), default=None)
+    q.add_argument("--calib", default="self",
+                   help="calibration: 'self' (sampled from the model, default), a text file, or hf:NAME[:CONFIG[:SPLIT]]")
+    q.add_argument("--num-samples", type=_positive(int), default=DEFAULT_NUM_SAMPLES,
+                   help=f"calibration windows (default {DEFAULT_NUM_SAMPLES})")
+    q.add_argument("--seq-len", type=_positive(int), default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per calibration window (default {DEFAULT_SEQ_LEN})")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--skip", action="append", default=[],
+                   help="leave layers matching this name pattern in full precision (repeatable; 're:' for a regex)")
+    q.add_argument("--eval-text", type=Path, default=None,
+                   help="also report perplexity before and after on this text file")
+    q.add_argument("--eval-windows", type=_positive(int), default=DEFAULT_MAX_WINDOWS)
+    q.add_argument("--eval-seq-len", type=_positive(int), default=EVAL_SEQ_LEN)
+
+    e = sub.add_parser("eval", parents=[common], help="evaluate a quantized folder or any model on a text",
+                       description="Perplexity (causal LMs) or embedding agreement (encoders) on a text.")
+    e.add_argument("model", help="a folder written by 'decoupleq quantize', or any MODEL")
+    e.add_argument("--text", required=True, type=Path, help="text file to evaluate on")
+    e.add_argument("--seq-len", type=_positive(int), default=EVAL_SEQ_LEN, help=f"window length (default {EVAL_SEQ_LEN})")
+    e.add_argument("--max-windows", type=_positive(int), default=DEFAULT_MAX_WINDOWS,
+                   help=f"token budget: the first N windows (default {DEFAULT_MAX_WINDOWS})")
+    e.add_argument("--full", action="store_true", help="every whole window of the text instead of the budget")
+    e.add_argument("--compare", action="store_true",
+                   help="also compare with the full-precision model the folder was quantized from "
+                        "(KL divergence and top-1 agreement; cosine similarity for encoders)")
+    e.add_argument("--reference", default=None, help="compare with this MODEL instead")
+    e.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+
+    i = sub.add_parser("info", parents=[common], help="describe a quantized folder")
+    i.add_argument("path", type=Path, help="a folder written by 'decoupleq quantize' (or its model.safetensors)")
+
+    sub.add_parser("models", parents=[common], help="list the packaged models")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "models": cmd_models}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        print(f"decoupleq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the commands and the examples
+# ---------------------------------------------------------------------------
+
+
+def state_dict_mb(model) -> float:
+    """Bytes of a model's parameters and buffers in memory, tied tensors counted once, in MB."""
+    seen = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total / 1e6
+
+
+def packed_mb(model) -> float:
+    """What the model would weigh with every quantized layer's codes packed at its bit width
+    (``bits * out * in / 8`` bytes) and its scale and zero in float16; other tensors as they are."""
+    from .nn import QUANT_MODULES
+
+    quantized = set()
+    total = 0.0
+    for _, m in model.named_modules():
+        if isinstance(m, QUANT_MODULES):
+            info = m.quant_info()
+            out, n = int(info["out_features"]), int(info["in_features"])
+            g = 1 if int(info["group_size"]) == -1 else n // int(info["group_size"])
+            zeros = 0 if info.get("symmetric") else out * g
+            total += int(info["bits"]) * out * n / 8 + 2 * (out * g + zeros)
+            for t in m.buffers(recurse=False):
+                quantized.add(t.untyped_storage().data_ptr())
+            for t in m.parameters(recurse=False):
+                if t is not getattr(m, "bias", None):
+                    quantized.add(t.untyped_storage().data_ptr())
+    seen = set(quantized)
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.numel() * t.element_size()
+    return total / 1e6
+
+
+def save_folder(out, model, tokenizer, summary: dict) -> dict:
+    """Write a quantized folder: ``model.safetensors`` (``decoupleq.save``), the tokenizer, and
+    ``decoupleq.json`` (``summary`` plus ``file_mb``, the model file's size). Returns what was
+    written to ``decoupleq.json``."""
+    from .io import save
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save(model, str(out / MODEL_FILE))
+    tokenizer.save_pretrained(str(out))
+    summary = dict(summary, file_mb=(out / MODEL_FILE).stat().st_size / 1e6)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def is_quantized_folder(path) -> bool:
+    p = Path(path)
+    return (p / MODEL_FILE).is_file() and (p / SUMMARY_FILE).is_file()
+
+
+def load_quantized(path):
+    """(model, tokenizer, summary dict) of a folder written by ``decoupleq quantize``."""
+    from transformers import AutoTokenizer
+
+    from .io import load
+
+    path = Path(path)
+    if not is_quantized_folder(path):
+        raise FileNotFoundError(f"{path} is not a quantized folder (no {MODEL_FILE} and {SUMMARY_FILE})")
+    summary = json.loads((path / SUMMARY_FILE).read_text())
+    model = load(str(path / MODEL_FILE))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model, tokenizer, summary
+
+
+def load_any(spec):
+    """(model, tokenizer, kind, summary or None) of a quantized folder or any MODEL."""
+    if is_quantized_folder(spec):
+        model, tokenizer, summary = load_quantized(spec)
+        return model, tokenizer, summary.get("kind", "causal-lm"), summary
+    from .zoo import load_model
+
+    lm = load_model(spec)
+    return lm.model, lm.tokenizer, lm.kind, None
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def cmd_models(args) -> int:
+    from .zoo import PACKAGED_MODELS
+
+    for m in PACKAGED_MODELS.values():
+        try:
+            where = str(m.locate())
+        except (ImportError, FileNotFoundError):
+            where = f"not installed: {m.install_hint()}"
+        print(f"{m.name:14s} {m.kind:9s} {m.description}\n{'':25s}{where}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    import dataclasses
+
+    from . import quantize
+    from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
+    from .data import calibration_data
+    from .evaluate import perplexity
+    from .zoo import CAUSAL_LM, load_model
+
+    # Every setting is checked before the model is read.
+    quant = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+                        act_order=args.act_order, iterations=args.iterations, rounding=args.rounding,
+                        damping=args.damping)
+    blockwise = args.blockwise if args.blockwise is not None else args.method == "decoupleq"
+    tune = BlockTuneConfig(enabled=blockwise)
+    if args.blockwise_lr is not None:
+        tune = dataclasses.replace(tune, lr=args.blockwise_lr)
+    if args.blockwise_epochs is not None:
+        tune = dataclasses.replace(tune, epochs=args.blockwise_epochs)
+    mcfg = ModelQuantConfig(quant=quant, blockwise=tune, skip=tuple(args.skip), verbose=not args.quiet)
+    if args.eval_text is not None and not args.eval_text.is_file():
+        raise FileNotFoundError(f"--eval-text {args.eval_text} does not exist")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a folder")
+
+    lm = load_model(args.model)
+    if lm.note:
+        print(f"note: {lm.name}: {lm.note}")
+    if args.calib == "self" and lm.kind != CAUSAL_LM:
+        raise ValueError(f"{lm.name} is an encoder: it cannot generate its own calibration text; pass --calib FILE")
+    fp_mb = state_dict_mb(lm.model)
+    results = {}
+    if args.eval_text is not None and lm.kind == CAUSAL_LM:
+        r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows)
+        print(f"before: {r}")
+        results["fp"] = r.to_dict()
+
+    t0 = time.perf_counter()
+    calib = calibration_data(args.calib, model=lm.model, tokenizer=lm.tokenizer, num_samples=args.num_samples,
+                             seq_len=args.seq_len, seed=args.seed)
+    t_calib = time.perf_counter() - t0
+    quantize(lm.model, calib, mcfg)
+    seconds = time.perf_counter() - t0
+
+    if args.eval_text is not None and lm.kind == CAUSAL_LM:
+        r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows)
+        print(f"after:  {r}")
+        results["quantized"] = r.to_dict()
+
+    report = getattr(lm.model, "decoupleq_report", None)
+    from .zoo import packaged_model
+
+    pm = packaged_model(args.model) if not os.path.exists(args.model) else None
+    summary = {
+        # What --compare reloads as the full-precision reference: a packaged name, or an absolute path.
+        "model": pm.name if pm is not None else str(Path(args.model).resolve()),
+        "source": lm.source,
+        "name": lm.name,
+        "kind": lm.kind,
+        "note": lm.note,
+        "calibration": {"source": str(args.calib), "num_samples": args.num_samples, "seq_len": args.seq_len,
+                        "seed": args.seed, "seconds": t_calib},
+        "config": mcfg.to_dict(),
+        "seconds": seconds,
+        "layers": len(report.layers) if report is not None else None,
+        "skipped": list(getattr(report, "skipped", []) or []),
+        "fp_mb": fp_mb,
+        "packed_mb": packed_mb(lm.model),
+        "eval": {"text": str(args.eval_text), **results} if results else {},
+    }
+    summary = save_folder(args.out, lm.model, lm.tokenizer, summary)
+    print(f"quantized {summary['layers']} layers in {seconds:.1f} s (calibration data {t_calib:.1f} s)")
+    print(f"size: {fp_mb:.1f} MB in memory before; file {summary['file_mb']:.1f} MB "
+          f"(codes stored as int8), {summary['packed_mb']:.1f} MB with codes packed at {args.bits} bits")
+    print(f"saved to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import compare_logits, embedding_similarity, perplexity, sentences_from_text
+    from .zoo import CAUSAL_LM
+
+    if not args.text.is_file():
+        raise FileNotFoundError(f"--text {args.text} does not exist")
+    model, tokenizer, kind, summary = load_any(args.model)
+    ref_spec = args.reference
+    if args.compare and ref_spec is None:
+        if summary is None:
+            raise ValueError("--compare needs a quantized folder (it compares with the model it came from); "
+                             "otherwise pass --reference MODEL")
+        ref_spec = summary.get("model") or summary["source"]
+    if summary and summary.get("note"):
+        print(f"note: {summary.get('name')}: {summary['note']}")
+    out = {"model": str(args.model), "text": str(args.text)}
+    max_windows = None if args.full else args.max_windows
+    if kind == CAUSAL_LM:
+        r = perplexity(model, args.text, tokenizer, seq_len=args.seq_len, max_windows=max_windows, full=args.full)
+        print(r)
+        out["perplexity"] = r.to_dict()
+        if ref_spec is not None:
+            ref, _, _, _ = load_any(ref_spec)
+            f = compare_logits(model, ref, args.text, tokenizer, seq_len=args.seq_len, max_windows=max_windows,
+                               full=args.full)
+            print(f"vs {ref_spec}: {f}")
+            out["fidelity"] = {"reference": str(ref_spec), **f.to_dict()}
+    else:
+        if ref_spec is None:
+            raise ValueError("an encoder has no perplexity: pass --compare or --reference MODEL "
+                             "to measure embedding agreement")
+        ref, _, _, _ = load_any(ref_spec)
+        sentences = sentences_from_text(args.text, max_sentences=args.max_windows * 4 if not args.full else 10**9)
+        e = embedding_similarity(model, ref, tokenizer, sentences)
+        print(f"vs {ref_spec}: {e}")
+        out["embedding"] = {"reference": str(ref_spec), **e.to_dict()}
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .io import read_metadata
+
+    path = args.path
+    folder = path if path.is_dir() else path.parent
+    file = path / MODEL_FILE if path.is_dir() else path
+    meta = read_metadata(str(file))
+    summary_path = folder / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    layers = meta.get("layers", {})
+    q = (meta.get("quantization") or {}).get("quant", {})
+    print(f"file:      {file} ({file.stat().st_size / 1e6:.1f} MB), format {meta['format']} v{meta['format_version']}, "
+          f"written by decoupleq {meta.get('library_version')}")
+    print(f"model:     {meta['model'].get('class')}" + (f" from {summary['source']}" if summary.get("source") else ""))
+    if q:
+        print(f"settings:  {q.get('method')} W{q.get('bits')} group {q.get('group_size')}"
+              f"{' symmetric' if q.get('symmetric') else ''}, act-order {q.get('act_order')}, "
+              f"iterations {q.get('iterations')}, block tuning "
+              f"{(meta['quantization'].get('blockwise') or {}).get('enabled')}")
+    bits = sorted({int(v.get("bits", 0)) for v in layers.values()})
+    groups = sorted({int(v.get("group_size", 0)) for v in layers.values()})
+    print(f"layers:    {len(layers)} quantized (bits {bits}, group sizes {groups})")
+    if summary:
+        cal = summary.get("calibration", {})
+        print(f"calib:     {cal.get('source')} ({cal.get('num_samples')} x {cal.get('seq_len')} tokens, seed {cal.get('seed')})")
+        print(f"time:      {summary.get('seconds', 0):.1f} s")
+        print(f"size:      {summary.get('fp_mb', 0):.1f} MB full precision, {summary.get('packed_mb', 0):.1f} MB packed")
+        for k, v in (summary.get("eval") or {}).items():
+            if isinstance(v, dict) and "ppl" in v:
+                print(f"ppl {k:9s} {v['ppl']:.3f} [{v['windows']} x {v['seq_len']} tokens of {summary['eval'].get('text')}]")
+        if summary.get("note"):
+            print(f"note:      {summary['note']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

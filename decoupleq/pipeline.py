@@ -1,0 +1,579 @@
+"""Quantize a PyTorch / Hugging Face model block by block: ``quantize(model, calibration, config)``.
+
+For each block, in order (ALGORITHM 4.2):
+
+1. The block's inputs for every calibration batch are cached (CPU RAM within
+   ``cache_budget_mb``, memory-mapped temporary files past it). For block 0
+   they come from running the model up to it; for block i > 0 they are the
+   outputs of the already quantized block i - 1 (the quantized path).
+2. Its quantizable layers (Linear, HF Conv1D, Conv2d) are split into
+   true-sequential groups. For each group, the block in its current, partly
+   quantized state runs on every cached input while hooks accumulate each
+   layer's Hessian ``H = mean(x x^T)`` over tokens; then each layer is solved
+   (``decoupleq.quantize_weight``) and swapped for a ``QuantLinear`` /
+   ``QuantConv2d``. Layers of a group fed the very same input share one
+   Hessian; a pass that does not need the block's output stops after the
+   group's last layer has run.
+3. With block-wise tuning on, the full-precision block's outputs on the same
+   inputs (recorded during the first group's pass, before any layer of the
+   block changed) are the targets for tuning the float parts (ALGORITHM 4.3).
+4. The quantized block runs once more on the cached inputs; its outputs
+   overwrite them and become the next block's inputs.
+
+Peak memory is the model plus one block's activations for the calibration
+set (twice that with block-wise tuning), plus one layer's Hessian.
+
+CPU-friendly defaults (``ModelQuantConfig``): true-sequential on, block-wise
+tuning on for 2 epochs at lr 1e-4, a 4 GiB activation budget, one calibration
+row per forward. The calibration set itself is the caller's choice; 32
+windows of 256 tokens is a good start on a CPU (``decoupleq.data``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .blockwise import BlockTuneResult, tune_block
+from .capture import (
+    ActivationCache,
+    MemoryBudget,
+    _StopForward,
+    catch_block_inputs,
+    input_key,
+    layer_in_features,
+    layer_tokens,
+    layer_weight_matrix,
+    run_block,
+)
+from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
+from .hessian import HessianAccumulator
+from .models import BlockSpec, adapter_groups, find_blocks, is_quantizable, quantizable_layers
+from .nn import QuantConv2d, QuantLinear
+from .solver import quantize_weight
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class LayerReport:
+    """One quantized layer.
+
+    Attributes:
+        name: full dotted module name.
+        shape: (out, in_flat) of the quantized matrix.
+        group_size: the group size used (-1 per-channel).
+        loss: sum of the per-row errors ``(w^ - w) H00 (w^ - w)^T``.
+        rel_loss: ``loss / sum_r w_r H00 w_r^T`` (0 = exact, 1 = as bad as zero weights).
+        n_tokens: tokens the Hessian was built from.
+        seconds: solver wall time.
+    """
+
+    name: str
+    shape: tuple
+    group_size: int
+    loss: float
+    rel_loss: float
+    n_tokens: int
+    seconds: float
+
+
+@dataclass
+class BlockReport:
+    """One block: its true-sequential groups (layer names inside the block), time, tuning outcome."""
+
+    index: int
+    name: str
+    seconds: float
+    groups: list = field(default_factory=list)
+    tune: BlockTuneResult | None = None
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize`` did; attached to the model as ``model.decoupleq_report``."""
+
+    layers: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+
+
+def _model_config(config, overrides: dict) -> ModelQuantConfig:
+    if config is None:
+        mcfg = ModelQuantConfig()
+    elif isinstance(config, QuantConfig):
+        mcfg = ModelQuantConfig(quant=config)
+    elif isinstance(config, ModelQuantConfig):
+        mcfg = config
+    else:
+        raise TypeError(f"config must be a QuantConfig or ModelQuantConfig, got {type(config).__name__}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        mcfg = dataclasses.replace(mcfg, **overrides)
+    return mcfg
+
+
+def calibration_batches(calibration, batch_size: int = 1, vocab_size: int | None = None) -> list:
+    """Normalise calibration data into a list of model inputs.
+
+    Args:
+        calibration: one of
+            - an integer tensor ``[num_samples, seq_len]`` of token ids (split
+              into batches of ``batch_size`` rows) or ``[seq_len]`` (one row);
+            - a floating tensor ``[num_samples, ...]`` (images for a CNN),
+              split along dim 0 into batches of ``batch_size``;
+            - a list of such tensors (each used as one batch; a 1-D integer
+              tensor becomes ``[1, seq_len]``) or of dicts of tensors
+              (``model(**batch)``, e.g. ``input_ids`` and ``attention_mask``).
+        batch_size: rows per batch when splitting a tensor.
+        vocab_size: if given, token ids must lie in ``[0, vocab_size)``.
+
+    Returns:
+        A non-empty list of batches (tensors or dicts).
+
+    Raises:
+        TypeError / ValueError naming ``calibration``.
+    """
+
+    def check_tensor(t, where):
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{where} must hold token ids (integers) or floats, got {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"{where} is empty (shape {tuple(t.shape)})")
+        if not t.is_floating_point():
+            if t.ndim not in (1, 2):
+                raise ValueError(f"{where} token ids must be [seq_len] or [batch, seq_len], got shape {tuple(t.shape)}")
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+                raise ValueError(
+                    f"{where} token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]"
+                    if vocab_size is not None
+                    else f"{where} token ids must be >= 0, got {lo}"
+                )
+            t = t.long()
+            return t.unsqueeze(0) if t.ndim == 1 else t
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{where} contains NaN or Inf")
+        return t
+
+    if isinstance(calibration, torch.Tensor):
+        t = check_tensor(calibration, "calibration")
+        if not t.is_floating_point() or t.ndim >= 2:
+            return list(torch.split(t, batch_size, dim=0))
+        raise ValueError(f"calibration float tensor must have a sample dimension, got shape {tuple(t.shape)}")
+    if isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
+        raise TypeError(
+            f"calibration must be a tensor or a list of tensors/dicts, got {type(calibration).__name__}"
+        )
+    batches = []
+    for i, item in enumerate(calibration):
+        where = f"calibration[{i}]"
+        if isinstance(item, torch.Tensor):
+            batches.append(check_tensor(item, where))
+        elif isinstance(item, dict):
+            if not item:
+                raise ValueError(f"{where} is an empty dict")
+            batch = {}
+            for k, v in item.items():
+                if isinstance(v, torch.Tensor) and k == "input_ids":
+                    v = check_tensor(v, f"{where}[{k!r}]")
+                batch[k] = v
+            batches.append(batch)
+        else:
+            raise TypeError(f"{where} must be a tensor or a dict of tensors, got {type(item).__name__}")
+    if not batches:
+        raise ValueError("calibration is empty")
+    return batches
+
+
+def _skip_matcher(skip):
+    if callable(skip):
+        return skip
+    globs = [p for p in skip if not p.startswith("re:")]
+    regexes = [re.compile(p[3:]) for p in skip if p.startswith("re:")]
+
+    def match(name, module):
+        return any(fnmatch.fnmatchcase(name, g) for g in globs) or any(r.search(name) for r in regexes)
+
+    return match
+
+
+def _layer_config(name, module, qcfg: QuantConfig, policy: str):
+    """The QuantConfig for one layer, or None to leave it in full precision."""
+    n = layer_in_features(module)
+    if qcfg.group_size == -1 or n % qcfg.group_size == 0:
+        return qcfg
+    msg = f"group_size {qcfg.group_size} does not divide in_features {n} of layer {name}"
+    if policy == "error":
+        raise ValueError(msg + " (indivisible='error')")
+    if policy == "skip":
+        log.warning("%s: left in full precision", msg)
+        return None
+    log.warning("%s: quantized per channel", msg)
+    return dataclasses.replace(qcfg, group_size=-1)
+
+
+@dataclass
+class _BlockPlan:
+    layers: dict  # relative name -> (module, QuantConfig)
+
+
+def _plan(spec: BlockSpec, mcfg: ModelQuantConfig, report: QuantReport) -> list:
+    skip = _skip_matcher(mcfg.skip)
+    plans = []
+    for i, block in enumerate(spec.blocks):
+        layers = {}
+        found = quantizable_layers(block)
+        if is_quantizable(block):  # blocks that are single layers (layer-by-layer quantization)
+            if spec.whole_model:
+                raise ValueError(
+                    f"model is a single {type(block).__name__} layer: use decoupleq.quantize_weight for one matrix"
+                )
+            found = {"": block}
+        for rel, m in found.items():
+            full = spec.full_name(i, rel)
+            if skip(full, m):
+                report.skipped.append(full)
+                continue
+            lcfg = _layer_config(full, m, mcfg.quant, mcfg.indivisible)
+            if lcfg is None:
+                report.skipped.append(full)
+                continue
+            layers[rel] = (m, lcfg)
+        plans.append(_BlockPlan(layers))
+    return plans
+
+
+# ---------------------------------------------------------------------------
+# One block
+# ---------------------------------------------------------------------------
+
+
+def _discover(block, call, hidden, layers: dict):
+    """Run the block once; return (execution order, calls per layer, input key per layer)."""
+    order, counts, keys = [], {}, {}
+    handles = []
+    alive = []  # holding every input keeps its address from being reused within the pass
+
+    def make(name, module):
+        def hook(mod, inp, out):
+            if name not in counts:
+                order.append(name)
+                counts[name] = 0
+                keys[name] = input_key(module, inp[0])
+                alive.append(inp[0])
+            counts[name] += 1
+
+        return hook
+
+    for name, (m, _) in layers.items():
+        handles.append(m.register_forward_hook(make(name, m)))
+    try:
+        with torch.no_grad():
+            run_block(block, call, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, counts, keys
+
+
+def _groups(order, keys, adapter_names, true_sequential):
+    if not true_sequential:
+        return [list(order)]
+    groups = []
+    if adapter_names:
+        placed = set()
+        for g in adapter_names:
+            g = [n for n in g if n in keys]
+            if g:
+                groups.append(g)
+                placed.update(g)
+        rest = [n for n in order if n not in placed]
+        if rest:
+            log.debug("layers outside the family's groups, quantized last: %s", rest)
+    else:
+        rest = list(order)
+    for n in rest:
+        if groups and groups[-1][-1] in rest and keys[groups[-1][-1]] == keys[n]:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    return groups
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _relative_loss(W: torch.Tensor, H: torch.Tensor, damping: float, loss: float) -> float:
+    W64 = W.to(torch.float64)
+    H64 = torch.as_tensor(H, dtype=torch.float64)
+    lam = damping * float(torch.diagonal(H64).mean())
+    if lam == 0.0 and float(torch.diagonal(H64).abs().sum()) == 0.0:
+        lam = damping
+    ref = float(((W64 @ H64) * W64).sum()) + lam * float(W64.square().sum())
+    return loss / ref if ref > 0 else float("nan")
+
+
+def _quantize_block(
+    model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output
+):
+    t_block = time.perf_counter()
+    layers = plan.layers
+    n = len(inputs)
+    order, counts, keys = _discover(block, calls[0], inputs[0], layers)
+    never = [name for name in layers if name not in counts]
+    for name in never:
+        log.warning("layer %s was never called by its block: left in full precision", spec.full_name(i, name))
+        report.skipped.append(spec.full_name(i, name))
+    groups = _groups(order, keys, adapter_groups(spec.adapter, counts.keys()), mcfg.true_sequential)
+    reused = any(c > 1 for c in counts.values())
+
+    tune = mcfg.blockwise
+    labels = ActivationCache(budget, mcfg.tmpdir, name=f"labels{i}") if tune.enabled and counts else None
+    try:
+        for gi, group in enumerate(groups):
+            record = labels is not None and gi == 0
+            # One accumulator per distinct input within the group.
+            reps, owner = {}, {}
+            for name in group:
+                k = keys[name] if not reused else (name,)
+                if k not in reps:
+                    m = layers[name][0]
+                    reps[k] = (name, HessianAccumulator(layer_in_features(m)))
+                owner[name] = k
+            rep_names = {v[0] for v in reps.values()}
+            fired = set()
+            state = {"mask": None}
+            stop_early = not record and not reused
+
+            def make(name, module, acc):
+                def hook(mod, inp, out):
+                    acc.add(layer_tokens(module, inp[0], state["mask"]))
+                    fired.add(name)
+                    if stop_early and len(fired) == len(rep_names):
+                        raise _StopForward
+
+                return hook
+
+            handles = [
+                layers[name][0].register_forward_hook(make(name, layers[name][0], acc))
+                for name, acc in reps.values()
+            ]
+            try:
+                with torch.no_grad():
+                    for j in range(n):
+                        state["mask"] = calls[j].mask
+                        fired.clear()
+                        try:
+                            y = run_block(block, calls[j], inputs[j])
+                        except _StopForward:
+                            continue
+                        if record:
+                            labels.append(y)
+            finally:
+                for h in handles:
+                    h.remove()
+
+            hessians = {}  # layers fed the same input share one H
+            for name in group:
+                module, lcfg = layers[name]
+                full = spec.full_name(i, name)
+                acc = reps[owner[name]][1]
+                t0 = time.perf_counter()
+                if owner[name] not in hessians:
+                    hessians[owner[name]] = acc.hessian()
+                H = hessians[owner[name]]
+                W = layer_weight_matrix(module)
+                qw = quantize_weight(W, H, lcfg)
+                cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+                new = cls.from_quantized(module, qw)
+                _set_module(model, full, new)
+                if name == "":
+                    block = spec.blocks[i] = new
+                loss = float(qw.loss.sum())
+                rel = _relative_loss(W, torch.as_tensor(H), lcfg.damping, loss)
+                dt = time.perf_counter() - t0
+                report.layers.append(
+                    LayerReport(full, tuple(W.shape), lcfg.group_size, loss, rel, int(acc.n_tokens), dt)
+                )
+                log.debug("%s %s: loss %.6g (relative %.4g) in %.2fs", full, tuple(W.shape), loss, rel, dt)
+                if bars is not None:
+                    bars[1].set_postfix_str(f"{full} rel.loss {rel:.3g}", refresh=False)
+                    bars[1].update(1)
+            del reps, hessians
+
+        result = None
+        if labels is not None:
+            progress = None
+            if bars is not None:
+                total = tune.epochs * n
+
+                def progress(step, loss):
+                    if step == 1 or step == total or step % max(1, total // 20) == 0:
+                        bars[0].set_postfix_str(f"tuning {step}/{total} mse {loss:.3g}")
+
+            result = tune_block(block, inputs, calls, labels, tune, progress=progress, outputs_to_labels=need_output)
+            if result.outputs_in_labels:
+                # The tuned block's outputs are already computed: that cache holds the next inputs.
+                inputs.close()
+                inputs, labels = labels, None
+                need_output = False
+    finally:
+        if labels is not None:
+            labels.close()
+
+    if need_output:
+        with torch.no_grad():
+            for j in range(n):
+                inputs[j] = run_block(block, calls[j], inputs[j])
+    seconds = time.perf_counter() - t_block
+    report.blocks.append(BlockReport(i, spec.block_name(i), seconds, groups, result))
+    return result, block, inputs
+
+
+# ---------------------------------------------------------------------------
+# The verb
+# ---------------------------------------------------------------------------
+
+
+def quantize(
+    model: nn.Module,
+    calibration,
+    config: QuantConfig | ModelQuantConfig | None = None,
+    *,
+    blocks=None,
+    blockwise: BlockTuneConfig | bool | None = None,
+    true_sequential: bool | None = None,
+    skip=None,
+    cache_budget_mb: float | None = None,
+    batch_size: int | None = None,
+    indivisible: str | None = None,
+    tmpdir=None,
+    verbose: bool | None = None,
+) -> nn.Module:
+    """Quantize ``model``'s layers in place, block by block, and return it.
+
+    Args:
+        model: an ``nn.Module`` (a Hugging Face model or any module). It is
+            run in eval mode; its training flag is restored at the end.
+        calibration: token id batches (a list of LongTensor ``[batch, seq]``
+            or a tensor ``[num_samples, seq_len]``), float inputs for other
+            models, or dicts of model inputs; see ``calibration_batches``.
+        config: a ``QuantConfig`` (layer settings, other options default) or a
+            ``ModelQuantConfig``; None means ``ModelQuantConfig()``.
+        blocks: where the blocks are: None (family adapter, else the largest
+            ``nn.ModuleList`` of similar modules, else the whole model as one
+            block), a dotted path, or a list of submodules.
+        blockwise, true_sequential, skip, cache_budget_mb, batch_size,
+            indivisible, tmpdir, verbose: override the ``ModelQuantConfig``
+            fields of the same names (see its docstring).
+
+    Returns:
+        ``model``, with ``QuantLinear`` / ``QuantConv2d`` in place of the
+        quantized layers, ``model.decoupleq_config`` (a JSON-friendly dict of
+        the settings) and ``model.decoupleq_report`` (a ``QuantReport``).
+
+    Raises:
+        TypeError / ValueError: bad arguments, named, before any work starts.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    mcfg = _model_config(
+        config,
+        dict(
+            blockwise=blockwise, true_sequential=true_sequential, skip=skip, cache_budget_mb=cache_budget_mb,
+            batch_size=batch_size, indivisible=indivisible, tmpdir=tmpdir, verbose=verbose,
+        ),
+    )
+    if mcfg.tmpdir is not None and not os.path.isdir(mcfg.tmpdir):
+        raise ValueError(f"tmpdir {os.fspath(mcfg.tmpdir)!r} is not an existing directory")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    batches = calibration_batches(calibration, mcfg.batch_size, vocab if isinstance(vocab, int) else None)
+    spec = find_blocks(model, blocks)
+    report = QuantReport()
+    plans = _plan(spec, mcfg, report)
+    total_layers = sum(len(p.layers) for p in plans)
+    if total_layers == 0:
+        log.warning("no layer to quantize (all skipped or none found); the model is unchanged")
+        return model
+
+    info = log.info if mcfg.verbose else log.debug
+    info(
+        "quantizing %d layers in %d blocks (%s) with %s, %d-bit, group %d; %d calibration batches",
+        total_layers, len(spec.blocks), spec.block_name(0) or type(model).__name__,
+        mcfg.quant.method, mcfg.quant.bits, mcfg.quant.group_size, len(batches),
+    )
+    t_start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    budget = MemoryBudget(int(mcfg.cache_budget_mb * 2**20))
+    inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
+    bars = None
+    try:
+        caught = catch_block_inputs(model, spec.blocks, batches, inputs)
+        if mcfg.verbose:
+            from tqdm.auto import tqdm
+
+            bars = (
+                tqdm(total=len(spec.blocks), desc="blocks", unit="block", position=0),
+                tqdm(total=total_layers, desc="layers", unit="layer", position=1, leave=False),
+            )
+        last = max(i for i, p in enumerate(plans) if p.layers)
+        for i, (block, plan) in enumerate(zip(spec.blocks, plans)):
+            if i > last:
+                break
+            calls = caught.calls[i]
+            if not caught.chained and i > 0 and plan.layers:
+                # Blocks that do not feed each other: catch this block's inputs from
+                # the model as it is now (earlier blocks already quantized).
+                inputs.close()
+                inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
+                calls = catch_block_inputs(model, [block], batches, inputs).calls[0]
+            if plan.layers:
+                res, block, inputs = _quantize_block(
+                    model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars,
+                    caught.chained and i < last,
+                )
+                if res is not None:
+                    info(
+                        "block %s: tuning loss %.6g -> %.6g%s", spec.block_name(i) or "model",
+                        res.loss_before, res.loss_after, " (restored)" if res.restored else "",
+                    )
+            elif caught.chained and i < last:
+                with torch.no_grad():
+                    for j in range(len(inputs)):
+                        inputs[j] = run_block(block, calls[j], inputs[j])
+            if bars is not None:
+                bars[0].update(1)
+    finally:
+        if bars is not None:
+            for b in reversed(bars):
+                b.close()
+        inputs.close()
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t_start
+    info("quantized %d layers in %.1fs", len(report.layers), report.seconds)
+    model.decoupleq_config = mcfg.to_dict()
+    model.decoupleq_report = report
+    return model

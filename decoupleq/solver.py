@@ -1,0 +1,127 @@
+"""Quantize one weight matrix against its Hessian: the Python face of the C solver."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _C
+from ._arrays import as_float_matrix
+from .config import QuantConfig
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = ("c", "reference")
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized weight matrix.
+
+    Attributes:
+        codes: int8 (m, n), signed integers in ``[-2**(bits-1), 2**(bits-1)-1]``.
+        scale: float32 (m, G), one per output row and group of ``group_size`` inputs.
+        zero: float32 (m, G), added after scaling (all zero when symmetric).
+        loss: float64 (m,), each row's error ``(w^ - w) H00 (w^ - w)^T`` with the
+            damped Hessian H00.
+        config: the settings that produced it.
+        trace: float64 (k, m), each row's best error after each solver step
+            (decoupleQ only; one row for RTN and GPTQ).
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    loss: np.ndarray
+    config: QuantConfig
+    trace: np.ndarray = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple:
+        return self.codes.shape
+
+    @property
+    def group_size(self) -> int:
+        """Inputs per group, resolved (``in_features`` when per-channel)."""
+        return self.codes.shape[1] // self.scale.shape[1]
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 (m, n) weight ``codes * scale + zero`` groupwise."""
+        m, n = self.codes.shape
+        g = self.group_size
+        grouped = self.codes.reshape(m, n // g, g).astype(np.float32)
+        w = grouped * self.scale[:, :, None] + self.zero[:, :, None]
+        return w.reshape(m, n)
+
+
+def _backend(impl: str):
+    if impl == "c":
+        return _C
+    if impl == "reference":
+        from . import reference
+
+        return reference
+    raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+
+
+def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c") -> QuantizedWeight:
+    """Quantize the weight ``W`` given the Hessian ``H`` of its layer's inputs.
+
+    Args:
+        W: (m, n) weight, rows are output channels: a NumPy array or a CPU
+            torch tensor of any float dtype (computed in float32). Not modified.
+        H: (n, n) mean outer product of the layer's inputs (as returned by
+            ``HessianAccumulator.hessian()``), undamped; damping is applied here
+            with ``config.damping``. Not modified.
+        config: a ``QuantConfig``; the default is decoupleQ W2 g64.
+        impl: ``"c"`` (the C core) or ``"reference"`` (the NumPy twin, slow).
+
+    Returns:
+        A ``QuantizedWeight``.
+
+    Raises:
+        TypeError / ValueError: naming the argument, before any work starts.
+    """
+    if config is None:
+        config = QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    backend = _backend(impl)
+    W32 = as_float_matrix(W, "W", np.float32)
+    m, n = W32.shape
+    if m == 0 or n == 0:
+        raise ValueError(f"W must have at least one row and one column, got shape {W32.shape}")
+    H64 = as_float_matrix(H, "H", np.float64, shape=(n, n))
+    config.groups(n)  # raises if group_size does not divide n
+    H00 = backend.damp(H64, config.damping)
+
+    common = dict(
+        bits=config.bits,
+        group_size=config.group_size,
+        symmetric=config.symmetric,
+        rule=config.rounding_rule,
+    )
+    if config.method == "rtn":
+        A, S, Z, err = backend.rtn(W32, H00, **common)
+        trace = err[None, :].copy()
+    elif config.method == "gptq":
+        A, S, Z, err = backend.gptq(
+            W32, H00, act_order=config.act_order, blocksize=config.blocksize, **common
+        )
+        trace = err[None, :].copy()
+    else:
+        A, S, Z, err, trace = backend.decoupleq(
+            W32,
+            H00,
+            act_order=config.act_order,
+            iterations=config.iterations,
+            rounding=config.rounding,
+            blocksize=config.blocksize,
+            steps_before_round=config.pgd_steps_before_round,
+            steps_per_column=config.pgd_steps_per_column,
+            lr=config.pgd_lr,
+            **common,
+        )
+    log.debug("quantized %dx%d with %s: mean loss %.6g", m, n, config.method, float(err.mean()))
+    return QuantizedWeight(codes=A, scale=S, zero=Z, loss=err, config=config, trace=trace)

@@ -1,0 +1,121 @@
+"""The command line, end to end on tiny models saved as Hugging Face folders and real text."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import decoupleq
+from decoupleq import cli, evaluate
+from zoo_helpers import read, text_slice, tiny_bert, tiny_llama, train_tokenizer
+
+needs_solver = pytest.mark.skipif(not hasattr(decoupleq, "quantize_weight"),
+                                  reason="the layer solver (decoupleq.quantize_weight) has not landed")
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    return text_slice("wikitext-2/valid.txt", d / "valid.txt"), text_slice("wikitext-2/test.txt", d / "test.txt")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=60_000), vocab_size=280)
+    model = tiny_llama(vocab_size=len(tok), seed=5, hidden=64)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_models_lists_packaged(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "minilm-l6" in out
+
+
+def test_python_dash_m_runs():
+    res = subprocess.run([sys.executable, "-m", "decoupleq", "--help"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0
+    for cmd in ("quantize", "eval", "info", "models"):
+        assert cmd in res.stdout
+
+
+def test_bad_arguments_fail_before_work(tmp_path, capsys):
+    assert cli.main(["quantize", "no-such-model", "--out", str(tmp_path / "o")]) == 2
+    assert "smollm2-135m" in capsys.readouterr().err  # names what would have been accepted
+    assert cli.main(["quantize", "smollm2-135m", "--bits", "9", "--out", str(tmp_path / "o")]) == 2
+    assert "bits" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "x", "--group-size", "0", "--out", str(tmp_path)])
+    assert cli.main(["info", str(tmp_path)]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_full_precision_folder(llama_dir, texts, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", str(llama_dir), "--text", str(texts[1]), "--seq-len", "32", "--max-windows", "3",
+                     "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    from decoupleq.zoo import load_model
+
+    lm = load_model(llama_dir)
+    direct = evaluate.perplexity(lm.model, texts[1], lm.tokenizer, seq_len=32, max_windows=3)
+    assert res["perplexity"]["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
+    assert res["perplexity"]["windows"] == 3 and "3 x 32 tokens" in printed
+
+
+def test_eval_encoder_needs_a_reference(tmp_path, texts, capsys):
+    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=40_000), vocab_size=260, encoder=True)
+    tiny_bert(len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert cli.main(["eval", str(tmp_path), "--text", str(texts[1])]) == 2
+    assert "encoder" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path), "--text", str(texts[1]), "--reference", str(tmp_path),
+                     "--max-windows", "2"]) == 0
+    assert "cosine mean 1.0000" in capsys.readouterr().out
+
+
+@needs_solver
+def test_quantize_eval_info_round_trip(llama_dir, texts, tmp_path, capsys):
+    out = tmp_path / "q"
+    args = ["quantize", str(llama_dir), "--method", "rtn", "--bits", "4", "--group-size", "16",
+            "--calib", str(texts[0]), "--num-samples", "4", "--seq-len", "32", "--out", str(out),
+            "--eval-text", str(texts[1]), "--eval-windows", "2", "--eval-seq-len", "32", "-q"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "before: ppl" in printed and "after:  ppl" in printed
+    summary = json.loads((out / cli.SUMMARY_FILE).read_text())
+    assert summary["kind"] == "causal-lm" and summary["layers"] == 14  # 7 linears x 2 blocks
+    assert summary["config"]["quant"]["bits"] == 4 and summary["config"]["blockwise"]["enabled"] is False
+    assert summary["file_mb"] > 0 and summary["packed_mb"] < summary["fp_mb"]
+
+    model, tok, _ = cli.load_quantized(out)
+    assert sum(isinstance(m, decoupleq.QuantLinear) for m in model.modules()) == 14
+    assert cli.main(["eval", str(out), "--text", str(texts[1]), "--seq-len", "32", "--max-windows", "2",
+                     "--compare", "--json", str(tmp_path / "e.json")]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    # The folder re-loaded from disk scores what the in-memory model scored right after quantizing.
+    assert res["perplexity"]["ppl"] == pytest.approx(summary["eval"]["quantized"]["ppl"], rel=1e-5)
+    assert res["fidelity"]["kl"] > 0 and 0 <= res["fidelity"]["top1"] <= 1
+    capsys.readouterr()
+    assert cli.main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "rtn W4 group 16" in info and "14 quantized" in info
+
+
+@needs_solver
+def test_quantize_self_calibrated_with_block_tuning(llama_dir, tmp_path):
+    out = tmp_path / "q2"
+    assert cli.main(["quantize", str(llama_dir), "--method", "gptq", "--bits", "2", "--group-size", "-1",
+                     "--blockwise", "--blockwise-epochs", "1", "--num-samples", "2", "--seq-len", "16",
+                     "--out", str(out), "-q"]) == 0
+    summary = json.loads((out / cli.SUMMARY_FILE).read_text())
+    assert summary["calibration"]["source"] == "self"
+    assert summary["config"]["blockwise"]["enabled"] is True and summary["config"]["quant"]["group_size"] == -1
+    model, _, _ = cli.load_quantized(out)
+    codes = torch.cat([m.codes.flatten() for m in model.modules() if isinstance(m, decoupleq.QuantLinear)])
+    assert int(codes.min()) >= -2 and int(codes.max()) <= 1
