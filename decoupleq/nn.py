@@ -1,4 +1,4 @@
-"""Quantized layers: integer codes plus trainable float scale and zero, dequantized in torch.
+"""Quantized layers: packed integer codes plus trainable float scale and zero.
 
 The weight a layer computes with is ``codes * scale + zero`` group by group,
 in float32, with the multiply and the add as two separately rounded float32
@@ -6,7 +6,13 @@ operations: exactly the arithmetic of ``QuantizedWeight.dequantize()`` in
 NumPy, so ``QuantLinear(x) == F.linear(x, fake_quant_weight)`` bit for bit.
 
 Layout (one convention for every origin):
-    codes: int8 (out_features, in_features), a buffer (never trained).
+    packed: uint32 (out_features, row_words), the buffer holding the codes
+        at 2, 3 and 4 bits in the layout of ``decoupleq.packing`` (never
+        trained). At 5 to 8 bits there is no packed layout and the buffer is
+        ``codes`` itself, int8.
+    codes: int8 (out_features, in_features), read-only: unpacked on every
+        access at 2-4 bits (a new tensor; writing to it changes nothing, use
+        ``set_codes``).
     scale: float32 (out_features, G) ``nn.Parameter``.
     zero:  float32 (out_features, G) ``nn.Parameter`` (zeros, and not trained
         by the block-wise tuning, when symmetric).
@@ -17,6 +23,18 @@ kept in the transposed (out, in) layout above and computed with ``F.linear``,
 so scale and zero are (out, G) for every origin (the reference stores them
 (G, out) for Conv1D; we do not). ``origin`` records where a layer came from so
 ``to_float()`` can rebuild the same module type.
+
+Inference: when no gradient is needed (grad mode off, or neither the input
+nor a float part requires grad), ``QuantLinear`` on the CPU at 2-4 bits runs
+the packed kernels (``decoupleq.kernels``) straight from ``packed`` and the
+CURRENT float32 ``scale`` and ``zero`` (so values tuned by SFT are used as
+they are, with nothing cached); inputs cross to NumPy without copies when
+float32 and contiguous, other float dtypes are converted to float32 and the
+output is cast back. The result agrees with ``F.linear`` on the dequantized
+float32 weight up to float32 rounding (sums are ordered differently).
+Otherwise (autograd, other devices, 5-8 bits) the torch path runs:
+``decoupleq.sft`` for gradients, else the dequantized weight and F.linear.
+``QuantConv2d`` always uses the torch path (codes unpacked per call).
 
 Convolutions (``QuantConv2d``) flatten the kernel to (out, in * kh * kw) in
 PyTorch's weight order (input channel, then kernel row, then column); groups
@@ -30,6 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ORIGINS = ("linear", "conv1d")
+#: Bit widths stored packed (and run by the packed kernels).
+PACKED_BITS = (2, 3, 4)
 
 
 def _hf_conv1d_class():
@@ -84,7 +104,12 @@ class _QuantWeightMixin:
         self.group_size = group_size
         self.symmetric = bool(symmetric)
         self.method = method
-        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self._in_flat = int(in_features)
+        zeros = torch.zeros(out_features, in_features, dtype=torch.int8)
+        if bits in PACKED_BITS:
+            self.register_buffer("packed", self._pack(zeros))
+        else:
+            self.register_buffer("codes", zeros)
         self.scale = nn.Parameter(torch.ones(out_features, n_groups, dtype=torch.float32))
         self.zero = nn.Parameter(torch.zeros(out_features, n_groups, dtype=torch.float32))
 
@@ -102,29 +127,73 @@ class _QuantWeightMixin:
     def n_groups(self) -> int:
         return self.scale.shape[1]
 
+    @property
+    def is_packed(self) -> bool:
+        """True when the codes live in the uint32 ``packed`` buffer (2-4 bits)."""
+        return "packed" in self._buffers
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        from .packing import pack
+
+        c = codes.detach().to("cpu", torch.int8).contiguous().numpy()
+        return torch.from_numpy(pack(c, self.bits))
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """int8 (out, in_flat) codes; at 2-4 bits a fresh tensor unpacked from ``packed`` (read-only in effect)."""
+        own = self._buffers.get("codes")
+        if own is not None:
+            return own
+        packed = self._buffers.get("packed")
+        if packed is None:  # before _init_quant
+            raise AttributeError("codes")
+        from .packing import unpack
+
+        codes = torch.from_numpy(unpack(packed.detach().cpu().numpy(), self.bits, self._in_flat))
+        return codes.to(packed.device)
+
+    def set_codes(self, codes) -> None:
+        """Replace the integer codes: int8 (out, in_flat) tensor or array in the signed ``bits`` range."""
+        codes = torch.as_tensor(codes)
+        want = (self.scale.shape[0], self._in_flat)
+        if tuple(codes.shape) != want:
+            raise ValueError(f"codes has shape {tuple(codes.shape)}, expected {want}")
+        if codes.dtype != torch.int8:
+            raise TypeError(f"codes must be int8, got {codes.dtype}")
+        with torch.no_grad():
+            if self.is_packed:
+                self.packed.copy_(self._pack(codes))
+            else:
+                self.codes.copy_(codes)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 (out, in_flat) weight ``codes * scale + zero``, differentiable in scale and zero."""
-        m, n = self.codes.shape
+        codes = self.codes
+        m, n = codes.shape
         g_count = self.scale.shape[1]
-        grouped = self.codes.reshape(m, g_count, n // g_count).to(torch.float32)
+        grouped = codes.reshape(m, g_count, n // g_count).to(torch.float32)
         # Two separately rounded ops (not addcmul) so the result equals NumPy's float32 dequantize.
         w = grouped * self.scale.unsqueeze(-1)
         w = w + self.zero.unsqueeze(-1)
         return w.reshape(m, n)
 
     def _set_from(self, codes, scale, zero):
+        self.set_codes(codes)
         with torch.no_grad():
-            self.codes.copy_(codes)
             self.scale.copy_(scale)
             self.zero.copy_(zero)
 
     def quant_info(self) -> dict:
         """JSON-friendly description used by ``decoupleq.io``."""
+        from .packing import FORMAT
+
         return {
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "method": self.method,
+            # how the codes are stored: buffer "packed" in this layout, or "codes" as int8
+            "codes": FORMAT if self.is_packed else "int8",
         }
 
 
@@ -142,8 +211,9 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         bias_dtype: dtype of the bias (that of the original layer).
 
     Forward: ``x (..., in_features)`` of any float dtype ->
-    ``(..., out_features)`` in ``x.dtype``; the weight is dequantized in float32
-    and cast to ``x.dtype``.
+    ``(..., out_features)`` in ``x.dtype``. Without autograd on the CPU at 2-4
+    bits: the packed kernel in float32 (see the module docstring). Otherwise
+    the weight is dequantized in float32 and cast to ``x.dtype``.
     """
 
     def __init__(
@@ -217,9 +287,45 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
 
         if sft.uses_training_path(self, x):
             return sft.quant_linear_forward(self, x)
+        if self._kernel_serves(x):
+            return self._packed_forward(x)
         w = self.dequantize().to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, b)
+
+    def _kernel_serves(self, x: torch.Tensor) -> bool:
+        return (
+            self.is_packed
+            and x.device.type == "cpu"
+            and self.packed.device.type == "cpu"
+            and self.scale.device.type == "cpu"
+            and x.is_floating_point()
+            and x.ndim >= 1
+            and x.shape[-1] == self.in_features
+            and x.numel() > 0
+        )
+
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W_hat.T (+ bias) with the packed kernel; no autograd (the caller checked)."""
+        from . import _C
+
+        lead = x.shape[:-1]
+        x2 = x.detach().reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.to(torch.float32)
+        x2 = x2.contiguous()  # a no-op (no copy) for contiguous float32 input
+        # The live float parts, read at every call: SFT updates are used as they are.
+        scale = self.scale.detach().contiguous().numpy()
+        zero = self.zero.detach().contiguous().numpy()
+        # torch's intra-op count, so torch.set_num_threads limits us too; the
+        # large-batch path's sgemm runs after our threads have finished.
+        y = _C.packed_matmul(x2.numpy(), self.packed.numpy(), scale, zero, self.bits, self.in_features,
+                             self.group_size, threads=torch.get_num_threads())
+        y = torch.from_numpy(y)
+        if self.bias is not None:
+            y += self.bias.detach().to(torch.float32)
+        y = y.reshape(*lead, self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def to_float(self) -> nn.Module:
         """A plain ``nn.Linear`` (or ``Conv1D``) holding the dequantized weight."""
@@ -305,7 +411,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.codes.shape[1]
+        return self._in_flat
 
     @property
     def out_features(self) -> int:

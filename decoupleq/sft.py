@@ -320,7 +320,7 @@ def sft_parameter_count(model: nn.Module) -> dict:
         and ``codes`` (integer codes alone).
     """
     params = {id(p): p for p in model.parameters()}
-    codes = sum(m.codes.numel() for m in model.modules() if isinstance(m, QUANT_MODULES))
+    codes = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QUANT_MODULES))
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     total = sum(p.numel() for p in params.values()) + codes
     return {"trainable": trainable, "model": total, "codes": codes}

@@ -185,7 +185,7 @@ def test_no_float_weight_is_saved_for_backward():
     out_f, in_f = 24, 40
     layer = QuantLinear(in_f, out_f, bits=2, group_size=8, bias=True)
     with torch.no_grad():
-        layer.codes.copy_(torch.randint(-2, 2, (out_f, in_f)).to(torch.int8))
+        layer.set_codes(torch.randint(-2, 2, (out_f, in_f)).to(torch.int8))
         layer.scale.uniform_(0.5, 1.5)
     x = torch.randn(3, in_f, requires_grad=True)
     saved = []
