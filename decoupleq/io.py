@@ -1,10 +1,14 @@
 """Save and load quantized models: one safetensors file, no pickle.
 
-File layout (format version 1): a single ``.safetensors`` file holding
+File layout (format version 2): a single ``.safetensors`` file holding
 
 - every entry of ``model.state_dict()`` in its own dtype: for quantized layers
-  ``<layer>.codes`` (int8, (out, in_flat)), ``<layer>.scale`` and
-  ``<layer>.zero`` (float32, (out, G)) and ``<layer>.bias``; every other
+  at 2, 3 and 4 bits ``<layer>.packed`` (uint32, (out, row_words)), the codes
+  in the packed layout of ``decoupleq.packing`` ("decoupleq-lanes8-v1", the
+  layout the kernels read, so loading needs no conversion); at 5 to 8 bits
+  ``<layer>.codes`` (int8, (out, in_flat)); then ``<layer>.scale`` and
+  ``<layer>.zero`` (float32, (out, G): float32 so that save -> load is
+  bit-exact, including values tuned by SFT) and ``<layer>.bias``; every other
   parameter and persistent buffer unchanged (norms, embeddings, head...).
   Tensors that share memory (tied embeddings) are stored once and listed as
   aliases;
@@ -12,7 +16,8 @@ File layout (format version 1): a single ``.safetensors`` file holding
   ``format`` ("decoupleq"), ``format_version``, the settings that produced the
   model (``quantization``: method, bits, group size, symmetric...), each
   quantized layer's description (``layers``: type, shapes, bits, group size,
-  symmetric, method, bias), the tensor ``aliases``, and ``model``: the class
+  symmetric, method, bias, ``codes``: the storage of the codes, the packed
+  format's name or "int8"), the tensor ``aliases``, and ``model``: the class
   and, for Hugging Face models, the full config so ``load`` can rebuild the
   model without the original weights.
 
@@ -21,6 +26,9 @@ renames it over the destination (``os.replace``): an interrupted save leaves
 the previous file (or none), never a partial one. ``load`` checks the format,
 its version and every shape before it changes anything, and raises
 ``ValueError`` with the offending name on a truncated or mismatched file.
+
+Format version 1 (int8 ``<layer>.codes`` at every bit width) still loads: its
+2-4-bit codes are packed while loading.
 """
 from __future__ import annotations
 
@@ -39,7 +47,9 @@ from .nn import QUANT_MODULES, QuantConv2d, is_hf_conv1d, quant_module_from_info
 log = logging.getLogger(__name__)
 
 FORMAT = "decoupleq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions ``load`` reads: 1 stored int8 codes at every bit width.
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "decoupleq"
 
 
@@ -190,9 +200,10 @@ def read_metadata(path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path!r}: metadata format is {meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT!r}")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path!r} has format_version {version!r}; this decoupleq reads format_version {FORMAT_VERSION}"
+            f"{path!r} has format_version {version!r}; this decoupleq reads format_version {FORMAT_VERSION} "
+            f"(and {', '.join(str(v) for v in READABLE_VERSIONS if v != FORMAT_VERSION)}, read as well)"
         )
     for k in ("layers", "aliases", "model"):
         if not isinstance(meta.get(k), dict):
@@ -200,15 +211,32 @@ def read_metadata(path) -> dict:
     return meta
 
 
-def _expected_shapes(name: str, info: dict) -> dict:
+def _codes_storage(info: dict, version: int) -> str:
+    """How a layer's codes are stored in a file of ``version``: the packed format's name or "int8"."""
+    from .packing import FORMAT
+
+    storage = info.get("codes", "int8") if version >= 2 else "int8"
+    if storage not in ("int8", FORMAT):
+        raise ValueError(f"codes stored as {storage!r}: this decoupleq reads 'int8' and {FORMAT!r}")
+    return storage
+
+
+def _expected_shapes(name: str, info: dict, version: int = FORMAT_VERSION) -> dict:
+    """{tensor name: (shape, safetensors dtype or None)} of one quantized layer in the file."""
+    from .packing import row_words
+
     out, n = int(info["out_features"]), int(info["in_features"])
     gs = int(info["group_size"])
     if gs != -1 and (gs <= 0 or n % gs):
         raise ValueError(f"layer {name}: group_size {gs} does not divide in_features {n}")
     G = 1 if gs == -1 else n // gs
-    shapes = {f"{name}.codes": (out, n), f"{name}.scale": (out, G), f"{name}.zero": (out, G)}
+    if _codes_storage(info, version) == "int8":
+        shapes = {f"{name}.codes": ((out, n), "I8")}
+    else:
+        shapes = {f"{name}.packed": ((out, row_words(int(info["bits"]), n)), "U32")}
+    shapes.update({f"{name}.scale": ((out, G), None), f"{name}.zero": ((out, G), None)})
     if info.get("bias"):
-        shapes[f"{name}.bias"] = (out,)
+        shapes[f"{name}.bias"] = ((out,), None)
     return shapes
 
 
@@ -281,19 +309,23 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
     layers, aliases = meta["layers"], meta["aliases"]
 
     # Every check against the file happens before the model is touched.
+    version = meta["format_version"]
     with safe_open(path, framework="pt") as f:
         file_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        file_dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     for name, info in layers.items():
         try:
-            shapes = _expected_shapes(name, info)
+            shapes = _expected_shapes(name, info, version)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"layer {name!r}: incomplete description in the file ({exc!r})") from None
-        for key, want in shapes.items():
+        for key, (want, dtype) in shapes.items():
             got = file_shapes.get(key)
             if got is None:
                 raise ValueError(f"{path!r}: tensor {key!r} of quantized layer {name!r} is missing")
             if got != want:
                 raise ValueError(f"{path!r}: tensor {key!r} has shape {got}, layer {name!r} needs {want}")
+            if dtype is not None and file_dtypes[key] != dtype:
+                raise ValueError(f"{path!r}: tensor {key!r} has dtype {file_dtypes[key]}, layer {name!r} needs {dtype}")
     for dup, kept in aliases.items():
         if kept not in file_shapes:
             raise ValueError(f"{path!r}: alias {dup!r} points to missing tensor {kept!r}")
@@ -310,6 +342,8 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
         setattr(parent, child, shell)
 
     tensors = load_file(path)
+    for name, info in layers.items():
+        _pack_old_codes(tensors, name, info, version, path)
     for dup, kept in aliases.items():
         tensors[dup] = tensors[kept]
     own = model.state_dict(keep_vars=True)
@@ -331,6 +365,21 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
     model.decoupleq_config = meta.get("quantization")
     log.info("loaded %d tensors (%d quantized layers) from %s", len(tensors), len(layers), path)
     return model
+
+
+def _pack_old_codes(tensors: dict, name: str, info: dict, version: int, path: str) -> None:
+    """int8 codes of a 2-4-bit layer (format version 1) -> the packed buffer the layer now holds."""
+    from .nn import PACKED_BITS
+    from .packing import pack
+
+    bits = int(info["bits"])
+    if _codes_storage(info, version) != "int8" or bits not in PACKED_BITS:
+        return
+    codes = tensors.pop(f"{name}.codes")
+    try:
+        tensors[f"{name}.packed"] = torch.from_numpy(pack(codes.numpy(), bits))
+    except ValueError as exc:
+        raise ValueError(f"{path!r}: layer {name!r}: {exc}") from None
 
 
 def _set_dtype(model: nn.Module, key: str, dtype: torch.dtype):

@@ -65,13 +65,18 @@ def test_file_is_safetensors_with_documented_metadata(quantized_llama, tmp_path)
     assert info == {
         "type": "linear", "origin": "linear", "in_features": 64, "out_features": 64, "bits": 2,
         "group_size": 16, "symmetric": False, "method": "decoupleq", "bias": False, "bias_dtype": None,
+        "codes": "decoupleq-lanes8-v1",
     }
     assert meta["model"]["class"] == "LlamaForCausalLM" and meta["model"]["hf_config"]["hidden_size"] == 64
     assert meta["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
     assert "lm_head.weight" not in keys
     tensors = load_file(str(path))
-    assert tensors["model.layers.0.self_attn.q_proj.codes"].dtype == torch.int8
+    # 2-bit codes packed: 64 columns = 8 steps = one lane-word of 8 uint32 per row.
+    assert "model.layers.0.self_attn.q_proj.codes" not in tensors
+    packed = tensors["model.layers.0.self_attn.q_proj.packed"]
+    assert packed.dtype == torch.uint32 and packed.shape == (64, 8)
     assert tensors["model.layers.0.self_attn.q_proj.scale"].shape == (64, 4)
+    assert tensors["model.layers.0.self_attn.q_proj.scale"].dtype == torch.float32
 
 
 def test_gpt2_and_bf16_round_trip(tmp_path):
@@ -180,7 +185,19 @@ def test_mismatched_shapes_are_named(quantized_llama, tmp_path):
     def claim_other_width(m):
         m["layers"]["model.layers.1.self_attn.o_proj"]["in_features"] = 32
     _rewrite(good, bad, edit_meta=claim_other_width)
-    with pytest.raises(ValueError, match=r"o_proj\.codes.*\(64, 64\).*needs \(64, 32\)"):
+    # 32 and 64 columns both pack into one lane-word per row: the scales catch it.
+    with pytest.raises(ValueError, match=r"o_proj\.scale.*\(64, 4\).*needs \(64, 2\)"):
+        load(bad)
+
+    def claim_four_bits(m):  # 96 columns: one lane-word per row at 2 bits, two at 4
+        m["layers"]["model.layers.1.mlp.down_proj"]["bits"] = 4
+    _rewrite(good, bad, edit_meta=claim_four_bits)
+    with pytest.raises(ValueError, match=r"down_proj\.packed.*\(64, 8\).*needs \(64, 16\)"):
+        load(bad)
+
+    key = "model.layers.0.mlp.up_proj.packed"
+    _rewrite(good, bad, edit_tensors=lambda t: t.update({key: t[key].view(torch.int32)}))
+    with pytest.raises(ValueError, match=r"up_proj\.packed.*dtype I32.*needs U32"):
         load(bad)
 
     norm_key = "model.layers.0.input_layernorm.weight"
@@ -211,3 +228,62 @@ def test_unquantized_model_round_trips(tmp_path):
     loaded = load(path)
     _assert_same_state(model, loaded)
     assert loaded.decoupleq_config is None
+
+
+def _as_version_1(meta, tensors):
+    """Rewrite a version-2 file as version 1 wrote it: int8 codes, no "codes" field."""
+    from decoupleq.packing import unpack
+
+    meta["format_version"] = 1
+    for name, info in meta["layers"].items():
+        storage = info.pop("codes")
+        if storage != "int8":
+            packed = tensors.pop(f"{name}.packed")
+            tensors[f"{name}.codes"] = torch.from_numpy(unpack(packed.numpy(), info["bits"], info["in_features"]))
+
+
+def test_version_1_file_with_int8_codes_still_loads(quantized_llama, tmp_path):
+    good = tmp_path / "v2.safetensors"
+    save(quantized_llama, good)
+    with safe_open(str(good), framework="pt") as f:
+        meta = json.loads(f.metadata()[METADATA_KEY])
+    tensors = load_file(str(good))
+    _as_version_1(meta, tensors)
+    assert tensors["model.layers.0.mlp.up_proj.codes"].dtype == torch.int8
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, str(old), metadata={METADATA_KEY: json.dumps(meta)})
+    loaded = load(old)
+    _assert_same_state(quantized_llama, loaded)  # packed on load, bit for bit
+    ids = token_batches(n=2, seq=16, seed=5)
+    assert torch.equal(logits(loaded, ids), logits(quantized_llama, ids))
+
+    # A version-1 code outside the 2-bit range is named, not silently wrapped.
+    tensors["model.layers.1.mlp.down_proj.codes"][3, 5] = 7
+    save_file(tensors, str(old), metadata={METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(ValueError, match=r"down_proj.*codes\[3, 5\] = 7"):
+        load(old)
+
+
+def test_high_bit_layers_keep_int8_codes_and_packed_file_is_small(tmp_path):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 96)
+    x = torch.randn(64, 256)
+    files = {}
+    for bits in (2, 4, 6):
+        model = torch.nn.Sequential(copy.deepcopy(layer))
+        decoupleq.quantize(model, [x], QuantConfig(bits=bits, group_size=64, iterations=1, method="rtn"),
+                           verbose=False)
+        path = tmp_path / f"w{bits}.safetensors"
+        save(model, path)
+        files[bits] = os.path.getsize(path)
+        stored = load_file(str(path))
+        if bits <= 4:
+            assert stored["0.packed"].dtype == torch.uint32 and "0.codes" not in stored
+        else:
+            assert stored["0.codes"].dtype == torch.int8 and "0.packed" not in stored
+        back = load(path, model=torch.nn.Sequential(copy.deepcopy(layer)))
+        _assert_same_state(model, back)
+    # codes bytes: 96 * 256 * bits / 8 packed, one byte per code at 6 bits; scales, zeros and
+    # bias are the same in every file, the JSON header differs by a few bytes ("int8" vs the format).
+    assert files[4] - files[2] == 96 * 256 * 2 // 8
+    assert abs(files[6] - files[2] - 96 * 256 * (8 - 2) // 8) <= 64
