@@ -306,8 +306,9 @@ def cmd_quantize(args) -> int:
     }
     summary = save_folder(args.out, lm.model, lm.tokenizer, summary)
     print(f"quantized {summary['layers']} layers in {seconds:.1f} s (calibration data {t_calib:.1f} s)")
+    stored = f"codes packed at {args.bits} bits" if args.bits <= 4 else f"{args.bits}-bit codes stored as int8"
     print(f"size: {fp_mb:.1f} MB in memory before; file {summary['file_mb']:.1f} MB "
-          f"(codes stored as int8), {summary['packed_mb']:.1f} MB with codes packed at {args.bits} bits")
+          f"({stored}, scales and zeros float32), {summary['packed_mb']:.1f} MB with float16 scales and zeros")
     print(f"saved to {args.out}")
     return 0
 

@@ -123,7 +123,8 @@ def main(argv=None):
             "config": lm.model.decoupleq_config, "seconds": seconds, "fp_mb": fp_mb, "packed_mb": packed,
             "layers": len(lm.model.decoupleq_report.layers),
         })
-        print(f"saved to {args.out} ({summary['file_mb']:.0f} MB on disk: codes stored as int8); "
+        stored = f"codes packed at {args.bits} bits" if args.bits <= 4 else "codes stored as int8"
+        print(f"saved to {args.out} ({summary['file_mb']:.0f} MB on disk: {stored}, scales and zeros float32); "
               f"try: decoupleq info {args.out}")
     print(f"peak RSS: {peak_rss_mb():.0f} MB; threads: {torch.get_num_threads()}")
 
