@@ -15,6 +15,8 @@ _LAZY = {
     "save": "io",
     "load": "io",
     "prepare_for_sft": "sft",
+    "PackedWeight": "packing",
+    "packed_linear": "kernels",
 }
 
 
