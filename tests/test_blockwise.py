@@ -76,7 +76,7 @@ def test_what_is_trained_follows_the_switches():
     )
     tune_block(block, inputs, calls, labels, cfg)
     after = block.state_dict()
-    for k in ("norm.weight", "norm.bias", "up.bias", "down.bias", "up.codes", "down.codes"):
+    for k in ("norm.weight", "norm.bias", "up.bias", "down.bias", "up.packed", "down.packed"):
         assert torch.equal(before[k], after[k]), k
     assert not torch.equal(before["down.zero"], after["down.zero"])
 
