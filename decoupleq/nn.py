@@ -43,9 +43,12 @@ supported.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import _C
 
 ORIGINS = ("linear", "conv1d")
 #: Bit widths stored packed (and run by the packed kernels).
@@ -283,48 +286,68 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from . import sft  # training: gradients from the codes, no dequantized weight kept for backward
+        # The checks before the kernel are kept cheap: a decoder makes hundreds
+        # of these calls per token, each only microseconds of kernel work.
+        if torch.is_grad_enabled():
+            from . import sft  # training: gradients from the codes, no dequantized weight kept for backward
 
-        if sft.uses_training_path(self, x):
-            return sft.quant_linear_forward(self, x)
-        if self._kernel_serves(x):
-            return self._packed_forward(x)
+            if sft.uses_training_path(self, x):
+                return sft.quant_linear_forward(self, x)
+        if x.is_cpu and x.is_floating_point() and x.numel() > 0 and x.shape[-1] == self.in_features:
+            views = self._kernel_views()
+            if views is not None:
+                return self._packed_forward(x, views)
         w = self.dequantize().to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, b)
 
-    def _kernel_serves(self, x: torch.Tensor) -> bool:
-        return (
-            self.is_packed
-            and x.device.type == "cpu"
-            and self.packed.device.type == "cpu"
-            and self.scale.device.type == "cpu"
-            and x.is_floating_point()
-            and x.ndim >= 1
-            and x.shape[-1] == self.in_features
-            and x.numel() > 0
+    def _kernel_views(self):
+        """NumPy views (packed, scale, zero, bias or None) of the layer's LIVE tensors, or None
+        when the kernel cannot serve (5-8 bits, not on the CPU, not float32 contiguous).
+
+        Cached per decoding step's worth of calls, keyed by the tensors' data pointers: an
+        in-place update (an optimizer step) is seen through the views as it happens, and a
+        replaced tensor (``p.data = ...``, ``.to()``) has another address, because the cached
+        view keeps the old memory alive until it is rebuilt here."""
+        packed = self._buffers.get("packed")
+        if packed is None:
+            return None
+        scale, zero, bias = self._parameters["scale"], self._parameters["zero"], self._parameters["bias"]
+        key = (packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), None if bias is None else bias.data_ptr())
+        cached = self.__dict__.get("_views")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        ok = all(
+            t.is_cpu and t.is_contiguous() and t.dtype == want
+            for t, want in ((packed, torch.uint32), (scale, torch.float32), (zero, torch.float32))
         )
+        views = None
+        if ok:
+            b = None
+            if bias is not None and bias.is_cpu and bias.dtype == torch.float32 and bias.is_contiguous():
+                b = bias.detach().numpy()
+            elif bias is not None:
+                b = "convert"  # another dtype or device: converted at each call
+            views = (packed.numpy(), scale.detach().numpy(), zero.detach().numpy(), b)
+        self.__dict__["_views"] = (key, views)
+        return views
 
-    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _packed_forward(self, x: torch.Tensor, views) -> torch.Tensor:
         """x @ W_hat.T (+ bias) with the packed kernel; no autograd (the caller checked)."""
-        from . import _C
-
-        lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, self.in_features)
-        if x2.dtype != torch.float32:
-            x2 = x2.to(torch.float32)
-        x2 = x2.contiguous()  # a no-op (no copy) for contiguous float32 input
-        # The live float parts, read at every call: SFT updates are used as they are.
-        scale = self.scale.detach().contiguous().numpy()
-        zero = self.zero.detach().contiguous().numpy()
+        packed, scale, zero, bias = views
+        xd = x.detach()
+        if xd.dtype != torch.float32:
+            xd = xd.to(torch.float32)
+        # NumPy's reshape: a view (no copy) for contiguous input, and cheaper than torch's.
+        xn = xd.numpy()
+        x2 = np.ascontiguousarray(xn.reshape(-1, self.in_features))
         # torch's intra-op count, so torch.set_num_threads limits us too; the
         # large-batch path's sgemm runs after our threads have finished.
-        y = _C.packed_matmul(x2.numpy(), self.packed.numpy(), scale, zero, self.bits, self.in_features,
+        y = _C.packed_matmul(x2, packed, scale, zero, self.bits, self.in_features,
                              self.group_size, threads=torch.get_num_threads())
-        y = torch.from_numpy(y)
-        if self.bias is not None:
-            y += self.bias.detach().to(torch.float32)
-        y = y.reshape(*lead, self.out_features)
+        if bias is not None:
+            y += bias if not isinstance(bias, str) else self.bias.detach().cpu().to(torch.float32).numpy()
+        y = torch.from_numpy(y.reshape(*xn.shape[:-1], self.out_features))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def to_float(self) -> nn.Module:
