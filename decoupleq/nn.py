@@ -301,6 +301,13 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, b)
 
+    def __getstate__(self):
+        # The NumPy views are a cache of this object's own tensors: a copy or a
+        # pickle must not carry (and duplicate) them.
+        state = self.__dict__.copy()
+        state.pop("_views", None)
+        return state
+
     def _kernel_views(self):
         """NumPy views (packed, scale, zero, bias or None) of the layer's LIVE tensors, or None
         when the kernel cannot serve (5-8 bits, not on the CPU, not float32 contiguous).

@@ -184,3 +184,27 @@ def test_symmetric_layer_and_state_dict_round_trip():
     assert torch.equal(twin.codes, q.codes)
     with torch.no_grad():
         assert torch.equal(twin(x), y)
+
+
+def test_copies_do_not_share_or_carry_the_kernel_views():
+    import copy
+    import io
+
+    q = make_layer(16, 64, 2, 16, seed=10)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        y = q(x)  # builds the cached views
+    twin = copy.deepcopy(q)
+    assert "_views" not in twin.__dict__
+    with torch.no_grad():
+        twin.scale.mul_(2.0)  # only the copy changes
+        assert torch.equal(q(x), y)
+        assert torch.equal(twin(x), kernel_result(twin, x)) and not torch.equal(twin(x), y)
+    # torch.save, not plain pickle: torch 2.13 cannot unpickle a uint32 tensor with pickle.loads.
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert "_views" not in back.__dict__
+    with torch.no_grad():
+        assert torch.equal(back(x), y)
