@@ -3,7 +3,10 @@
 This docstring is the specification of the packed layout. The C codec
 (``csrc/dq_pack.c``), the kernels (``csrc/dq_kernels_*.c``), the NumPy twin
 (``decoupleq/reference/packing.py``) and saved models all follow it; a change
-here is a new ``FORMAT`` string.
+here is a new ``FORMAT`` string. ``QuantLinear`` keeps its 2-4-bit codes in this
+layout (its ``packed`` buffer) with float32 ``scale`` and ``zero`` (the
+float32 option below; they are trained by SFT), and ``decoupleq.save`` stores
+that buffer as it is (``decoupleq/io.py``, format version 2).
 
 Values
 ------
