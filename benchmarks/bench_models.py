@@ -161,8 +161,8 @@ def main(argv=None):
                       f"{r['file_mb']:.0f}",
                       f"{r['packed_mb']:.0f}"]
         print("| " + " | ".join(cells) + " |")
-    print("\nfile = decoupleq.save output (codes stored as int8); packed = codes at their bit width, "
-          "scale/zero in float16.")
+    print("\nfile = decoupleq.save output (2-4-bit codes packed, scale/zero float32); packed = codes at their "
+          "bit width, scale/zero in float16.")
     print("Note: SmolLM2's weights were stored 4-bit (GGUF Q4_1, blocks of 32): W4 results flatter any method.")
 
 
