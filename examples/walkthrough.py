@@ -60,8 +60,8 @@ print(f"worst layer: {worst.name}, relative loss {worst.rel_loss:.4f}")
 
 # %% [markdown]
 # ## 4. Inside a quantized layer
-# Each linear layer became a `QuantLinear`: codes in the signed 4-bit range, packed eight to a
-# 32-bit word (`layer.codes` unpacks them to int8), and one float
+# Each linear layer became a `QuantLinear`: codes in the signed 4-bit range, packed into 32-bit
+# words (`layer.codes` unpacks them to int8), and one float
 # scale and zero per output row and group of 64 inputs. The weight it computes with is
 # `codes * scale + zero`.
 
