@@ -32,6 +32,7 @@
  */
 #include "dq_solver.h"
 #include "dq_blas.h"
+#include "dq_profile.h"
 
 #include <string.h>
 
@@ -64,6 +65,11 @@ typedef struct {
     const double *Hs;     /* n x G */
     const double *P22;    /* G x G */
     float *S, *Z;
+    /* Update form (S0 non-NULL): the current parameters of the same codes and
+     * their errors; the new errors come from the quadratic expansion. */
+    const float *S0, *Z0;
+    const double *err0;
+    double *err;
     int nomem;            /* set by a worker whose scratch allocation failed */
 } ctx_t;
 
@@ -190,7 +196,7 @@ static void finish_rows(void *vctx, int64_t begin, int64_t end)
     const dq_layer_t *L = X->L;
     int64_t n = L->n, g = L->g, G = L->G, N = X->N;
     int sym = L->symmetric;
-    double *P = dq_malloc(sizeof(double) * (size_t)(N * N + 4 * N));
+    double *P = dq_malloc(sizeof(double) * (size_t)(2 * N * N + 7 * N));
     uint8_t *fixed = dq_malloc((size_t)N);
     if (!P || !fixed) {
         __atomic_store_n(&X->nomem, 1, __ATOMIC_RELAXED);
@@ -199,6 +205,7 @@ static void finish_rows(void *vctx, int64_t begin, int64_t end)
         return;
     }
     double *y = P + N * N, *theta = y + N, *scale = theta + N, *u = scale + N;
+    double *Pc = u + N, *th0 = Pc + N * N, *grad = th0 + N, *delta = grad + N;
     for (int64_t i = begin; i < end; i++) {
         int64_t r = X->r0 + i;
         const int8_t *a = X->A + r * n;
@@ -245,6 +252,22 @@ static void finish_rows(void *vctx, int64_t begin, int64_t end)
                 for (int64_t k = 0; k < G; k++) P[(G + j) * N + G + k] = X->P22[j * G + k];
         }
 
+        if (X->S0) {
+            /* grad = P theta0 - y (half the gradient at the current
+             * parameters), before the solve overwrites P. */
+            for (int64_t j = 0; j < G; j++) {
+                th0[j] = (double)X->S0[r * G + j];
+                if (!sym) th0[G + j] = (double)X->Z0[r * G + j];
+            }
+            memcpy(Pc, P, sizeof(double) * (size_t)(N * N));
+            for (int64_t k = 0; k < N; k++) {
+                const double *pk = Pc + k * N;
+                double acc = 0.0;
+                for (int64_t l = 0; l < N; l++) acc += pk[l] * th0[l];
+                grad[k] = acc - y[k];
+            }
+        }
+
         int bad = solve_row(P, y, N, fixed, theta, scale, u) != 0;
         for (int64_t k = 0; k < N && !bad; k++) bad = !isfinite((float)theta[k]);
         if (bad)
@@ -253,12 +276,41 @@ static void finish_rows(void *vctx, int64_t begin, int64_t end)
             X->S[r * G + j] = (float)theta[j];
             X->Z[r * G + j] = sym ? 0.0f : (float)theta[G + j];
         }
+        if (X->S0) {
+            /* e(theta) = e(theta0) + d^T (P d + 2 grad), d = theta - theta0,
+             * theta the float32 values returned: exact for a quadratic, and
+             * its rounding noise scales with |d| instead of with c_r. */
+            for (int64_t k = 0; k < N; k++) delta[k] = (double)(float)theta[k] - th0[k];
+            double q = 0.0;
+            for (int64_t k = 0; k < N; k++) {
+                if (delta[k] == 0.0) continue;
+                const double *pk = Pc + k * N;
+                double acc = 2.0 * grad[k];
+                for (int64_t l = 0; l < N; l++) acc += pk[l] * delta[l];
+                q += delta[k] * acc;
+            }
+            X->err[r] = X->err0[r] + q;
+        }
     }
     dq_free(P);
     dq_free(fixed);
 }
 
+static double lap(double *t0)
+{
+    const double t = dq_wall_seconds(), d = t - *t0;
+    *t0 = t;
+    return d;
+}
+
 dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z, double *err)
+{
+    return dq_float_step_update(L, A, NULL, NULL, NULL, S, Z, err);
+}
+
+dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float *S0,
+                               const float *Z0, const double *err0, float *S, float *Z,
+                               double *err)
 {
     int64_t m = L->m, n = L->n, g = L->g, G = L->G;
     if (m == 0) return DQ_OK;
@@ -303,7 +355,15 @@ dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z
 
     ctx_t X = {.L = L, .A = A, .N = N, .npair = npair, .T = T, .P11 = P11, .Hs = Hs,
                .P22 = P22, .S = S, .Z = Z, .nomem = 0};
+    if (S0 && err0 && err) {
+        X.S0 = S0;
+        X.Z0 = Z0;
+        X.err0 = err0;
+        X.err = err;
+    }
     int nth = dq_num_threads();
+    const int prof = dq_profile_on();
+    double tp = dq_wall_seconds(), t_gemm = 0.0, t_acc = 0.0, t_fin = 0.0;
     int64_t bs = G > 1 ? g : (n < CHANNEL_BLOCK ? n : CHANNEL_BLOCK);
     for (int64_t r0 = 0; r0 < m; r0 += mb) {
         int64_t rows = m - r0 < mb ? m - r0 : mb;
@@ -315,12 +375,15 @@ dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z
             dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)rows, (int)(n - b0),
                            (int)(b1 - b0), 1.0f, Af + b0, (int)n, L->Hf + b0 * n + b0, (int)n,
                            0.0f, T, (int)(n - b0));
+            if (prof) t_gemm += lap(&tp);
             X.b0 = b0;
             X.b1 = b1;
             st = dq_parallel_for(rows, 8, nth, accumulate_p11, &X);
             if (st != DQ_OK) goto done;
+            if (prof) t_acc += lap(&tp);
         }
         st = dq_parallel_for(rows, 4, nth, finish_rows, &X);
+        if (prof) t_fin += lap(&tp);
         if (st == DQ_OK && X.nomem) st = DQ_ENOMEM;
         if (st != DQ_OK) goto done;
     }
@@ -330,7 +393,15 @@ dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z
      * V = W Hf (float32), and e* is a small difference of the two (measured
      * on synthetic W2 layers: up to 4e-5 relative error per channel, 2e-4 at
      * g64, against 1e-6 / 5e-6 for this recomputation). */
-    st = dq_row_errors(L, A, S, Z, err);
+    if (prof)
+        fprintf(stderr, "[decoupleq profile]   (float step: gemm %.3f s, p11 %.3f s, solve %.3f s)\n",
+                t_gemm, t_acc, t_fin);
+    if (err && !X.S0) {
+        const int prof = dq_profile_on();
+        double t0 = dq_wall_seconds();
+        st = dq_row_errors(L, A, S, Z, err);
+        dq_profile_lap(prof, &t0, "  (its row errors)", -1);
+    }
 done:
     dq_free(Hs);
     dq_free(P22);

@@ -163,8 +163,11 @@ static void dot_range(void *vctx, int64_t begin, int64_t end)
     }
 }
 
-dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *A,
-                             const float *S, const float *Z, double *err)
+/* DH (m x n, or NULL): where every row's D Hf goes, for a caller that reuses
+ * the product (rows NULL only). */
+static dq_status row_errors_impl(const dq_layer_t *L, const int64_t *rows, int64_t k,
+                                 const int8_t *A, const float *S, const float *Z, double *err,
+                                 float *DH)
 {
     const int64_t n = L->n;
     if (!L->Hf) return DQ_EINVAL;
@@ -173,8 +176,8 @@ dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k
     if (chunk < 64) chunk = 64;
     if (chunk > k) chunk = k;
     float *D = dq_malloc(sizeof(float) * (size_t)(chunk * n));
-    float *P = dq_malloc(sizeof(float) * (size_t)(chunk * n));
-    if (!D || !P) {
+    float *P = DH ? NULL : dq_malloc(sizeof(float) * (size_t)(chunk * n));
+    if (!D || (!DH && !P)) {
         dq_free(D);
         dq_free(P);
         return DQ_ENOMEM;
@@ -182,15 +185,28 @@ dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k
     const int nt = dq_num_threads();
     for (int64_t r0 = 0; r0 < k; r0 += chunk) {
         const int64_t cnt = (k - r0) < chunk ? (k - r0) : chunk;
-        err_ctx_t ctx = {L, rows, A, S, Z, r0, D, P, err};
+        float *Pc = DH ? DH + r0 * n : P;
+        err_ctx_t ctx = {L, rows, A, S, Z, r0, D, Pc, err};
         dq_parallel_for(cnt, min_rows(n), nt, diff_range, &ctx);
         dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)cnt, (int)n, (int)n, 1.0f, D, (int)n,
-                       L->Hf, (int)n, 0.0f, P, (int)n);
+                       L->Hf, (int)n, 0.0f, Pc, (int)n);
         dq_parallel_for(cnt, min_rows(n), nt, dot_range, &ctx);
     }
     dq_free(D);
     dq_free(P);
     return DQ_OK;
+}
+
+dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *A,
+                             const float *S, const float *Z, double *err)
+{
+    return row_errors_impl(L, rows, k, A, S, Z, err, NULL);
+}
+
+dq_status dq_row_errors_keep(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,
+                             double *err, float *DH)
+{
+    return row_errors_impl(L, NULL, L->m, A, S, Z, err, DH);
 }
 
 dq_status dq_row_errors(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,

@@ -25,6 +25,7 @@
  */
 #include "dq_solver.h"
 #include "dq_blas.h"
+#include "dq_profile.h"
 
 #include <float.h>
 #include <pthread.h>
@@ -613,8 +614,12 @@ dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const fl
     x.Mf = F->N;
     x.wd = dq_calloc(sizeof(double) * (size_t)L->m);
     if (!x.wd) return DQ_ENOMEM;
+    const int prof = dq_profile_on();
+    double t0 = dq_wall_seconds();
     dq_status st = sweep(&x, use_avx2() ? round_range_avx2 : round_range_generic, 0, err);
+    dq_profile_lap(prof, &t0, "  (its sweep)", -1);
     if (st == DQ_OK) st = refine_errors(L, x.wd, A, S, L->symmetric ? NULL : Z, err);
+    dq_profile_lap(prof, &t0, "  (its refine)", -1);
     dq_free(x.wd);
     return st;
 }
