@@ -33,6 +33,7 @@
 #include "dq_solver.h"
 #include "dq_blas.h"
 #include "dq_profile.h"
+#include "dq_kernels.h"
 
 #include <string.h>
 
@@ -88,24 +89,35 @@ static inline int64_t upper_index(int64_t j, int64_t k, int64_t G)
     return j * G - j * (j - 1) / 2 + (k - j);
 }
 
-/* sum_i t[i] * a[i] in float64 with four fixed accumulators: the same
- * result on every machine (no reassociation beyond this fixed split). */
-static double dot_fa(const float *t, const int8_t *a, int64_t len)
+/* sum_i t[i] * a[i] in float64 with eight fixed accumulators (lane l takes
+ * i = l mod 8): the same result on every machine and in both builds below
+ * (no reassociation beyond this fixed split), and vectorisable as is. */
+static inline __attribute__((always_inline)) double dot_fa(const float *t, const int8_t *a,
+                                                           int64_t len)
 {
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t i = 0;
-    for (; i + 4 <= len; i += 4) {
-        s0 += (double)t[i] * a[i];
-        s1 += (double)t[i + 1] * a[i + 1];
-        s2 += (double)t[i + 2] * a[i + 2];
-        s3 += (double)t[i + 3] * a[i + 3];
-    }
-    for (; i < len; i++) s0 += (double)t[i] * a[i];
-    return (s0 + s1) + (s2 + s3);
+    for (; i + 8 <= len; i += 8)
+        for (int l = 0; l < 8; l++) s[l] += (double)t[i + l] * (double)a[i + l];
+    for (; i < len; i++) s[0] += (double)t[i] * (double)a[i];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* sum_i x[i] * y[i] in float64, the same fixed eight-lane split. */
+static inline __attribute__((always_inline)) double dot_dd(const double *x, const double *y,
+                                                           int64_t len)
+{
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8)
+        for (int l = 0; l < 8; l++) s[l] += x[i + l] * y[i + l];
+    for (; i < len; i++) s[0] += x[i] * y[i];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 /* P11 contributions of column block [b0, b1) for the rows [begin, end). */
-static void accumulate_p11(void *vctx, int64_t begin, int64_t end)
+static inline __attribute__((always_inline)) void accumulate_p11(void *vctx, int64_t begin,
+                                                                  int64_t end)
 {
     ctx_t *X = (ctx_t *)vctx;
     const dq_layer_t *L = X->L;
@@ -130,7 +142,7 @@ static void accumulate_p11(void *vctx, int64_t begin, int64_t end)
 /* Dense equilibrated Cholesky with dropped pivots; solves P theta = y in
  * place of theta.  fixed[i] != 0 forces theta_i = 0.  P (N x N, row-major,
  * symmetric) is overwritten.  Returns 0, or -1 if the result is not finite. */
-static int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed, double *theta,
+static inline __attribute__((always_inline)) int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed, double *theta,
                      double *scale, double *u)
 {
     for (int64_t i = 0; i < N; i++) {
@@ -144,8 +156,7 @@ static int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed
             for (int64_t i = k; i < N; i++) P[i * N + k] = 0.0;
             continue;
         }
-        double d = Lk[k] * scale[k] * scale[k];
-        for (int64_t l = 0; l < k; l++) d -= Lk[l] * Lk[l];
+        double d = Lk[k] * scale[k] * scale[k] - dot_dd(Lk, Lk, k);
         if (!(d > PIVOT_RTOL)) {
             scale[k] = 0.0;
             for (int64_t i = k; i < N; i++) P[i * N + k] = 0.0;
@@ -160,14 +171,7 @@ static int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed
                 continue;
             }
             double s = Li[k] * scale[i] * scale[k];
-            double s0 = 0, s1 = 0;
-            int64_t l = 0;
-            for (; l + 2 <= k; l += 2) {
-                s0 += Li[l] * Lk[l];
-                s1 += Li[l + 1] * Lk[l + 1];
-            }
-            for (; l < k; l++) s0 += Li[l] * Lk[l];
-            Li[k] = (s - (s0 + s1)) / piv;
+            Li[k] = (s - dot_dd(Li, Lk, k)) / piv;
         }
     }
     /* Forward: L u = D^-1/2 y; backward: L^T t = u; theta = D^-1/2 t. */
@@ -199,7 +203,8 @@ static int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed
 }
 
 /* The rest of P and y, then the solve, for the rows [begin, end). */
-static void finish_rows(void *vctx, int64_t begin, int64_t end)
+static inline __attribute__((always_inline)) void finish_rows(void *vctx, int64_t begin,
+                                                               int64_t end)
 {
     ctx_t *X = (ctx_t *)vctx;
     const dq_layer_t *L = X->L;
@@ -320,6 +325,22 @@ static void finish_rows(void *vctx, int64_t begin, int64_t end)
     dq_free(fixed);
 }
 
+/* Generic and AVX2 builds of the two row loops: the same code, rounding
+ * identically (-ffp-contract=off, fixed accumulator lanes), so the choice
+ * only changes speed. */
+static void accumulate_p11_generic(void *x, int64_t b, int64_t e) { accumulate_p11(x, b, e); }
+static void finish_rows_generic(void *x, int64_t b, int64_t e) { finish_rows(x, b, e); }
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma"))) static void accumulate_p11_avx2(void *x, int64_t b, int64_t e)
+{
+    accumulate_p11(x, b, e);
+}
+__attribute__((target("avx2,fma"))) static void finish_rows_avx2(void *x, int64_t b, int64_t e)
+{
+    finish_rows(x, b, e);
+}
+#endif
+
 static double lap(double *t0)
 {
     const double t = dq_wall_seconds(), d = t - *t0;
@@ -393,6 +414,13 @@ dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float
         X.recheck = recheck;
     }
     int nth = dq_num_threads();
+    dq_range_fn p11_fn = accumulate_p11_generic, finish_fn = finish_rows_generic;
+#if defined(__x86_64__) || defined(__i386__)
+    if (dq_cpu_has_avx2()) {
+        p11_fn = accumulate_p11_avx2;
+        finish_fn = finish_rows_avx2;
+    }
+#endif
     const int prof = dq_profile_on();
     double tp = dq_wall_seconds(), t_gemm = 0.0, t_acc = 0.0, t_fin = 0.0;
     int64_t bs = G > 1 ? g : (n < CHANNEL_BLOCK ? n : CHANNEL_BLOCK);
@@ -409,11 +437,11 @@ dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float
             if (prof) t_gemm += lap(&tp);
             X.b0 = b0;
             X.b1 = b1;
-            st = dq_parallel_for(rows, 8, nth, accumulate_p11, &X);
+            st = dq_parallel_for(rows, 8, nth, p11_fn, &X);
             if (st != DQ_OK) goto done;
             if (prof) t_acc += lap(&tp);
         }
-        st = dq_parallel_for(rows, 4, nth, finish_rows, &X);
+        st = dq_parallel_for(rows, 4, nth, finish_fn, &X);
         if (prof) t_fin += lap(&tp);
         if (st == DQ_OK && X.nomem) st = DQ_ENOMEM;
         if (st != DQ_OK) goto done;
