@@ -68,13 +68,15 @@ static void record(double *trace, int64_t max_trace, int64_t *count, const doubl
     (*count)++;
 }
 
+/* err_ref: the current best errors; only rows below them are taken, so
+ * the GPTQ step need not measure the others exactly. */
 static dq_status integer_step(const dq_layer_t *L, const dq_solve_opts_t *opts,
                               const dq_gptq_factor_t *F, const float *S, const float *Z,
-                              int8_t *A, double *err)
+                              const double *err_ref, int8_t *A, double *err)
 {
     if (opts->rounding == DQ_ROUNDING_PGD)
         return dq_round_pgd(L, opts->act_order ? F->perm : NULL, S, Z, &opts->pgd, A, err);
-    return dq_round_gptq(L, F, S, Z, opts->blocksize, A, err);
+    return dq_round_gptq_vs(L, F, S, Z, opts->blocksize, err_ref, A, err);
 }
 
 /* DH NULL, or m x n: receives the min-max D Hf (see dq_row_errors_keep). */
@@ -131,7 +133,8 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
     dq_profile_lap(prof, &t0, "factor", -1);
 
     /* 3.2 step 2: a GPTQ pass with the min-max parameters. */
-    if ((st = dq_round_gptq(L, &F, S, Z, opts->blocksize, cand.A, cand.err)) != DQ_OK) goto done;
+    if ((st = dq_round_gptq_vs(L, &F, S, Z, opts->blocksize, err, cand.A, cand.err)) != DQ_OK)
+        goto done;
     dq_profile_lap(prof, &t0, "initial gptq", -1);
     keep_best(L, cand.A, S, Z, cand.err, A, S, Z, err);
     record(trace, max_trace, n_trace, err, m);
@@ -159,7 +162,8 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
         /* Sc/Zc may alias S/Z, so the candidate keeps its own copy. */
         memcpy(cand.S, Sc, sizeof(float) * (size_t)(m * L->G));
         memcpy(cand.Z, Zc, sizeof(float) * (size_t)(m * L->G));
-        if ((st = integer_step(L, opts, &F, cand.S, cand.Z, cand.A, cand.err)) != DQ_OK) goto done;
+        if ((st = integer_step(L, opts, &F, cand.S, cand.Z, err, cand.A, cand.err)) != DQ_OK)
+            goto done;
         dq_profile_lap(prof, &t0, "integer step", it);
         double rate = keep_best(L, cand.A, cand.S, cand.Z, cand.err, A, S, Z, err);
         record(trace, max_trace, n_trace, err, m);

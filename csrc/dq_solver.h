@@ -125,6 +125,14 @@ void dq_gptq_factor_free(dq_gptq_factor_t *F);
  * measured with H00. */
 dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const float *S,
                         const float *Z, int64_t blocksize, int8_t *A, double *err);
+/* The same for a caller that keeps a row only if its error is below
+ * err_ref[r] (NULL: every error exact): a row whose error from the sweep's
+ * identity is above err_ref[r] by more than the identity's noise is not
+ * measured exactly and keeps that (inexact, but certainly >= err_ref[r])
+ * value. */
+dq_status dq_round_gptq_vs(const dq_layer_t *L, const dq_gptq_factor_t *F, const float *S,
+                           const float *Z, int64_t blocksize, const double *err_ref, int8_t *A,
+                           double *err);
 
 /* Reference GPTQ (ALGORITHM 2.1) as a baseline method: min-max group
  * parameters recomputed from the updated weights at each group start
