@@ -149,6 +149,11 @@ static int factor_rung(const double *H, int64_t n, const int64_t *perm, int dead
     return 0;
 }
 
+dq_status dq_act_order_perm(const double *H, int64_t n, int64_t *perm)
+{
+    return make_perm(H, n, 1, 0, perm);
+}
+
 dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_damping,
                          dq_gptq_factor_t *F)
 {

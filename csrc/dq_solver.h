@@ -119,6 +119,9 @@ typedef struct {
 dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_damping,
                          dq_gptq_factor_t *F);
 void dq_gptq_factor_free(dq_gptq_factor_t *F);
+/* The act-order permutation alone (ALGORITHM 3.7): columns by decreasing
+ * diag H, ties by ascending index; the one dq_gptq_factor uses. */
+dq_status dq_act_order_perm(const double *H, int64_t n, int64_t *perm);
 
 /* decoupleQ's GPTQ step (ALGORITHM 2.2): fixed (S, Z) per element, start
  * from W, lazy blocks of `blocksize` columns.  Writes A and the row errors
