@@ -32,6 +32,8 @@
  */
 #include "dq_solver.h"
 #include "dq_blas.h"
+#include "dq_profile.h"
+#include "dq_kernels.h"
 
 #include <string.h>
 
@@ -41,6 +43,14 @@
  * precision after the exact all-equal-codes test has removed the structural
  * singularities. */
 #define PIVOT_RTOL 1e-9
+
+/* Error update of dq_float_step_update: its noise estimate is
+ * UPDATE_NOISE * sum_k |d_k| (|P theta0|_k + |y_k|) (eps32 / 2 times a
+ * safety factor of 8 over the largest ratio of actual to estimated error
+ * seen on synthetic W2-W4 layers); rows where it exceeds UPDATE_RTOL of the
+ * error (the GPTQ identity's tolerance) get the exact GEMM error. */
+#define UPDATE_NOISE (8.0 * 6e-8)
+#define UPDATE_RTOL 3e-5
 
 /* Columns per block of the per-channel P11 assembly (the sgemm's k): large
  * enough that the symmetric half costs few BLAS calls. */
@@ -64,6 +74,12 @@ typedef struct {
     const double *Hs;     /* n x G */
     const double *P22;    /* G x G */
     float *S, *Z;
+    /* Update form (S0 non-NULL): the current parameters of the same codes and
+     * their errors; the new errors come from the quadratic expansion. */
+    const float *S0, *Z0;
+    const double *err0;
+    double *err;
+    uint8_t *recheck;     /* per row: the update's noise bound is too loose */
     int nomem;            /* set by a worker whose scratch allocation failed */
 } ctx_t;
 
@@ -73,24 +89,35 @@ static inline int64_t upper_index(int64_t j, int64_t k, int64_t G)
     return j * G - j * (j - 1) / 2 + (k - j);
 }
 
-/* sum_i t[i] * a[i] in float64 with four fixed accumulators: the same
- * result on every machine (no reassociation beyond this fixed split). */
-static double dot_fa(const float *t, const int8_t *a, int64_t len)
+/* sum_i t[i] * a[i] in float64 with eight fixed accumulators (lane l takes
+ * i = l mod 8): the same result on every machine and in both builds below
+ * (no reassociation beyond this fixed split), and vectorisable as is. */
+static inline __attribute__((always_inline)) double dot_fa(const float *t, const int8_t *a,
+                                                           int64_t len)
 {
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t i = 0;
-    for (; i + 4 <= len; i += 4) {
-        s0 += (double)t[i] * a[i];
-        s1 += (double)t[i + 1] * a[i + 1];
-        s2 += (double)t[i + 2] * a[i + 2];
-        s3 += (double)t[i + 3] * a[i + 3];
-    }
-    for (; i < len; i++) s0 += (double)t[i] * a[i];
-    return (s0 + s1) + (s2 + s3);
+    for (; i + 8 <= len; i += 8)
+        for (int l = 0; l < 8; l++) s[l] += (double)t[i + l] * (double)a[i + l];
+    for (; i < len; i++) s[0] += (double)t[i] * (double)a[i];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* sum_i x[i] * y[i] in float64, the same fixed eight-lane split. */
+static inline __attribute__((always_inline)) double dot_dd(const double *x, const double *y,
+                                                           int64_t len)
+{
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8)
+        for (int l = 0; l < 8; l++) s[l] += x[i + l] * y[i + l];
+    for (; i < len; i++) s[0] += x[i] * y[i];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 /* P11 contributions of column block [b0, b1) for the rows [begin, end). */
-static void accumulate_p11(void *vctx, int64_t begin, int64_t end)
+static inline __attribute__((always_inline)) void accumulate_p11(void *vctx, int64_t begin,
+                                                                  int64_t end)
 {
     ctx_t *X = (ctx_t *)vctx;
     const dq_layer_t *L = X->L;
@@ -115,7 +142,7 @@ static void accumulate_p11(void *vctx, int64_t begin, int64_t end)
 /* Dense equilibrated Cholesky with dropped pivots; solves P theta = y in
  * place of theta.  fixed[i] != 0 forces theta_i = 0.  P (N x N, row-major,
  * symmetric) is overwritten.  Returns 0, or -1 if the result is not finite. */
-static int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed, double *theta,
+static inline __attribute__((always_inline)) int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed, double *theta,
                      double *scale, double *u)
 {
     for (int64_t i = 0; i < N; i++) {
@@ -129,8 +156,7 @@ static int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed
             for (int64_t i = k; i < N; i++) P[i * N + k] = 0.0;
             continue;
         }
-        double d = Lk[k] * scale[k] * scale[k];
-        for (int64_t l = 0; l < k; l++) d -= Lk[l] * Lk[l];
+        double d = Lk[k] * scale[k] * scale[k] - dot_dd(Lk, Lk, k);
         if (!(d > PIVOT_RTOL)) {
             scale[k] = 0.0;
             for (int64_t i = k; i < N; i++) P[i * N + k] = 0.0;
@@ -145,14 +171,7 @@ static int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed
                 continue;
             }
             double s = Li[k] * scale[i] * scale[k];
-            double s0 = 0, s1 = 0;
-            int64_t l = 0;
-            for (; l + 2 <= k; l += 2) {
-                s0 += Li[l] * Lk[l];
-                s1 += Li[l + 1] * Lk[l + 1];
-            }
-            for (; l < k; l++) s0 += Li[l] * Lk[l];
-            Li[k] = (s - (s0 + s1)) / piv;
+            Li[k] = (s - dot_dd(Li, Lk, k)) / piv;
         }
     }
     /* Forward: L u = D^-1/2 y; backward: L^T t = u; theta = D^-1/2 t. */
@@ -184,13 +203,14 @@ static int solve_row(double *P, const double *y, int64_t N, const uint8_t *fixed
 }
 
 /* The rest of P and y, then the solve, for the rows [begin, end). */
-static void finish_rows(void *vctx, int64_t begin, int64_t end)
+static inline __attribute__((always_inline)) void finish_rows(void *vctx, int64_t begin,
+                                                               int64_t end)
 {
     ctx_t *X = (ctx_t *)vctx;
     const dq_layer_t *L = X->L;
     int64_t n = L->n, g = L->g, G = L->G, N = X->N;
     int sym = L->symmetric;
-    double *P = dq_malloc(sizeof(double) * (size_t)(N * N + 4 * N));
+    double *P = dq_malloc(sizeof(double) * (size_t)(2 * N * N + 7 * N));
     uint8_t *fixed = dq_malloc((size_t)N);
     if (!P || !fixed) {
         __atomic_store_n(&X->nomem, 1, __ATOMIC_RELAXED);
@@ -199,6 +219,7 @@ static void finish_rows(void *vctx, int64_t begin, int64_t end)
         return;
     }
     double *y = P + N * N, *theta = y + N, *scale = theta + N, *u = scale + N;
+    double *Pc = u + N, *th0 = Pc + N * N, *grad = th0 + N, *delta = grad + N;
     for (int64_t i = begin; i < end; i++) {
         int64_t r = X->r0 + i;
         const int8_t *a = X->A + r * n;
@@ -245,6 +266,22 @@ static void finish_rows(void *vctx, int64_t begin, int64_t end)
                 for (int64_t k = 0; k < G; k++) P[(G + j) * N + G + k] = X->P22[j * G + k];
         }
 
+        if (X->S0) {
+            /* grad = P theta0 - y (half the gradient at the current
+             * parameters), before the solve overwrites P. */
+            for (int64_t j = 0; j < G; j++) {
+                th0[j] = (double)X->S0[r * G + j];
+                if (!sym) th0[G + j] = (double)X->Z0[r * G + j];
+            }
+            memcpy(Pc, P, sizeof(double) * (size_t)(N * N));
+            for (int64_t k = 0; k < N; k++) {
+                const double *pk = Pc + k * N;
+                double acc = 0.0;
+                for (int64_t l = 0; l < N; l++) acc += pk[l] * th0[l];
+                grad[k] = acc - y[k];
+            }
+        }
+
         int bad = solve_row(P, y, N, fixed, theta, scale, u) != 0;
         for (int64_t k = 0; k < N && !bad; k++) bad = !isfinite((float)theta[k]);
         if (bad)
@@ -253,12 +290,72 @@ static void finish_rows(void *vctx, int64_t begin, int64_t end)
             X->S[r * G + j] = (float)theta[j];
             X->Z[r * G + j] = sym ? 0.0f : (float)theta[G + j];
         }
+        if (X->S0) {
+            /* e(theta) = e(theta0) + d^T (P d + 2 grad), d = theta - theta0,
+             * theta the float32 values returned: exact for a quadratic, and
+             * its rounding noise scales with |d| instead of with c_r. */
+            for (int64_t k = 0; k < N; k++) delta[k] = (double)(float)theta[k] - th0[k];
+            double q = 0.0;
+            for (int64_t k = 0; k < N; k++) {
+                if (delta[k] == 0.0) continue;
+                const double *pk = Pc + k * N;
+                double acc = 2.0 * grad[k];
+                for (int64_t l = 0; l < N; l++) acc += pk[l] * delta[l];
+                q += delta[k] * acc;
+            }
+            X->err[r] = X->err0[r] + q;
+            /* Rounding noise of the update: P and y carry float32 products
+             * (relative ~eps32 of each term), so the error of d^T(P d + 2
+             * grad) is bounded by a few eps32 * sum_k |d_k| (|P theta0|_k +
+             * |y_k|) with absolute values termwise.  Rows where that bound
+             * could exceed UPDATE_RTOL of the error are measured exactly. */
+            double bound = 0.0;
+            for (int64_t k = 0; k < N; k++) {
+                if (delta[k] == 0.0) continue;
+                const double *pk = Pc + k * N;
+                double a = fabs(y[k]);
+                for (int64_t l = 0; l < N; l++) a += fabs(pk[l] * th0[l]);
+                bound += delta[k] * delta[k] * a * a;
+            }
+            bound = 2.0 * sqrt(bound);
+            X->recheck[r] = !(UPDATE_NOISE * bound <= UPDATE_RTOL * X->err[r]);
+        }
     }
     dq_free(P);
     dq_free(fixed);
 }
 
+/* Generic and AVX2 builds of the two row loops: the same code, rounding
+ * identically (-ffp-contract=off, fixed accumulator lanes), so the choice
+ * only changes speed. */
+static void accumulate_p11_generic(void *x, int64_t b, int64_t e) { accumulate_p11(x, b, e); }
+static void finish_rows_generic(void *x, int64_t b, int64_t e) { finish_rows(x, b, e); }
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma"))) static void accumulate_p11_avx2(void *x, int64_t b, int64_t e)
+{
+    accumulate_p11(x, b, e);
+}
+__attribute__((target("avx2,fma"))) static void finish_rows_avx2(void *x, int64_t b, int64_t e)
+{
+    finish_rows(x, b, e);
+}
+#endif
+
+static double lap(double *t0)
+{
+    const double t = dq_wall_seconds(), d = t - *t0;
+    *t0 = t;
+    return d;
+}
+
 dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z, double *err)
+{
+    return dq_float_step_update(L, A, NULL, NULL, NULL, S, Z, err);
+}
+
+dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float *S0,
+                               const float *Z0, const double *err0, float *S, float *Z,
+                               double *err)
 {
     int64_t m = L->m, n = L->n, g = L->g, G = L->G;
     if (m == 0) return DQ_OK;
@@ -273,6 +370,7 @@ dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z
     if (mb > m) mb = m;
 
     dq_status st = DQ_OK;
+    uint8_t *recheck = NULL;
     double *Hs = dq_malloc(sizeof(double) * (size_t)(n * G));
     double *P22 = dq_malloc(sizeof(double) * (size_t)(G * G));
     double *P11 = dq_malloc(sizeof(double) * (size_t)(mb * npair));
@@ -303,7 +401,28 @@ dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z
 
     ctx_t X = {.L = L, .A = A, .N = N, .npair = npair, .T = T, .P11 = P11, .Hs = Hs,
                .P22 = P22, .S = S, .Z = Z, .nomem = 0};
+    if (S0 && err0 && err) {
+        X.S0 = S0;
+        X.Z0 = Z0;
+        X.err0 = err0;
+        X.err = err;
+        recheck = dq_calloc((size_t)m);
+        if (!recheck) {
+            st = DQ_ENOMEM;
+            goto done;
+        }
+        X.recheck = recheck;
+    }
     int nth = dq_num_threads();
+    dq_range_fn p11_fn = accumulate_p11_generic, finish_fn = finish_rows_generic;
+#if defined(__x86_64__) || defined(__i386__)
+    if (dq_cpu_has_avx2()) {
+        p11_fn = accumulate_p11_avx2;
+        finish_fn = finish_rows_avx2;
+    }
+#endif
+    const int prof = dq_profile_on();
+    double tp = dq_wall_seconds(), t_gemm = 0.0, t_acc = 0.0, t_fin = 0.0;
     int64_t bs = G > 1 ? g : (n < CHANNEL_BLOCK ? n : CHANNEL_BLOCK);
     for (int64_t r0 = 0; r0 < m; r0 += mb) {
         int64_t rows = m - r0 < mb ? m - r0 : mb;
@@ -315,12 +434,15 @@ dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z
             dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)rows, (int)(n - b0),
                            (int)(b1 - b0), 1.0f, Af + b0, (int)n, L->Hf + b0 * n + b0, (int)n,
                            0.0f, T, (int)(n - b0));
+            if (prof) t_gemm += lap(&tp);
             X.b0 = b0;
             X.b1 = b1;
-            st = dq_parallel_for(rows, 8, nth, accumulate_p11, &X);
+            st = dq_parallel_for(rows, 8, nth, p11_fn, &X);
             if (st != DQ_OK) goto done;
+            if (prof) t_acc += lap(&tp);
         }
-        st = dq_parallel_for(rows, 4, nth, finish_rows, &X);
+        st = dq_parallel_for(rows, 4, nth, finish_fn, &X);
+        if (prof) t_fin += lap(&tp);
         if (st == DQ_OK && X.nomem) st = DQ_ENOMEM;
         if (st != DQ_OK) goto done;
     }
@@ -330,8 +452,32 @@ dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z
      * V = W Hf (float32), and e* is a small difference of the two (measured
      * on synthetic W2 layers: up to 4e-5 relative error per channel, 2e-4 at
      * g64, against 1e-6 / 5e-6 for this recomputation). */
-    st = dq_row_errors(L, A, S, Z, err);
+    if (prof)
+        fprintf(stderr, "[decoupleq profile]   (float step: gemm %.3f s, p11 %.3f s, solve %.3f s)\n",
+                t_gemm, t_acc, t_fin);
+    if (X.S0) {
+        int64_t k = 0;
+        int64_t *rows = dq_malloc(sizeof(int64_t) * (size_t)m);
+        if (!rows) {
+            st = DQ_ENOMEM;
+            goto done;
+        }
+        for (int64_t r = 0; r < m; r++)
+            if (recheck[r]) rows[k++] = r;
+        if (prof)
+            fprintf(stderr, "[decoupleq profile]   (float step: %lld of %lld rows measured exactly)\n",
+                    (long long)k, (long long)m);
+        st = dq_row_errors_rows(L, rows, k, A, S, L->symmetric ? NULL : Z, err);
+        dq_free(rows);
+    }
+    if (err && !X.S0) {
+        const int prof = dq_profile_on();
+        double t0 = dq_wall_seconds();
+        st = dq_row_errors(L, A, S, Z, err);
+        dq_profile_lap(prof, &t0, "  (its row errors)", -1);
+    }
 done:
+    dq_free(recheck);
     dq_free(Hs);
     dq_free(P22);
     dq_free(P11);

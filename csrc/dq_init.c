@@ -163,8 +163,37 @@ static void dot_range(void *vctx, int64_t begin, int64_t end)
     }
 }
 
-dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *A,
-                             const float *S, const float *Z, double *err)
+/* Half-flop form: e = sum over column blocks b of d_b . (d_b H_bb) +
+ * 2 d_b . (H_b,>b d_>b^T), from one sgemm per block on the block's rows of
+ * Hf right of its start (H is symmetric), m n^2 (1 + HALF_BLOCK / n) flops
+ * instead of 2 m n^2. */
+#define HALF_BLOCK 512
+
+typedef struct {
+    const err_ctx_t *e;
+    int64_t b0, b1;
+    const float *T;  /* chunk rows x (n - b0) */
+    double *acc;     /* chunk rows */
+} half_ctx_t;
+
+static void half_dot_range(void *vctx, int64_t begin, int64_t end)
+{
+    const half_ctx_t *h = (const half_ctx_t *)vctx;
+    const int64_t n = h->e->L->n, b0 = h->b0, b1 = h->b1, ld = n - b0;
+    for (int64_t i = begin; i < end; i++) {
+        const float *d = h->e->D + i * n, *t = h->T + i * ld;
+        double diag = 0.0, off = 0.0;
+        for (int64_t c = b0; c < b1; c++) diag += (double)d[c] * (double)t[c - b0];
+        for (int64_t c = b1; c < n; c++) off += (double)d[c] * (double)t[c - b0];
+        h->acc[i] += diag + 2.0 * off;
+    }
+}
+
+/* DH (m x n, or NULL): where every row's D Hf goes, for a caller that reuses
+ * the product (rows NULL only). */
+static dq_status row_errors_impl(const dq_layer_t *L, const int64_t *rows, int64_t k,
+                                 const int8_t *A, const float *S, const float *Z, double *err,
+                                 float *DH)
 {
     const int64_t n = L->n;
     if (!L->Hf) return DQ_EINVAL;
@@ -173,24 +202,58 @@ dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k
     if (chunk < 64) chunk = 64;
     if (chunk > k) chunk = k;
     float *D = dq_malloc(sizeof(float) * (size_t)(chunk * n));
-    float *P = dq_malloc(sizeof(float) * (size_t)(chunk * n));
-    if (!D || !P) {
+    float *P = DH ? NULL : dq_malloc(sizeof(float) * (size_t)(chunk * n));
+    if (!D || (!DH && !P)) {
         dq_free(D);
         dq_free(P);
         return DQ_ENOMEM;
     }
     const int nt = dq_num_threads();
+    const int half = !DH && n >= 2 * HALF_BLOCK;
+    double *acc = half ? dq_malloc(sizeof(double) * (size_t)chunk) : NULL;
+    if (half && !acc) {
+        dq_free(D);
+        dq_free(P);
+        return DQ_ENOMEM;
+    }
     for (int64_t r0 = 0; r0 < k; r0 += chunk) {
         const int64_t cnt = (k - r0) < chunk ? (k - r0) : chunk;
-        err_ctx_t ctx = {L, rows, A, S, Z, r0, D, P, err};
+        float *Pc = DH ? DH + r0 * n : P;
+        err_ctx_t ctx = {L, rows, A, S, Z, r0, D, Pc, err};
         dq_parallel_for(cnt, min_rows(n), nt, diff_range, &ctx);
+        if (half) {
+            memset(acc, 0, sizeof(double) * (size_t)cnt);
+            for (int64_t b0 = 0; b0 < n; b0 += HALF_BLOCK) {
+                const int64_t b1 = b0 + HALF_BLOCK < n ? b0 + HALF_BLOCK : n;
+                dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)cnt, (int)(n - b0),
+                               (int)(b1 - b0), 1.0f, D + b0, (int)n, L->Hf + b0 * n + b0, (int)n,
+                               0.0f, P, (int)(n - b0));
+                half_ctx_t h = {&ctx, b0, b1, P, acc};
+                dq_parallel_for(cnt, min_rows(n), nt, half_dot_range, &h);
+            }
+            for (int64_t i = 0; i < cnt; i++) err[row_of(&ctx, i)] = acc[i];
+            continue;
+        }
         dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)cnt, (int)n, (int)n, 1.0f, D, (int)n,
-                       L->Hf, (int)n, 0.0f, P, (int)n);
+                       L->Hf, (int)n, 0.0f, Pc, (int)n);
         dq_parallel_for(cnt, min_rows(n), nt, dot_range, &ctx);
     }
+    dq_free(acc);
     dq_free(D);
     dq_free(P);
     return DQ_OK;
+}
+
+dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *A,
+                             const float *S, const float *Z, double *err)
+{
+    return row_errors_impl(L, rows, k, A, S, Z, err, NULL);
+}
+
+dq_status dq_row_errors_keep(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,
+                             double *err, float *DH)
+{
+    return row_errors_impl(L, NULL, L->m, A, S, Z, err, DH);
 }
 
 dq_status dq_row_errors(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,

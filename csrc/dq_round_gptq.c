@@ -25,6 +25,7 @@
  */
 #include "dq_solver.h"
 #include "dq_blas.h"
+#include "dq_profile.h"
 
 #include <float.h>
 #include <pthread.h>
@@ -146,6 +147,11 @@ static int factor_rung(const double *H, int64_t n, const int64_t *perm, int dead
         }
     }
     return 0;
+}
+
+dq_status dq_act_order_perm(const double *H, int64_t n, int64_t *perm)
+{
+    return make_perm(H, n, 1, 0, perm);
 }
 
 dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_damping,
@@ -576,8 +582,13 @@ done:
 #define IDENTITY_TOL 3e-5
 #define IDENTITY_SAFETY 32.0
 
+/* err_ref (NULL, or m): a row whose identity error is above err_ref[r] by
+ * more than its estimated noise keeps the identity value (still above
+ * err_ref[r]): a caller that only takes rows below err_ref does not need it
+ * exact. */
 static dq_status refine_errors(const dq_layer_t *L, const double *wd, const int8_t *A,
-                               const float *S, const float *Z, double *err)
+                               const float *S, const float *Z, const double *err_ref,
+                               double *err)
 {
     const int64_t m = L->m;
     int64_t *rows = dq_malloc(sizeof(int64_t) * (size_t)m);
@@ -586,7 +597,9 @@ static dq_status refine_errors(const dq_layer_t *L, const double *wd, const int8
     const double eps = (double)FLT_EPSILON / 2.0;
     for (int64_t r = 0; r < m; r++) {
         const double est = IDENTITY_SAFETY * eps * sqrt(wd[r] / err[r]);
-        if (!(err[r] > 0.0) || !(est <= IDENTITY_TOL)) rows[k++] = r;
+        if (err[r] > 0.0 && est <= IDENTITY_TOL) continue;
+        if (err_ref && err[r] > 0.0 && est < 0.5 && err[r] * (1.0 - est) >= err_ref[r]) continue;
+        rows[k++] = r;
     }
     dq_status st = dq_row_errors_rows(L, rows, k, A, S, Z, err);
     dq_free(rows);
@@ -601,6 +614,13 @@ static int64_t clamp_block(int64_t blocksize, int64_t n)
 dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const float *S,
                         const float *Z, int64_t blocksize, int8_t *A, double *err)
 {
+    return dq_round_gptq_vs(L, F, S, Z, blocksize, NULL, A, err);
+}
+
+dq_status dq_round_gptq_vs(const dq_layer_t *L, const dq_gptq_factor_t *F, const float *S,
+                           const float *Z, int64_t blocksize, const double *err_ref, int8_t *A,
+                           double *err)
+{
     if (blocksize < 1 || !F || F->n != L->n || !F->N || !F->perm) return DQ_EINVAL;
     sweep_t x;
     memset(&x, 0, sizeof(x));
@@ -613,8 +633,12 @@ dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const fl
     x.Mf = F->N;
     x.wd = dq_calloc(sizeof(double) * (size_t)L->m);
     if (!x.wd) return DQ_ENOMEM;
+    const int prof = dq_profile_on();
+    double t0 = dq_wall_seconds();
     dq_status st = sweep(&x, use_avx2() ? round_range_avx2 : round_range_generic, 0, err);
-    if (st == DQ_OK) st = refine_errors(L, x.wd, A, S, L->symmetric ? NULL : Z, err);
+    dq_profile_lap(prof, &t0, "  (its sweep)", -1);
+    if (st == DQ_OK) st = refine_errors(L, x.wd, A, S, L->symmetric ? NULL : Z, err_ref, err);
+    dq_profile_lap(prof, &t0, "  (its refine)", -1);
     dq_free(x.wd);
     return st;
 }
@@ -671,7 +695,7 @@ dq_status dq_gptq_baseline(const dq_layer_t *L, const dq_gptq_factor_t *F, int64
                     !x.static_groups, err)) != DQ_OK)
         goto done;
     for (int64_t i = 0; i < m * G; i++) Z[i] = S[i] * (float)(-(L->qmin + x.zeta[i]));
-    st = n_dead ? dq_row_errors(L, A, S, Z, err) : refine_errors(L, x.wd, A, S, Z, err);
+    st = n_dead ? dq_row_errors(L, A, S, Z, err) : refine_errors(L, x.wd, A, S, Z, NULL, err);
 done:
     dq_free(x.zeta);
     dq_free(x.wd);

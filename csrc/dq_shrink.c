@@ -36,6 +36,7 @@
  */
 #include "dq_solver.h"
 #include "dq_blas.h"
+#include "dq_profile.h"
 
 #include <string.h>
 #ifdef DQ_SHRINK_SELFCHECK
@@ -755,8 +756,8 @@ static int pick_ties(const double *est, double c, double err0, int16_t *out)
 /* ---- driver -------------------------------------------------------------- */
 
 static dq_status search_block(const dq_layer_t *L, const double *err_start, const double *rinv,
-                              int64_t r0, int64_t rows, replay_fn fn, float *S, float *Z,
-                              float *p_row, double *err)
+                              int64_t r0, int64_t rows, replay_fn fn, const float *DH, float *S,
+                              float *Z, float *p_row, double *err)
 {
     const int64_t n = L->n, G = L->G;
     const int nth = dq_num_threads();
@@ -771,6 +772,7 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
     int32_t *pr = NULL;
     int16_t *ps = NULL;
     double *perr = NULL, *est = NULL;
+    int16_t *chosen = NULL;
     B.lo = dq_malloc(sizeof(float) * (size_t)(rows * G));
     B.hi = dq_malloc(sizeof(float) * (size_t)(rows * G));
     B.est_flips = dq_malloc(sizeof(int64_t) * (size_t)rows);
@@ -786,11 +788,15 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
     ps = dq_malloc(sizeof(int16_t) * (size_t)(rows * (N_STEPS - 1)));
     perr = dq_malloc(sizeof(double) * (size_t)(rows * (N_STEPS - 1)));
     est = dq_malloc(sizeof(double) * N_STEPS);
-    if (!B.lo || !B.hi || !B.est_flips || !B.ev || !B.step_end || !B.gamma_step ||
+    /* Rows whose choice was made without an exact check (err NULL only). */
+    chosen = dq_calloc(sizeof(int16_t) * (size_t)rows);
+    if (!chosen || !B.lo || !B.hi || !B.est_flips || !B.ev || !B.step_end || !B.gamma_step ||
         !B.alpha_step || !B.U1 || !B.K || !B.alpha1 || !B.gamma1 || !pr || !ps || !perr || !est) {
         st = DQ_ENOMEM;
         goto done;
     }
+    const int prof = dq_profile_on();
+    double t0 = dq_wall_seconds();
     for (int64_t i = 0; i < rows; i++) base_range(L, r0 + i, B.lo + i * G, B.hi + i * G);
 
     B.est_stride = rows > 64 ? rows / 64 : 1;
@@ -828,19 +834,33 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
             st = dq_parallel_for(s1 - s0, 4, nth, fill_rows, &Bs);
             if (st == DQ_OK && Bs.nomem) st = DQ_ENOMEM;
             if (st != DQ_OK) goto done;
+            dq_profile_lap(prof, &t0, "  (shrink flips)", -1);
             /* Anchor: K = u_1 Hf (u_1's pad columns are zero, K's are set
              * to zero so the last tile replays cleanly). */
             if (B.npad != n)
                 memset(B.K + s0 * B.npad, 0, sizeof(float) * (size_t)((s1 - s0) * B.npad));
-            dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)(s1 - s0), (int)n, (int)n, 1.0f,
-                           B.U1 + s0 * B.npad, (int)B.npad, L->Hf, (int)n, 0.0f,
-                           B.K + s0 * B.npad, (int)B.npad);
+            if (DH) {
+                /* u_1 Hf = (u_1 - w) Hf + w Hf: the caller's min-max product
+                 * plus V (equal up to float32 rounding, which the exact
+                 * checks absorb like the estimates' other noise). */
+                for (int64_t i = s0; i < s1; i++) {
+                    const float *dh = DH + (r0 + i) * n, *v = L->V + (r0 + i) * n;
+                    float *k = B.K + i * B.npad;
+                    for (int64_t c = 0; c < n; c++) k[c] = dh[c] + v[c];
+                }
+            } else {
+                dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)(s1 - s0), (int)n, (int)n,
+                               1.0f, B.U1 + s0 * B.npad, (int)B.npad, L->Hf, (int)n, 0.0f,
+                               B.K + s0 * B.npad, (int)B.npad);
+            }
+            dq_profile_lap(prof, &t0, "  (shrink anchor)", -1);
             replay_ctx_t R = {.B = &B, .s0 = s0, .fn = fn};
             st = dq_parallel_for(s1 - s0, 4, nth, anchor_dots, &R);
             if (st != DQ_OK) goto done;
             st = dq_parallel_for(s1 - s0, 1, nth, replay_rows, &R);
             if (st == DQ_OK && B.nomem) st = DQ_ENOMEM;
             if (st != DQ_OK) goto done;
+            dq_profile_lap(prof, &t0, "  (shrink replay)", -1);
             for (int64_t i = s0; i < s1; i++) {
                 free(B.ev[i]);
                 B.ev[i] = NULL;
@@ -867,6 +887,10 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
             estimates(&B, i, est);
             int16_t tie[MAX_TIES];
             const int k = pick_ties(est, L->c[r0 + i], err_start[r0 + i], tie);
+            if (!err && k == 1 && est[tie[0]] < err_start[r0 + i] - TIE_RTOL * fabs(L->c[r0 + i])) {
+                chosen[i] = tie[0];
+                continue;
+            }
             for (int j = 0; j < k; j++) {
                 pr[npairs] = (int32_t)i;
                 ps[npairs] = tie[j];
@@ -875,8 +899,12 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
         }
     }
 
+    dq_profile_lap(prof, &t0, "  (shrink ties)", -1);
     st = eval_pairs(L, B.lo, B.hi, r0, pr, ps, npairs, perr);
     if (st != DQ_OK) goto done;
+    if (prof) fprintf(stderr, "[decoupleq profile]   shrink exact checks: %lld for %lld rows\n",
+                      (long long)npairs, (long long)rows);
+    dq_profile_lap(prof, &t0, "  (shrink exact)", -1);
 
     /* Per row: the lowest exact error, earliest step on ties (the
      * reference's strict < scan), kept only if strictly below the start. */
@@ -897,11 +925,12 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
                     be = perr[k];
                     best = ps[k];
                 }
+            if (chosen[i]) best = chosen[i];
             params_at(L, B.lo + i * G, B.hi + i * G, shrink_p(best), s, z);
             memcpy(S + r * G, s, sizeof(float) * (size_t)G);
             memcpy(Z + r * G, z, sizeof(float) * (size_t)G);
             p_row[r] = shrink_p(best);
-            err[r] = be;
+            if (err) err[r] = be;
         }
         dq_free(s);
     }
@@ -923,11 +952,19 @@ done:
     dq_free(ps);
     dq_free(perr);
     dq_free(est);
+    dq_free(chosen);
     return st;
 }
 
 dq_status dq_shrink_search(const dq_layer_t *L, const double *err_start, float *S, float *Z,
                            float *p_row, double *err)
+{
+    if (!err) return DQ_EINVAL;
+    return dq_shrink_search_choose(L, err_start, NULL, S, Z, p_row, err);
+}
+
+dq_status dq_shrink_search_choose(const dq_layer_t *L, const double *err_start, const float *DH,
+                                  float *S, float *Z, float *p_row, double *err)
 {
     const int64_t m = L->m, n = L->n;
     if (m == 0) return DQ_OK;
@@ -940,7 +977,7 @@ dq_status dq_shrink_search(const dq_layer_t *L, const double *err_start, float *
     for (int i = 0; i < N_STEPS; i++) rinv[i] = 1.0 / (double)shrink_p(i);
     for (int64_t r0 = 0; r0 < m; r0 += mb) {
         const int64_t rows = m - r0 < mb ? m - r0 : mb;
-        dq_status st = search_block(L, err_start, rinv, r0, rows, fn, S, Z, p_row, err);
+        dq_status st = search_block(L, err_start, rinv, r0, rows, fn, DH, S, Z, p_row, err);
         if (st != DQ_OK) return st;
     }
     return DQ_OK;

@@ -4,6 +4,7 @@
  * only where it lowers that row's error: each row's error never rises.
  */
 #include "dq_solver.h"
+#include "dq_profile.h"
 
 #include <string.h>
 
@@ -67,20 +68,24 @@ static void record(double *trace, int64_t max_trace, int64_t *count, const doubl
     (*count)++;
 }
 
+/* err_ref: the current best errors; only rows below them are taken, so
+ * the GPTQ step need not measure the others exactly. */
 static dq_status integer_step(const dq_layer_t *L, const dq_solve_opts_t *opts,
                               const dq_gptq_factor_t *F, const float *S, const float *Z,
-                              int8_t *A, double *err)
+                              const double *err_ref, int8_t *A, double *err)
 {
     if (opts->rounding == DQ_ROUNDING_PGD)
         return dq_round_pgd(L, opts->act_order ? F->perm : NULL, S, Z, &opts->pgd, A, err);
-    return dq_round_gptq(L, F, S, Z, opts->blocksize, A, err);
+    return dq_round_gptq_vs(L, F, S, Z, opts->blocksize, err_ref, A, err);
 }
 
-static dq_status solve_rtn(const dq_layer_t *L, int8_t *A, float *S, float *Z, double *err)
+/* DH NULL, or m x n: receives the min-max D Hf (see dq_row_errors_keep). */
+static dq_status solve_rtn(const dq_layer_t *L, int8_t *A, float *S, float *Z, double *err,
+                           float *DH)
 {
     dq_minmax_params(L, NULL, S, Z);
     dq_rtn_codes(L, S, Z, A);
-    return dq_row_errors(L, A, S, Z, err);
+    return DH ? dq_row_errors_keep(L, A, S, Z, err, DH) : dq_row_errors(L, A, S, Z, err);
 }
 
 static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opts, int8_t *A,
@@ -92,11 +97,24 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
     candidate_t cand = {0}, shrunk = {0};
     float *p_row = NULL;
     double *err_minmax = NULL;
+    float *DH = NULL;
     dq_status st;
+    const int prof = dq_profile_on();
+    double t0 = dq_wall_seconds();
 
+    /* The min-max error product doubles as the shrink search's anchor
+     * (saving it one GEMM), when the search will run. */
+    if (opts->iterations >= 2) {
+        DH = dq_malloc(sizeof(float) * (size_t)(m * L->n));
+        if (!DH) return DQ_ENOMEM;
+    }
     /* 3.2 step 1: min-max RTN is the first best. */
-    st = solve_rtn(L, A, S, Z, err);
-    if (st != DQ_OK) return st;
+    st = solve_rtn(L, A, S, Z, err, DH);
+    if (st != DQ_OK) {
+        dq_free(DH);
+        return st;
+    }
+    dq_profile_lap(prof, &t0, "minmax rtn", -1);
     record(trace, max_trace, n_trace, err, m);
 
     if ((st = candidate_alloc(&cand, L)) != DQ_OK) goto done;
@@ -112,19 +130,30 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
     /* The factor (and act-order permutation) do not depend on (S, Z):
      * computed once here and reused by every integer step. */
     if ((st = dq_gptq_factor(L, opts->act_order, 1, &F)) != DQ_OK) goto done;
+    dq_profile_lap(prof, &t0, "factor", -1);
 
     /* 3.2 step 2: a GPTQ pass with the min-max parameters. */
-    if ((st = dq_round_gptq(L, &F, S, Z, opts->blocksize, cand.A, cand.err)) != DQ_OK) goto done;
+    if ((st = dq_round_gptq_vs(L, &F, S, Z, opts->blocksize, err, cand.A, cand.err)) != DQ_OK)
+        goto done;
+    dq_profile_lap(prof, &t0, "initial gptq", -1);
     keep_best(L, cand.A, S, Z, cand.err, A, S, Z, err);
     record(trace, max_trace, n_trace, err, m);
     if (opts->iterations < 2) goto done;
 
     /* 3.3: per-row shrink search, then the float solve of its RTN codes gives
      * iteration 0's candidate (S', Z'); the errors of both are not used. */
-    if ((st = dq_shrink_search(L, err_minmax, shrunk.S, shrunk.Z, p_row, shrunk.err)) != DQ_OK)
+    if ((st = dq_shrink_search_choose(L, err_minmax, DH, shrunk.S, shrunk.Z, p_row, NULL)) !=
+        DQ_OK)
         goto done;
+    dq_free(DH);
+    DH = NULL;
+    dq_profile_lap(prof, &t0, "shrink search", -1);
     dq_rtn_codes(L, shrunk.S, shrunk.Z, shrunk.A);
-    if ((st = dq_float_step(L, shrunk.A, shrunk.S, shrunk.Z, shrunk.err)) != DQ_OK) goto done;
+    /* Its errors are never read: none are computed. */
+    if ((st = dq_float_step_update(L, shrunk.A, NULL, NULL, NULL, shrunk.S, shrunk.Z, NULL)) !=
+        DQ_OK)
+        goto done;
+    dq_profile_lap(prof, &t0, "shrink float step", -1);
 
     /* 3.4: alternate integer and float steps, keeping the best per row. */
     for (int it = 0; it < opts->iterations - 1; it++) {
@@ -133,18 +162,24 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
         /* Sc/Zc may alias S/Z, so the candidate keeps its own copy. */
         memcpy(cand.S, Sc, sizeof(float) * (size_t)(m * L->G));
         memcpy(cand.Z, Zc, sizeof(float) * (size_t)(m * L->G));
-        if ((st = integer_step(L, opts, &F, cand.S, cand.Z, cand.A, cand.err)) != DQ_OK) goto done;
+        if ((st = integer_step(L, opts, &F, cand.S, cand.Z, err, cand.A, cand.err)) != DQ_OK)
+            goto done;
+        dq_profile_lap(prof, &t0, "integer step", it);
         double rate = keep_best(L, cand.A, cand.S, cand.Z, cand.err, A, S, Z, err);
         record(trace, max_trace, n_trace, err, m);
         if (rate < EARLY_STOP_RATE) break;
 
-        if ((st = dq_float_step(L, A, cand.S, cand.Z, cand.err)) != DQ_OK) goto done;
+        /* Same codes A as the current best (S, Z, err): errors by update. */
+        if ((st = dq_float_step_update(L, A, S, Z, err, cand.S, cand.Z, cand.err)) != DQ_OK)
+            goto done;
+        dq_profile_lap(prof, &t0, "float step", it);
         rate = keep_best(L, NULL, cand.S, cand.Z, cand.err, A, S, Z, err);
         record(trace, max_trace, n_trace, err, m);
         if (rate < EARLY_STOP_RATE) break;
     }
 
 done:
+    dq_free(DH);
     dq_gptq_factor_free(&F);
     candidate_free(&cand);
     candidate_free(&shrunk);
@@ -161,7 +196,7 @@ dq_status dq_solve(const dq_layer_t *L, const dq_solve_opts_t *opts, int8_t *A, 
     if (opts->iterations < 1 || opts->blocksize < 1) return DQ_EINVAL;
     switch (opts->method) {
     case DQ_METHOD_RTN:
-        st = solve_rtn(L, A, S, Z, err);
+        st = solve_rtn(L, A, S, Z, err, NULL);
         if (st == DQ_OK) record(trace, max_trace, &n_trace, err, L->m);
         break;
     case DQ_METHOD_GPTQ: {

@@ -52,6 +52,11 @@ dq_status dq_row_errors(const dq_layer_t *L, const int8_t *A, const float *S, co
  * indexed by row number.  Z NULL counts as zero (symmetric). */
 dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *A,
                              const float *S, const float *Z, double *err);
+/* dq_row_errors that also returns its product DH = D Hf (m x n float32,
+ * D = A*S + Z - W), for a caller that reuses it (the shrink search's anchor
+ * is DH + V). */
+dq_status dq_row_errors_keep(const dq_layer_t *L, const int8_t *A, const float *S, const float *Z,
+                             double *err, float *DH);
 /* Per-row shrink search of ALGORITHM 3.3 (the same objective: the row's H00
  * error of the RTN codes under range p*(lo, hi), p on the 0.005 grid from
  * 1.0 down to 0.205); writes the best (S, Z), its p per row, and its error.
@@ -59,6 +64,16 @@ dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k
  * err is the exact (float32 GEMM) error of the returned (S, Z). */
 dq_status dq_shrink_search(const dq_layer_t *L, const double *err_start, float *S, float *Z,
                            float *p_row, double *err);
+/* The same choice of p per row for the solver, cheaper:
+ * - DH (may be NULL): the min-max D Hf from dq_row_errors_keep (err_start
+ *   must be its errors); the search's anchor u_1 Hf is then DH + V, not a
+ *   GEMM;
+ * - err NULL: no errors are returned, so a row whose estimates single out
+ *   one candidate (no other within the tie tolerance, and below err_start by
+ *   more than it) takes it without the exact check, which could not change
+ *   the choice. */
+dq_status dq_shrink_search_choose(const dq_layer_t *L, const double *err_start, const float *DH,
+                                  float *S, float *Z, float *p_row, double *err);
 
 /* ---- float step (dq_float_step.c) ------------------------------------ */
 /* Closed-form least squares for (S, Z) given A, per row; writes S, Z and the
@@ -66,6 +81,16 @@ dq_status dq_shrink_search(const dq_layer_t *L, const double *err_start, float *
  * row's codes leave undetermined (a group of all-equal codes) is fixed at 0;
  * see dq_float_step.c for the relative pivot guard. */
 dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z, double *err);
+/* The same step for a solver that already holds the errors err0 of the same
+ * codes A under the current (S0, Z0): the new errors are
+ * err0 + d^T (P d + 2 (P theta0 - y)), d = theta - theta0 (float64 from the
+ * assembled system, no GEMM; accurate to ~1e-7 of |d| |P theta|, where the
+ * bare identity c_r - theta^T y loses ~1e-6 of c_r).  S0 NULL: errors by
+ * dq_row_errors as dq_float_step; err NULL: no errors at all.  S, Z must not
+ * alias S0, Z0. */
+dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float *S0,
+                               const float *Z0, const double *err0, float *S, float *Z,
+                               double *err);
 
 /* ---- integer step "gptq" (dq_round_gptq.c) --------------------------- */
 typedef struct {
@@ -94,12 +119,23 @@ typedef struct {
 dq_status dq_gptq_factor(const dq_layer_t *L, int act_order, int decoupleq_damping,
                          dq_gptq_factor_t *F);
 void dq_gptq_factor_free(dq_gptq_factor_t *F);
+/* The act-order permutation alone (ALGORITHM 3.7): columns by decreasing
+ * diag H, ties by ascending index; the one dq_gptq_factor uses. */
+dq_status dq_act_order_perm(const double *H, int64_t n, int64_t *perm);
 
 /* decoupleQ's GPTQ step (ALGORITHM 2.2): fixed (S, Z) per element, start
  * from W, lazy blocks of `blocksize` columns.  Writes A and the row errors
  * measured with H00. */
 dq_status dq_round_gptq(const dq_layer_t *L, const dq_gptq_factor_t *F, const float *S,
                         const float *Z, int64_t blocksize, int8_t *A, double *err);
+/* The same for a caller that keeps a row only if its error is below
+ * err_ref[r] (NULL: every error exact): a row whose error from the sweep's
+ * identity is above err_ref[r] by more than the identity's noise is not
+ * measured exactly and keeps that (inexact, but certainly >= err_ref[r])
+ * value. */
+dq_status dq_round_gptq_vs(const dq_layer_t *L, const dq_gptq_factor_t *F, const float *S,
+                           const float *Z, int64_t blocksize, const double *err_ref, int8_t *A,
+                           double *err);
 
 /* Reference GPTQ (ALGORITHM 2.1) as a baseline method: min-max group
  * parameters recomputed from the updated weights at each group start

@@ -173,3 +173,22 @@ fail:
     dq_py_layer_args_release(out);
     return -1;
 }
+
+PyArrayObject *dq_py_take_params(PyObject *obj, const char *name, int64_t m, int64_t G)
+{
+    PyArrayObject *a = dq_py_take(obj, name, NPY_FLOAT32, 2);
+    if (!a) return NULL;
+    if (PyArray_DIM(a, 0) != m || PyArray_DIM(a, 1) != G) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must have shape (%lld, %lld) (rows, groups), got (%lld, %lld)", name,
+                     (long long)m, (long long)G, (long long)PyArray_DIM(a, 0),
+                     (long long)PyArray_DIM(a, 1));
+        Py_DECREF(a);
+        return NULL;
+    }
+    if (dq_py_check_finite(a, name) < 0) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}

@@ -30,6 +30,9 @@ PyArrayObject *dq_py_take_out(PyObject *obj, const char *argname, int typenum, i
 
 /* ValueError unless every element is finite. Returns 0 on success. */
 int dq_py_check_finite(PyArrayObject *a, const char *argname);
+/* A scale or zero argument: float32 (m, G) C-contiguous and finite, the
+ * error naming the argument and both shapes.  New reference or NULL. */
+PyArrayObject *dq_py_take_params(PyObject *obj, const char *name, int64_t m, int64_t G);
 
 /* Set the Python exception for a failed core call; `what` says which
  * routine (e.g. "float_step"). Always returns NULL for `return` chaining. */

@@ -12,24 +12,6 @@ static int check_blocksize(long long blocksize)
     return 0;
 }
 
-static PyArrayObject *take_params(PyObject *obj, const char *name, int64_t m, int64_t G)
-{
-    PyArrayObject *a = dq_py_take(obj, name, NPY_FLOAT32, 2);
-    if (!a) return NULL;
-    if (PyArray_DIM(a, 0) != m || PyArray_DIM(a, 1) != G) {
-        PyErr_Format(PyExc_ValueError, "%s must have shape (%lld, %lld) (rows, groups), got (%lld, %lld)",
-                     name, (long long)m, (long long)G, (long long)PyArray_DIM(a, 0),
-                     (long long)PyArray_DIM(a, 1));
-        Py_DECREF(a);
-        return NULL;
-    }
-    if (dq_py_check_finite(a, name) < 0) {
-        Py_DECREF(a);
-        return NULL;
-    }
-    return a;
-}
-
 /* ---- round_gptq --------------------------------------------------------- */
 
 PyDoc_STRVAR(round_gptq_doc,
@@ -62,7 +44,7 @@ static PyObject *py_round_gptq(PyObject *self, PyObject *args, PyObject *kwargs)
     if (check_blocksize(blocksize) < 0) return NULL;
     if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
     const int64_t m = a.m, n = a.n, G = a.n / a.group_size;
-    if (!(S = take_params(S_obj, "S", m, G)) || !(Z = take_params(Z_obj, "Z", m, G))) goto fail;
+    if (!(S = dq_py_take_params(S_obj, "S", m, G)) || !(Z = dq_py_take_params(Z_obj, "Z", m, G))) goto fail;
     npy_intp dims_A[2] = {m, n}, dims_e[1] = {m};
     if (!(A = dq_py_zeros(2, dims_A, NPY_INT8)) || !(err = dq_py_zeros(1, dims_e, NPY_FLOAT64)))
         goto fail;

@@ -2,54 +2,6 @@
 #include "py_common.h"
 #include "dq_solver.h"
 
-typedef struct {
-    double d;
-    int64_t i;
-} diag_key;
-
-/* Descending diagonal, ties by ascending index: a stable descending argsort. */
-static int cmp_diag_desc(const void *a, const void *b)
-{
-    const diag_key *x = (const diag_key *)a, *y = (const diag_key *)b;
-    if (x->d > y->d) return -1;
-    if (x->d < y->d) return 1;
-    return (x->i > y->i) - (x->i < y->i);
-}
-
-/* act-order: columns by decreasing diag H00 (ALGORITHM 3.7). */
-static dq_status act_order_perm(const double *H, int64_t n, int64_t *perm)
-{
-    diag_key *k = dq_malloc((size_t)n * sizeof(diag_key));
-    if (!k) return DQ_ENOMEM;
-    for (int64_t i = 0; i < n; i++) {
-        k[i].d = H[i * n + i];
-        k[i].i = i;
-    }
-    qsort(k, (size_t)n, sizeof(diag_key), cmp_diag_desc);
-    for (int64_t i = 0; i < n; i++) perm[i] = k[i].i;
-    dq_free(k);
-    return DQ_OK;
-}
-
-static PyArrayObject *take_params(PyObject *obj, const char *name, int64_t m, int64_t G)
-{
-    PyArrayObject *a = dq_py_take(obj, name, NPY_FLOAT32, 2);
-    if (!a) return NULL;
-    if (PyArray_DIM(a, 0) != m || PyArray_DIM(a, 1) != G) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s must have shape (%lld, %lld) (rows, groups), got (%lld, %lld)", name,
-                     (long long)m, (long long)G, (long long)PyArray_DIM(a, 0),
-                     (long long)PyArray_DIM(a, 1));
-        Py_DECREF(a);
-        return NULL;
-    }
-    if (dq_py_check_finite(a, name) < 0) {
-        Py_DECREF(a);
-        return NULL;
-    }
-    return a;
-}
-
 PyDoc_STRVAR(round_pgd_doc,
 "round_pgd(W, S, Z, H00, bits, group_size, symmetric, act_order, rule,\n"
 "          steps_before_round, steps_per_column, lr) -> (A, err)\n"
@@ -111,7 +63,7 @@ static PyObject *py_round_pgd(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
     const int64_t m = a.m, n = a.n, G = a.n / a.group_size;
-    if (!(S = take_params(S_obj, "S", m, G)) || !(Z = take_params(Z_obj, "Z", m, G))) goto fail;
+    if (!(S = dq_py_take_params(S_obj, "S", m, G)) || !(Z = dq_py_take_params(Z_obj, "Z", m, G))) goto fail;
     npy_intp dims_A[2] = {m, n}, dims_e[1] = {m};
     if (!(A = dq_py_zeros(2, dims_A, NPY_INT8)) || !(err = dq_py_zeros(1, dims_e, NPY_FLOAT64)))
         goto fail;
@@ -127,7 +79,7 @@ static PyObject *py_round_pgd(PyObject *self, PyObject *args, PyObject *kwargs)
     st = dq_layer_init_basic(&L, PyArray_DATA(a.W), PyArray_DATA(a.H), m, n, a.group_size, a.bits,
                              a.symmetric, a.rule);
     if (st == DQ_OK) {
-        if (perm) st = act_order_perm(PyArray_DATA(a.H), n, perm);
+        if (perm) st = dq_act_order_perm(PyArray_DATA(a.H), n, perm);
         if (st == DQ_OK)
             st = dq_round_pgd(&L, perm, PyArray_DATA(S), PyArray_DATA(Z), &opts,
                               PyArray_DATA(A), PyArray_DATA(err));

@@ -1,6 +1,7 @@
 /* Python boundary of the whole-layer solver: decoupleq(). */
 #include "py_common.h"
 #include "dq_solver.h"
+#include "dq_profile.h"
 
 #include <string.h>
 
@@ -85,13 +86,17 @@ static PyObject *py_decoupleq(PyObject *self, PyObject *args, PyObject *kwargs)
     dq_status st;
     int64_t n_trace = 0;
     Py_BEGIN_ALLOW_THREADS
+    const int prof = dq_profile_on();
+    double t0 = dq_wall_seconds(), t_all = t0;
     st = dq_layer_init(&L, PyArray_DATA(a.W), PyArray_DATA(a.H), m, n, a.group_size, a.bits,
                        a.symmetric, a.rule);
+    dq_profile_lap(prof, &t0, "layer init", -1);
     if (st == DQ_OK) {
         layer_ready = 1;
         st = dq_solve(&L, &opts, PyArray_DATA(A), PyArray_DATA(S), PyArray_DATA(Z),
                       PyArray_DATA(err), PyArray_DATA(trace), max_trace, &n_trace);
     }
+    dq_profile_lap(prof, &t_all, "total", -1);
     Py_END_ALLOW_THREADS
     if (st != DQ_OK) {
         dq_py_status_error(st, "decoupleq");

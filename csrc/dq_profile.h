@@ -1,0 +1,36 @@
+/* Phase timer of the layer solver: DECOUPLEQ_PROFILE=1 makes dq_solve (and
+ * the layer set-up before it) print each phase's wall time to stderr.  A
+ * diagnostic only: off, it costs one cached getenv per solve. */
+#ifndef DQ_PROFILE_H
+#define DQ_PROFILE_H
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+static inline int dq_profile_on(void)
+{
+    const char *e = getenv("DECOUPLEQ_PROFILE");
+    return e && *e && *e != '0';
+}
+
+static inline double dq_wall_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Print the time since *t0 under `name` (when on) and restart the clock. */
+static inline void dq_profile_lap(int on, double *t0, const char *name, int index)
+{
+    if (!on) return;
+    const double t = dq_wall_seconds();
+    if (index >= 0)
+        fprintf(stderr, "[decoupleq profile] %-16s %d %8.3f s\n", name, index, t - *t0);
+    else
+        fprintf(stderr, "[decoupleq profile] %-18s %8.3f s\n", name, t - *t0);
+    *t0 = t;
+}
+
+#endif
