@@ -27,7 +27,8 @@ so scale and zero are (out, G) for every origin (the reference stores them
 Inference: when no gradient is needed (grad mode off, or neither the input
 nor a float part requires grad), ``QuantLinear`` on the CPU at 2-4 bits runs
 the packed kernels (``decoupleq.kernels``) straight from ``packed`` and the
-CURRENT float32 ``scale`` and ``zero`` (so values tuned by SFT are used as
+CURRENT float32 ``scale`` and ``zero`` (up to 16 rows of input; more rows are
+dequantized by the C core and multiplied by torch's GEMM, see ``_packed_forward``) (so values tuned by SFT are used as
 they are, with nothing cached); inputs cross to NumPy without copies when
 float32 and contiguous, other float dtypes are converted to float32 and the
 output is cast back. The result agrees with ``F.linear`` on the dequantized
@@ -53,6 +54,9 @@ from . import _C
 ORIGINS = ("linear", "conv1d")
 #: Bit widths stored packed (and run by the packed kernels).
 PACKED_BITS = (2, 3, 4)
+#: Largest batch served straight from the packed codes (DQ_SMALL_BATCH_MAX in the C core);
+#: larger ones are dequantized and multiplied by torch.
+SMALL_BATCH_MAX = 16
 
 
 def _hf_conv1d_class():
@@ -348,10 +352,19 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         # NumPy's reshape: a view (no copy) for contiguous input, and cheaper than torch's.
         xn = xd.numpy()
         x2 = np.ascontiguousarray(xn.reshape(-1, self.in_features))
-        # torch's intra-op count, so torch.set_num_threads limits us too; the
-        # large-batch path's sgemm runs after our threads have finished.
-        y = _C.packed_matmul(x2, packed, scale, zero, self.bits, self.in_features,
-                             self.group_size, threads=torch.get_num_threads())
+        threads = torch.get_num_threads()  # so torch.set_num_threads limits us too
+        if x2.shape[0] > SMALL_BATCH_MAX:
+            # Prefill: dequantize with the core's threads, multiply with torch's GEMM.
+            # Inside a torch model, OpenBLAS's sgemm (packed_matmul's large-batch path)
+            # leaves its workers spinning while torch's own threads run the rest of
+            # the model: on 2 cores a SmolLM2 forward of 256 tokens took 2.9x longer
+            # that way than with torch's GEMM on the same dequantized weight.
+            w = _C.dequantize_packed(packed, scale, zero, self.bits, self.in_features, self.group_size,
+                                     threads=threads)
+            y = (torch.from_numpy(x2) @ torch.from_numpy(w).t()).numpy()
+        else:
+            y = _C.packed_matmul(x2, packed, scale, zero, self.bits, self.in_features,
+                                 self.group_size, threads=threads)
         if bias is not None:
             y += bias if not isinstance(bias, str) else self.bias.detach().cpu().to(torch.float32).numpy()
         y = torch.from_numpy(y.reshape(*xn.shape[:-1], self.out_features))

@@ -42,11 +42,16 @@ def make_layer(out_f, in_f, bits, group_size, bias=True, seed=0, symmetric=False
 
 
 def kernel_result(q, x):
-    """What the packed kernel gives for x (float32), straight from the C boundary."""
+    """What the packed path gives for x (float32), straight from the C boundary: the
+    packed kernel up to 16 rows, else the C core's dequantized weight times torch's GEMM."""
     x2 = x.detach().reshape(-1, q.in_features).float().contiguous().numpy()
-    y = _C.packed_matmul(x2, q.packed.numpy(), q.scale.detach().numpy(), q.zero.detach().numpy(), q.bits,
-                         q.in_features, q.group_size, threads=torch.get_num_threads())
-    y = torch.from_numpy(y)
+    parts = (q.packed.numpy(), q.scale.detach().numpy(), q.zero.detach().numpy(), q.bits, q.in_features,
+             q.group_size)
+    if x2.shape[0] > 16:
+        w = _C.dequantize_packed(*parts, threads=torch.get_num_threads())
+        y = torch.from_numpy(x2) @ torch.from_numpy(w).t()
+    else:
+        y = torch.from_numpy(_C.packed_matmul(x2, *parts, threads=torch.get_num_threads()))
     if q.bias is not None:
         y += q.bias.detach().float()
     return y.reshape(*x.shape[:-1], q.out_features)
