@@ -227,7 +227,7 @@ def tune_block(
                     opt.step()
                     steps += 1
                     if progress is not None:
-                        progress(steps, float(loss))
+                        progress(steps, loss.item())
             del opt
         # The labels are not needed after this pass, whatever happens next: if the
         # tuned parameters are restored, the caller recomputes the outputs instead.
