@@ -62,7 +62,7 @@ def test_child_after_fork_runs_parallel_work_without_deadlock():
     code = """
 import os, sys, numpy as np
 sys.path.insert(0, {root!r})
-from tests.test_threads import weight
+from test_threads import weight
 from decoupleq.kernels import packed_linear
 pw = weight(20, out=1024)
 x = np.random.default_rng(2).standard_normal((2, 576)).astype(np.float32)
@@ -79,9 +79,10 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "child.npy")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, "-c", code.format(root=root, path=path)], env=env,
+        # This file's folder, not the repository root: decoupleq must come from where the
+        # tests import it (the installed package), not from the source tree.
+        here = os.path.dirname(os.path.abspath(__file__))
+        proc = subprocess.run([sys.executable, "-c", code.format(root=here, path=path)],
                               timeout=120, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         np.testing.assert_array_equal(np.load(path), want)
@@ -91,11 +92,11 @@ def test_spawn_fallback_gives_the_same_bits():
     pw = weight(30, out=999, bits=3, gs=64)
     x = np.random.default_rng(3).standard_normal((5, 576)).astype(np.float32)
     want = packed_linear(x, pw, threads=3)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.abspath(__file__))  # this folder (see above)
     code = f"""
 import sys, numpy as np
 sys.path.insert(0, {root!r})
-from tests.test_threads import weight
+from test_threads import weight
 from decoupleq.kernels import packed_linear
 pw = weight(30, out=999, bits=3, gs=64)
 x = np.random.default_rng(3).standard_normal((5, 576)).astype(np.float32)
