@@ -357,8 +357,8 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
             # Prefill: dequantize with the core's threads, multiply with torch's GEMM.
             # Inside a torch model, OpenBLAS's sgemm (packed_matmul's large-batch path)
             # leaves its workers spinning while torch's own threads run the rest of
-            # the model: on 2 cores a SmolLM2 forward of 256 tokens took 2.9x longer
-            # that way than with torch's GEMM on the same dequantized weight.
+            # the model: on 2 cores a SmolLM2 forward of 256 tokens took 2.5x longer
+            # that way than with torch's GEMM (benchmarks/bench_prefill.py).
             w = _C.dequantize_packed(packed, scale, zero, self.bits, self.in_features, self.group_size,
                                      threads=threads)
             y = (torch.from_numpy(x2) @ torch.from_numpy(w).t()).numpy()

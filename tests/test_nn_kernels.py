@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from decoupleq import _C
-from decoupleq.nn import QuantLinear
+from decoupleq.nn import SMALL_BATCH_MAX, QuantLinear
 from decoupleq.packing import row_words
 
 from _pipeline_models import one_thread
@@ -43,11 +43,11 @@ def make_layer(out_f, in_f, bits, group_size, bias=True, seed=0, symmetric=False
 
 def kernel_result(q, x):
     """What the packed path gives for x (float32), straight from the C boundary: the
-    packed kernel up to 16 rows, else the C core's dequantized weight times torch's GEMM."""
+    packed kernel up to SMALL_BATCH_MAX rows, else the C core's dequantized weight times torch's GEMM."""
     x2 = x.detach().reshape(-1, q.in_features).float().contiguous().numpy()
     parts = (q.packed.numpy(), q.scale.detach().numpy(), q.zero.detach().numpy(), q.bits, q.in_features,
              q.group_size)
-    if x2.shape[0] > 16:
+    if x2.shape[0] > SMALL_BATCH_MAX:
         w = _C.dequantize_packed(*parts, threads=torch.get_num_threads())
         y = torch.from_numpy(x2) @ torch.from_numpy(w).t()
     else:
