@@ -46,6 +46,15 @@ def config_label(bits, group_size):
     return "FP" if bits is None else f"W{bits} " + ("per-channel" if group_size == -1 else f"g{group_size}")
 
 
+def parse_config(text: str) -> tuple:
+    """'2:64' -> (2, 64); '4:-1' -> (4, -1), per-channel."""
+    try:
+        bits, group = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--configs: {text!r} is not BITS:GROUP, e.g. 2:64 or 4:-1") from None
+    return bits, group
+
+
 def run_one(spec: dict, data: Path) -> dict:
     """Quantize and evaluate once, in this process; returns the record."""
     import torch
@@ -95,6 +104,8 @@ def main(argv=None):
     p.add_argument("--full-eval", action="store_true", help="score the whole test split")
     p.add_argument("--methods", default=None,
                    help="comma list among fp,rtn,gptq,decoupleq,decoupleq+bt (default all)")
+    p.add_argument("--configs", default=None,
+                   help="comma list of BITS:GROUP (group -1 = per-channel), e.g. 2:-1,3:128 (default the four above)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run, in a child process
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -120,7 +131,10 @@ def main(argv=None):
     specs = []
     if wanted is None or "fp" in wanted:
         specs.append(dict(base, method="fp", bits=None, group_size=None, blockwise=False))
-    for bits, gs in QUICK_CONFIGS if args.quick else CONFIGS:
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    if args.configs is not None:
+        configs = [parse_config(c) for c in args.configs.split(",")]
+    for bits, gs in configs:
         for method, bt in METHODS:
             key = method + ("+bt" if bt else "")
             if wanted is None or key in wanted:
