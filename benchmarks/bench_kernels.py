@@ -1,14 +1,19 @@
 """Packed low-bit kernels against fp32 OpenBLAS and torch, side by side.
 
-First measures this machine's streaming read bandwidth (C, several threads),
-then times y = x @ W^T for each weight shape (out x in), bit width, group
+First measures this machine's streaming read bandwidth (C, several threads)
+and its fp32 multiply-add throughput (FMA chains in registers, every thread at
+once), then times y = x @ W^T for each weight shape (out x in), bit width, group
 size and batch: the packed kernels (decoupleq.kernels.packed_linear), fp32
 OpenBLAS sgemv/sgemm on the same library decoupleq links (the dequantized
 weight), and torch F.linear in fp32 and bf16.
 
 Effective bandwidth = bytes of the weight as stored (packed codes + scales +
 zeros; 4 or 2 bytes per weight for fp32 / bf16) divided by the time: at
-batch 1 a kernel can go no faster than it can read its weights.
+batch 1 a kernel can go no faster than it can read its weights.  Nor faster
+than it can compute: the packed kernels do one fp32 multiply-add per weight
+(x stays fp32, so results agree with F.linear within fp32 rounding), which
+caps them at (multiply-adds/s) x bits / 8 bytes of codes per second.  The
+summary prints both ceilings next to each batch-1 figure.
 
     python benchmarks/bench_kernels.py --threads 2 --json results.json
     python benchmarks/bench_kernels.py --quick
@@ -108,6 +113,11 @@ def main(argv=None) -> int:
     print(f"read bandwidth ({args.threads} threads, {args.bandwidth_mib} MiB): {bw:.2f} GB/s\n")
     records.append({"impl": "read_bandwidth", "gbps": bw, "threads": args.threads,
                     "bytes": args.bandwidth_mib << 20})
+    macs = _C.fma_throughput(threads=args.threads, repeats=5)
+    print(f"fp32 multiply-adds ({args.threads} threads): {macs:.1f} G/s; one per weight caps batch 1 at "
+          + ", ".join(f"W{b} {macs * b / 8:.1f} GB/s of codes ({100 * macs * b / 8 / bw:.0f}% of read bw)"
+                      for b in BITS) + "\n")
+    records.append({"impl": "fma_ceiling", "gmacs": macs, "threads": args.threads})
 
     rng = np.random.default_rng(0)
     for out_f, in_f in shapes:
@@ -170,7 +180,7 @@ def main(argv=None) -> int:
     print(f"load average at end: {load1:.2f}\n")
     records.append({"impl": "machine", "load_start": load0, "load_end": load1,
                     "cpus": os.cpu_count(), "kernel": info["kernel"], "threads": args.threads})
-    summarize(records, bw)
+    summarize(records, bw, macs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
@@ -178,8 +188,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def summarize(records, bw):
-    """The issue's targets, from this run's own numbers."""
+def summarize(records, bw, macs):
+    """The issue's targets, from this run's own numbers, each batch-1 figure
+    next to the share of this machine's multiply-add ceiling it reaches."""
     def find(shape, batch, impl, bits=None, gs=None):
         for r in records:
             if (r.get("shape") == list(shape) and r["batch"] == batch and r["impl"] == impl
@@ -194,17 +205,21 @@ def summarize(records, bw):
                 r = find(shape, 1, "decoupleq", bits, gs)
                 if r:
                     frac = r["gbps"] / bw
+                    of_macs = shape[0] * shape[1] / r["seconds"] / 1e9 / macs
                     print(f"  W{bits} {'chan' if gs == -1 else 'g%d' % gs:>5} {shape[0]}x{shape[1]} batch 1: "
                           f"{r['gbps']:.2f} GB/s = {100 * frac:.0f}% of read bw (target >= 70%): "
-                          f"{'met' if frac >= 0.7 else 'MISSED'}")
+                          f"{'met' if frac >= 0.7 else 'MISSED'}; {100 * of_macs:.0f}% of the multiply-add "
+                          f"ceiling")
     base = find((4096, 4096), 1, "openblas_fp32")
     for bits, want in ((2, 8.0), (4, 5.0)):
         for gs in GROUPS:
             r = find((4096, 4096), 1, "decoupleq", bits, gs)
             if r and base:
                 sp = base["seconds"] / r["seconds"]
+                cap = macs * 1e9 * base["seconds"] / 4096**2  # the ceiling's speed-up over this sgemv
                 print(f"  W{bits} {'chan' if gs == -1 else 'g%d' % gs:>5} 4096x4096 batch 1: {sp:.1f}x faster than "
-                      f"fp32 sgemv (target >= {want:.0f}x): {'met' if sp >= want else 'MISSED'}")
+                      f"fp32 sgemv (target >= {want:.0f}x): {'met' if sp >= want else 'MISSED'}; "
+                      f"the multiply-add ceiling allows {cap:.1f}x")
     for shape in [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 576)]:
         base = find(shape, 128, "openblas_fp32")
         if not base:

@@ -199,5 +199,8 @@ dq_status dq_packed_dequantize(const dq_packed_t *W, float *out, int nthreads,
 /* Best-of-`repeats` streaming read of a `bytes` buffer split over nthreads
  * threads, in GB/s (1e9 bytes per second). */
 dq_status dq_read_bandwidth(size_t bytes, int nthreads, int repeats, double *gbps);
+/* fp32 multiply-adds per second (in G) that nthreads threads issue at once
+ * from registers: the compute ceiling of a kernel doing one per weight. */
+dq_status dq_fma_throughput(int nthreads, int repeats, double *gmacs);
 
 #endif

@@ -378,6 +378,27 @@ static PyObject *py_read_bandwidth(PyObject *self, PyObject *args, PyObject *kwa
     return PyFloat_FromDouble(gbps);
 }
 
+static PyObject *py_fma_throughput(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static char *kwlist[] = {"threads", "repeats", NULL};
+    int threads = 0, repeats = 3;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|ii:fma_throughput", kwlist, &threads, &repeats))
+        return NULL;
+    if (check_threads(threads) < 0) return NULL;
+    if (repeats < 1) {
+        PyErr_Format(PyExc_ValueError, "repeats must be >= 1, got %d", repeats);
+        return NULL;
+    }
+    double gmacs = 0.0;
+    dq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = dq_fma_throughput(threads, repeats, &gmacs);
+    Py_END_ALLOW_THREADS
+    if (st != DQ_OK) return dq_py_status_error(st, "fma_throughput");
+    return PyFloat_FromDouble(gmacs);
+}
+
 /* y = x @ w.T with the library's own OpenBLAS (sgemv for one row): the
  * fp32 baseline of the kernel benchmark, on the same BLAS and threads. */
 static PyObject *py_blas_linear(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -439,6 +460,9 @@ PyMethodDef dq_py_kernels_methods[] = {
      "kernel_names() -> list of the packed kernels runnable on this CPU, reference first."},
     {"read_bandwidth", (PyCFunction)(void (*)(void))py_read_bandwidth, METH_VARARGS | METH_KEYWORDS,
      "read_bandwidth(nbytes=2**28, threads=0, repeats=3) -> GB/s of a streaming read."},
+    {"fma_throughput", (PyCFunction)(void (*)(void))py_fma_throughput, METH_VARARGS | METH_KEYWORDS,
+     "fma_throughput(threads=0, repeats=3) -> G fp32 multiply-adds/s the threads issue at once "
+     "(the compute ceiling of a kernel doing one per weight)."},
     {"blas_linear", (PyCFunction)(void (*)(void))py_blas_linear, METH_VARARGS | METH_KEYWORDS,
      "blas_linear(x, w) -> x @ w.T in float32 with the library's OpenBLAS (sgemv for one row)."},
     {NULL, NULL, 0, NULL},

@@ -307,6 +307,17 @@ def test_read_bandwidth_is_measured():
     assert 0.1 < gbps < 10000
 
 
+def test_fma_throughput_is_measured_and_checks_its_arguments():
+    gmacs = _C.fma_throughput(threads=1, repeats=1)
+    # One core issues somewhere between a scalar multiply-add per cycle at
+    # 0.1 GHz and a few hundred lanes per cycle at 5 GHz.
+    assert 0.1 < gmacs < 2000
+    with pytest.raises(ValueError, match="threads"):
+        _C.fma_throughput(threads=-1)
+    with pytest.raises(ValueError, match="repeats"):
+        _C.fma_throughput(repeats=0)
+
+
 def test_benchmark_writes_the_documented_records(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "bench.json"
@@ -317,6 +328,8 @@ def test_benchmark_writes_the_documented_records(tmp_path):
     records = json.loads(out.read_text())
     bw = [r for r in records if r["impl"] == "read_bandwidth"]
     assert len(bw) == 1 and bw[0]["gbps"] > 0
+    ceiling = [r for r in records if r["impl"] == "fma_ceiling"]
+    assert len(ceiling) == 1 and ceiling[0]["gmacs"] > 0
     runs = [r for r in records if r["impl"] in ("decoupleq", "openblas_fp32")]
     # 2 batches x (fp32 baseline + 3 bit widths x {per-channel, g64}); g128 does not divide 64
     assert len(runs) == 2 * (1 + 3 * 2)
