@@ -2,6 +2,7 @@
 #define DQ_IMPORTS_ARRAY
 #include "py_common.h"
 #include "dq_blas.h"
+#include "dq_kernels.h"
 
 static PyObject *py_backend_info(PyObject *self, PyObject *noargs)
 {
@@ -92,5 +93,11 @@ PyMODINIT_FUNC PyInit__C(void)
         }
     }
     Py_DECREF(modname);
+    /* The batch size up to which packed_matmul reads the codes directly (above
+     * it: dequantize, then GEMM); QuantLinear picks its own path by it. */
+    if (PyModule_AddIntConstant(m, "SMALL_BATCH_MAX", DQ_SMALL_BATCH_MAX) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -54,9 +54,9 @@ from . import _C
 ORIGINS = ("linear", "conv1d")
 #: Bit widths stored packed (and run by the packed kernels).
 PACKED_BITS = (2, 3, 4)
-#: Largest batch served straight from the packed codes (DQ_SMALL_BATCH_MAX in the C core);
+#: Largest batch served straight from the packed codes (the C core's own threshold);
 #: larger ones are dequantized and multiplied by torch.
-SMALL_BATCH_MAX = 16
+SMALL_BATCH_MAX = _C.SMALL_BATCH_MAX
 
 
 def _hf_conv1d_class():
