@@ -1,6 +1,21 @@
 """decoupleq: 2-bit post-training weight quantization with a C core for CPUs."""
-from . import reference
-from ._C import backend_info
+import os as _os
+
+# The C core's OpenBLAS keeps its idle workers spinning for about 2^28 cycles
+# after every call, on the cores the core's own threads need next: whole-layer
+# solves ran 20-25% slower for it (2 cores).  Unless the user set it, workers
+# sleep as soon as a call ends.  OpenBLAS reads this once, when _C loads it;
+# the variable is restored afterwards so nothing else loaded later sees it.
+_TIMEOUT = "OPENBLAS_THREAD_TIMEOUT"
+_user_timeout = _os.environ.get(_TIMEOUT)
+_os.environ.setdefault(_TIMEOUT, "4")
+try:
+    from ._C import backend_info
+finally:
+    if _user_timeout is None:
+        _os.environ.pop(_TIMEOUT, None)
+
+from . import reference  # noqa: E402  (after _C: the environment above must come first)
 from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
 from .hessian import HessianAccumulator, damp
 from .solver import QuantizedWeight, quantize_weight
