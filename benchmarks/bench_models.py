@@ -2,6 +2,7 @@
 
     python benchmarks/bench_models.py --json results.json      # the full grid (hours on 2 cores)
     python benchmarks/bench_models.py --quick                  # W2 g64 only, small budgets
+    python benchmarks/bench_models.py --configs 3:128 --methods rtn,gptq   # a part of the grid
 
 For each of FP, RTN, GPTQ, decoupleQ and decoupleQ + block tuning, at W2 per-channel, W2 g64,
 W3 g128 and W4 per-channel: WikiText-2 test perplexity (calibrated on the validation split),

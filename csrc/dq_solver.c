@@ -43,10 +43,10 @@ static dq_status candidate_alloc(candidate_t *c, const dq_layer_t *L)
     return DQ_OK;
 }
 
-/* Accept the parts of `cand` whose error is strictly lower.  Candidate row i
- * is layer row rows[i] (rows NULL: row i).  take_codes / take_params choose
- * which parts move (an integer step brings codes and the (S, Z) it was run
- * with; a float step only (S, Z)).  changed[r] is set to whether row r moved.
+/* Accept the candidate rows whose error is strictly lower.  Candidate row i
+ * is layer row rows[i] (rows NULL: row i).  An integer step's candidate
+ * brings codes and the (S, Z) it was run with; a float step's (cand_A NULL)
+ * only (S, Z).  changed[r] is set to whether row r moved, for every row.
  * Returns the fraction of the layer's rows that improved. */
 static double keep_best(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *cand_A,
                         const float *cand_S, const float *cand_Z, const double *cand_err,

@@ -14,6 +14,7 @@ try:
 finally:
     if _user_timeout is None:
         _os.environ.pop(_TIMEOUT, None)
+    del _TIMEOUT, _user_timeout
 
 from . import reference  # noqa: E402  (after _C: the environment above must come first)
 from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
