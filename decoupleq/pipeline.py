@@ -23,8 +23,12 @@ For each block, in order (ALGORITHM 4.2):
 Peak memory is the model plus one block's activations for the calibration
 set (twice that with block-wise tuning), plus one layer's Hessian.
 
+RTN with block-wise tuning off needs no data: every layer is rounded from its
+own weights, no calibration batch is run, and the report's per-layer losses
+are NaN (there is no Hessian to weigh them by).
+
 CPU-friendly defaults (``ModelQuantConfig``): true-sequential on, block-wise
-tuning on for 2 epochs at lr 1e-4, a 4 GiB activation budget, one calibration
+tuning on for 1 epoch at lr 2e-4, a 4 GiB activation budget, one calibration
 row per forward. The calibration set itself is the caller's choice; 32
 windows of 256 tokens is a good start on a CPU (``decoupleq.data``).
 """
@@ -75,9 +79,10 @@ class LayerReport:
         name: full dotted module name.
         shape: (out, in_flat) of the quantized matrix.
         group_size: the group size used (-1 per-channel).
-        loss: sum of the per-row errors ``(w^ - w) H00 (w^ - w)^T``.
-        rel_loss: ``loss / sum_r w_r H00 w_r^T`` (0 = exact, 1 = as bad as zero weights).
-        n_tokens: tokens the Hessian was built from.
+        loss: sum of the per-row errors ``(w^ - w) H00 (w^ - w)^T`` (NaN for data-free RTN).
+        rel_loss: ``loss / sum_r w_r H00 w_r^T`` (0 = exact, 1 = as bad as zero weights; NaN
+            for data-free RTN).
+        n_tokens: tokens the Hessian was built from (0 for data-free RTN).
         seconds: solver wall time.
     """
 
@@ -452,6 +457,43 @@ def _quantize_block(
     return result, block, inputs
 
 
+def _needs_no_data(plans: list, mcfg: ModelQuantConfig) -> bool:
+    """RTN everywhere and no block tuning: nothing depends on activations."""
+    return not mcfg.blockwise.enabled and all(
+        lcfg.method == "rtn" for plan in plans for _, lcfg in plan.layers.values()
+    )
+
+
+def _quantize_without_data(model, spec: BlockSpec, plans: list, report: QuantReport, bars) -> None:
+    """Round every planned layer to its min-max grid in place (RTN needs no Hessian)."""
+    import numpy as np
+
+    from . import _C
+    from .solver import QuantizedWeight
+
+    for i, plan in enumerate(plans):
+        t_block = time.perf_counter()
+        for name, (module, lcfg) in plan.layers.items():
+            full = spec.full_name(i, name)
+            t0 = time.perf_counter()
+            W = layer_weight_matrix(module).numpy()
+            S, Z = _C.minmax_params(W, lcfg.bits, lcfg.group_size, lcfg.symmetric)
+            A = _C.rtn_codes(W, S, Z, lcfg.bits, lcfg.symmetric, lcfg.rounding_rule)
+            qw = QuantizedWeight(A, S, Z, np.full(W.shape[0], np.nan), lcfg)
+            cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+            new = cls.from_quantized(module, qw)
+            _set_module(model, full, new)
+            if name == "":
+                spec.blocks[i] = new
+            dt = time.perf_counter() - t0
+            report.layers.append(LayerReport(full, tuple(W.shape), lcfg.group_size, float("nan"), float("nan"), 0, dt))
+            if bars is not None:
+                bars[1].update(1)
+        report.blocks.append(BlockReport(i, spec.block_name(i), time.perf_counter() - t_block, [list(plan.layers)]))
+        if bars is not None:
+            bars[0].update(1)
+
+
 # ---------------------------------------------------------------------------
 # The verb
 # ---------------------------------------------------------------------------
@@ -531,7 +573,6 @@ def quantize(
     inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
     bars = None
     try:
-        caught = catch_block_inputs(model, spec.blocks, batches, inputs)
         if mcfg.verbose:
             from tqdm.auto import tqdm
 
@@ -539,6 +580,11 @@ def quantize(
                 tqdm(total=len(spec.blocks), desc="blocks", unit="block", position=0),
                 tqdm(total=total_layers, desc="layers", unit="layer", position=1, leave=False),
             )
+        if _needs_no_data(plans, mcfg):
+            info("RTN without block tuning needs no data: the calibration batches are not run")
+            _quantize_without_data(model, spec, plans, report, bars)
+            return _finish(model, mcfg, report, t_start, info)
+        caught = catch_block_inputs(model, spec.blocks, batches, inputs)
         last = max(i for i, p in enumerate(plans) if p.layers)
         for i, (block, plan) in enumerate(zip(spec.blocks, plans)):
             if i > last:
@@ -572,6 +618,10 @@ def quantize(
                 b.close()
         inputs.close()
         model.train(was_training)
+    return _finish(model, mcfg, report, t_start, info)
+
+
+def _finish(model, mcfg: ModelQuantConfig, report: QuantReport, t_start: float, info) -> nn.Module:
     report.seconds = time.perf_counter() - t_start
     info("quantized %d layers in %.1fs", len(report.layers), report.seconds)
     model.decoupleq_config = mcfg.to_dict()

@@ -3,6 +3,7 @@ import copy
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -81,6 +82,35 @@ def test_llama_end_to_end():
     # And 4-bit groups of 32 leave about 1/15 of a group's range per step: the RTN
     # weight error is a few percent of the weights, which bounds the logits' too.
     assert err_rtn < 0.1
+
+
+def test_rtn_without_block_tuning_runs_no_calibration_batch():
+    # RTN rounds each weight on its own min-max grid: quantize() must not run the
+    # model at all, and must give exactly the codes of the layer-level RTN.
+    model = tiny_llama(seed=0)
+    fp = copy.deepcopy(model)
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda mod, args: calls.append(1))
+    decoupleq.quantize(model, token_batches(n=4, seq=16, seed=1), RTN4, blockwise=False, verbose=False)
+    assert calls == []
+    report = model.decoupleq_report
+    assert len(report.layers) == 14 and all(l.n_tokens == 0 for l in report.layers)
+    assert all(l.loss != l.loss and l.rel_loss != l.rel_loss for l in report.layers)  # NaN: no Hessian
+    for name, q in _quant_linears(model).items():
+        W = fp.get_submodule(name).weight.detach().float().numpy()
+        expected = decoupleq.quantize_weight(W, np.eye(W.shape[1]), RTN4)
+        np.testing.assert_array_equal(q.codes.numpy(), expected.codes)
+        np.testing.assert_array_equal(q.scale.detach().numpy(), expected.scale)
+        np.testing.assert_array_equal(q.zero.detach().numpy(), expected.zero)
+
+
+def test_rtn_with_block_tuning_still_uses_the_data():
+    model = tiny_llama(seed=0)
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda mod, args: calls.append(1))
+    decoupleq.quantize(model, token_batches(n=2, seq=16, seed=1), RTN4,
+                       blockwise=BlockTuneConfig(epochs=1), verbose=False)
+    assert calls and all(l.n_tokens == 2 * 16 for l in model.decoupleq_report.layers)
 
 
 def test_gpt2_conv1d_layers_are_quantized_transposed():
