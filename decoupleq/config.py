@@ -139,7 +139,8 @@ class BlockTuneConfig:
     the tuned MSE of its first two blocks was 0.1267 / 0.0734 at 1e-4 x 1 epoch,
     0.1228 / 0.0702 at 1e-4 x 2, **0.1233 / 0.0709 at 2e-4 x 1**, and
     0.1205 / 0.0697 at 4e-4 x 1 (untuned 0.1535 / 0.079); one epoch instead of
-    two cut a block's time on 2 cores from 23 s to 20 s. Earlier, on a 4-layer
+    two cut a block's time on 2 cores from 23 s to 20 s
+    (``benchmarks/bench_blockwise.py`` runs this comparison). Earlier, on a 4-layer
     byte-level Llama (hidden 128, W2 g32, tinyshakespeare): no tuning 7.016
     perplexity (full precision 6.954), 1e-4 x 2 6.982, 1e-3 unstable (a block's
     loss rose and was restored). If the tuned block's loss ends above the loss
