@@ -221,19 +221,29 @@ def _skip_matcher(skip):
     return match
 
 
-def _layer_config(name, module, qcfg: QuantConfig, policy: str):
-    """The QuantConfig for one layer, or None to leave it in full precision."""
+def _layer_config(name, module, qcfg: QuantConfig, policy: str, fallbacks: dict):
+    """The QuantConfig for one layer, or None to leave it in full precision.
+
+    A layer whose in_features the group size does not divide is recorded in
+    ``fallbacks`` (in_features -> names), to be reported once per width."""
     n = layer_in_features(module)
     if qcfg.group_size == -1 or n % qcfg.group_size == 0:
         return qcfg
-    msg = f"group_size {qcfg.group_size} does not divide in_features {n} of layer {name}"
     if policy == "error":
-        raise ValueError(msg + " (indivisible='error')")
-    if policy == "skip":
-        log.warning("%s: left in full precision", msg)
-        return None
-    log.warning("%s: quantized per channel", msg)
-    return dataclasses.replace(qcfg, group_size=-1)
+        raise ValueError(
+            f"group_size {qcfg.group_size} does not divide in_features {n} of layer {name} (indivisible='error')"
+        )
+    fallbacks.setdefault(n, []).append(name)
+    return None if policy == "skip" else dataclasses.replace(qcfg, group_size=-1)
+
+
+def _warn_fallbacks(fallbacks: dict, group_size: int, policy: str) -> None:
+    """One warning per in_features width, not one per layer (a model repeats its widths)."""
+    what = "left in full precision" if policy == "skip" else "quantized per channel"
+    for n, names in fallbacks.items():
+        shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+        log.warning("group_size %d does not divide in_features %d of %d layer%s (%s): %s",
+                    group_size, n, len(names), "" if len(names) == 1 else "s", shown, what)
 
 
 @dataclass
@@ -243,7 +253,7 @@ class _BlockPlan:
 
 def _plan(spec: BlockSpec, mcfg: ModelQuantConfig, report: QuantReport) -> list:
     skip = _skip_matcher(mcfg.skip)
-    plans = []
+    plans, fallbacks = [], {}
     for i, block in enumerate(spec.blocks):
         layers = {}
         found = quantizable_layers(block)
@@ -258,12 +268,13 @@ def _plan(spec: BlockSpec, mcfg: ModelQuantConfig, report: QuantReport) -> list:
             if skip(full, m):
                 report.skipped.append(full)
                 continue
-            lcfg = _layer_config(full, m, mcfg.quant, mcfg.indivisible)
+            lcfg = _layer_config(full, m, mcfg.quant, mcfg.indivisible, fallbacks)
             if lcfg is None:
                 report.skipped.append(full)
                 continue
             layers[rel] = (m, lcfg)
         plans.append(_BlockPlan(layers))
+    _warn_fallbacks(fallbacks, mcfg.quant.group_size, mcfg.indivisible)
     return plans
 
 

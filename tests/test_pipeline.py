@@ -113,6 +113,26 @@ def test_rtn_with_block_tuning_still_uses_the_data():
     assert calls and all(l.n_tokens == 2 * 16 for l in model.decoupleq_report.layers)
 
 
+@pytest.mark.parametrize("policy,what", [("per_channel", "quantized per channel"), ("skip", "left in full precision")])
+def test_indivisible_layers_are_reported_once_per_width(policy, what, caplog):
+    # Group 48 divides down_proj's 96 inputs but not the 64 of the other six layers
+    # of each block: one warning for the width 64, naming how many layers.
+    model = tiny_llama(seed=0)
+    cfg = QuantConfig(method="rtn", bits=4, group_size=48)
+    with caplog.at_level(logging.WARNING, logger="decoupleq"):
+        decoupleq.quantize(model, token_batches(n=2, seq=8), cfg, blockwise=False, indivisible=policy, verbose=False)
+    warnings = [r.getMessage() for r in caplog.records if "does not divide" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("group_size 48 does not divide in_features 64 of 12 layers (model.layers.0.")
+    assert warnings[0].endswith(what)
+    quant = _quant_linears(model)
+    assert {n.rsplit(".", 1)[1] for n, q in quant.items() if q.group_size == 48} == {"down_proj"}
+    if policy == "skip":
+        assert len(quant) == 2 and type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    else:
+        assert len(quant) == 14 and all(q.group_size == -1 for n, q in quant.items() if "down_proj" not in n)
+
+
 def test_gpt2_conv1d_layers_are_quantized_transposed():
     model = tiny_gpt2(seed=0)
     fp = copy.deepcopy(model)
