@@ -2,9 +2,9 @@
  * the low-bit GEMV to (a GEMV at batch 1 can go no faster than its weights
  * can be read). */
 #include "dq_kernels.h"
+#include "dq_profile.h"
 
 #include <string.h>
-#include <time.h>
 
 typedef struct {
     uint64_t *buf;
@@ -37,13 +37,6 @@ static void read_range(void *vctx, int64_t i0, int64_t i1)
     c->sink[(i0 * 256) / (c->items ? c->items : 1)] ^= s0 ^ s1 ^ s2 ^ s3;
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 dq_status dq_read_bandwidth(size_t bytes, int nthreads, int repeats, double *gbps)
 {
     if (nthreads < 1) nthreads = dq_num_threads();
@@ -61,9 +54,9 @@ dq_status dq_read_bandwidth(size_t bytes, int nthreads, int repeats, double *gbp
     dq_status st = dq_parallel_for(items, 1, nthreads, fill, &c);
     double best = 1e30;
     for (int rep = 0; rep < repeats && st == DQ_OK; rep++) {
-        double t0 = now_s();
+        double t0 = dq_wall_seconds();
         st = dq_parallel_for(items, 1, nthreads, read_range, &c);
-        double dt = now_s() - t0;
+        double dt = dq_wall_seconds() - t0;
         if (dt < best) best = dt;
     }
     dq_free(c.buf);
@@ -169,9 +162,9 @@ dq_status dq_fma_throughput(int nthreads, int repeats, double *gmacs)
     double best = 1e30;
     dq_status st = DQ_OK;
     for (int rep = 0; rep < repeats && st == DQ_OK; rep++) {
-        double t0 = now_s();
+        double t0 = dq_wall_seconds();
         st = dq_parallel_for(c.items, 1, nthreads, fma_range, &c);
-        double dt = now_s() - t0;
+        double dt = dq_wall_seconds() - t0;
         if (dt < best) best = dt;
     }
     if (st != DQ_OK) return st;

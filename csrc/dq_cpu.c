@@ -7,11 +7,11 @@
  * avx2_subnormal, auto) overrides the choice.
  */
 #include "dq_kernels.h"
+#include "dq_profile.h"
 
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -40,13 +40,6 @@ static const dq_kernel_t *chosen;
 static const dq_kernel_t *available[4];
 static char reason[256];
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* Best-of-7 time of one kernel's batch-1 code dot on a small 2-bit matrix
  * that stays in cache; returns a huge time if memory runs out. */
 static double time_qdot(const dq_kernel_t *k, const dq_packed_t *W, const float *x, float *y)
@@ -55,9 +48,9 @@ static double time_qdot(const dq_kernel_t *k, const dq_packed_t *W, const float 
     if (dq_xprep_init(&X, W, x, 1, k->xmode) != DQ_OK) return 1e30;
     double best = 1e30;
     for (int rep = 0; rep < 7; rep++) {
-        double t0 = now_s();
+        double t0 = dq_wall_seconds();
         k->qdot(W, &X, 0, W->out, y, W->out);
-        double dt = now_s() - t0;
+        double dt = dq_wall_seconds() - t0;
         if (dt < best) best = dt;
     }
     dq_xprep_free(&X);

@@ -341,13 +341,6 @@ __attribute__((target("avx2,fma"))) static void finish_rows_avx2(void *x, int64_
 }
 #endif
 
-static double lap(double *t0)
-{
-    const double t = dq_wall_seconds(), d = t - *t0;
-    *t0 = t;
-    return d;
-}
-
 dq_status dq_float_step(const dq_layer_t *L, const int8_t *A, float *S, float *Z, double *err)
 {
     return dq_float_step_update(L, A, NULL, NULL, NULL, S, Z, err);
@@ -434,15 +427,15 @@ dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float
             dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)rows, (int)(n - b0),
                            (int)(b1 - b0), 1.0f, Af + b0, (int)n, L->Hf + b0 * n + b0, (int)n,
                            0.0f, T, (int)(n - b0));
-            if (prof) t_gemm += lap(&tp);
+            if (prof) t_gemm += dq_lap_seconds(&tp);
             X.b0 = b0;
             X.b1 = b1;
             st = dq_parallel_for(rows, 8, nth, p11_fn, &X);
             if (st != DQ_OK) goto done;
-            if (prof) t_acc += lap(&tp);
+            if (prof) t_acc += dq_lap_seconds(&tp);
         }
         st = dq_parallel_for(rows, 4, nth, finish_fn, &X);
-        if (prof) t_fin += lap(&tp);
+        if (prof) t_fin += dq_lap_seconds(&tp);
         if (st == DQ_OK && X.nomem) st = DQ_ENOMEM;
         if (st != DQ_OK) goto done;
     }
@@ -471,10 +464,8 @@ dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float
         dq_free(rows);
     }
     if (err && !X.S0) {
-        const int prof = dq_profile_on();
-        double t0 = dq_wall_seconds();
         st = dq_row_errors(L, A, S, Z, err);
-        dq_profile_lap(prof, &t0, "  (its row errors)", -1);
+        dq_profile_lap(prof, &tp, "  (its row errors)", -1);
     }
 done:
     dq_free(recheck);

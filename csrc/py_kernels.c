@@ -351,6 +351,15 @@ static PyObject *py_kernel_names(PyObject *self, PyObject *noargs)
     return lst;
 }
 
+static int check_repeats(int repeats)
+{
+    if (repeats < 1) {
+        PyErr_Format(PyExc_ValueError, "repeats must be >= 1, got %d", repeats);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *py_read_bandwidth(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
@@ -365,10 +374,7 @@ static PyObject *py_read_bandwidth(PyObject *self, PyObject *args, PyObject *kwa
         return NULL;
     }
     if (check_threads(threads) < 0) return NULL;
-    if (repeats < 1) {
-        PyErr_Format(PyExc_ValueError, "repeats must be >= 1, got %d", repeats);
-        return NULL;
-    }
+    if (check_repeats(repeats) < 0) return NULL;
     double gbps = 0.0;
     dq_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -386,10 +392,7 @@ static PyObject *py_fma_throughput(PyObject *self, PyObject *args, PyObject *kwa
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|ii:fma_throughput", kwlist, &threads, &repeats))
         return NULL;
     if (check_threads(threads) < 0) return NULL;
-    if (repeats < 1) {
-        PyErr_Format(PyExc_ValueError, "repeats must be >= 1, got %d", repeats);
-        return NULL;
-    }
+    if (check_repeats(repeats) < 0) return NULL;
     double gmacs = 0.0;
     dq_status st;
     Py_BEGIN_ALLOW_THREADS

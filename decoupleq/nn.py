@@ -27,9 +27,10 @@ so scale and zero are (out, G) for every origin (the reference stores them
 Inference: when no gradient is needed (grad mode off, or neither the input
 nor a float part requires grad), ``QuantLinear`` on the CPU at 2-4 bits runs
 the packed kernels (``decoupleq.kernels``) straight from ``packed`` and the
-CURRENT float32 ``scale`` and ``zero`` (up to 16 rows of input; more rows are
-dequantized by the C core and multiplied by torch's GEMM, see ``_packed_forward``) (so values tuned by SFT are used as
-they are, with nothing cached); inputs cross to NumPy without copies when
+CURRENT float32 ``scale`` and ``zero``, so values tuned by SFT are used as
+they are, with nothing cached (up to ``SMALL_BATCH_MAX`` rows of input; more
+rows are dequantized by the C core and multiplied by torch's GEMM, see
+``_packed_forward``); inputs cross to NumPy without copies when
 float32 and contiguous, other float dtypes are converted to float32 and the
 output is cast back. The result agrees with ``F.linear`` on the dequantized
 float32 weight up to float32 rounding (sums are ordered differently).

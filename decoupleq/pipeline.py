@@ -341,6 +341,17 @@ def _set_module(root: nn.Module, name: str, new: nn.Module):
     setattr(parent, child, new)
 
 
+def _swap_in_quantized(model, spec: BlockSpec, i: int, name: str, module: nn.Module, qw) -> nn.Module:
+    """Replace layer ``name`` of block i by its QuantLinear / QuantConv2d; returns the new module
+    (a block that is itself the layer, ``name == ""``, is replaced in ``spec.blocks`` too)."""
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    new = cls.from_quantized(module, qw)
+    _set_module(model, spec.full_name(i, name), new)
+    if name == "":
+        spec.blocks[i] = new
+    return new
+
+
 def _relative_loss(W: torch.Tensor, H: torch.Tensor, damping: float, loss: float) -> float:
     W64 = W.to(torch.float64)
     H64 = torch.as_tensor(H, dtype=torch.float64)
@@ -422,11 +433,9 @@ def _quantize_block(
                 H = hessians[owner[name]]
                 W = layer_weight_matrix(module)
                 qw = quantize_weight(W, H, lcfg)
-                cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-                new = cls.from_quantized(module, qw)
-                _set_module(model, full, new)
+                new = _swap_in_quantized(model, spec, i, name, module, qw)
                 if name == "":
-                    block = spec.blocks[i] = new
+                    block = new
                 loss = float(qw.loss.sum())
                 rel = _relative_loss(W, torch.as_tensor(H), lcfg.damping, loss)
                 dt = time.perf_counter() - t0
@@ -491,11 +500,7 @@ def _quantize_without_data(model, spec: BlockSpec, plans: list, report: QuantRep
             S, Z = _C.minmax_params(W, lcfg.bits, lcfg.group_size, lcfg.symmetric)
             A = _C.rtn_codes(W, S, Z, lcfg.bits, lcfg.symmetric, lcfg.rounding_rule)
             qw = QuantizedWeight(A, S, Z, np.full(W.shape[0], np.nan), lcfg)
-            cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-            new = cls.from_quantized(module, qw)
-            _set_module(model, full, new)
-            if name == "":
-                spec.blocks[i] = new
+            _swap_in_quantized(model, spec, i, name, module, qw)
             dt = time.perf_counter() - t0
             report.layers.append(LayerReport(full, tuple(W.shape), lcfg.group_size, float("nan"), float("nan"), 0, dt))
             if bars is not None:
