@@ -48,9 +48,15 @@
  * UPDATE_NOISE * sum_k |d_k| (|P theta0|_k + |y_k|) (eps32 / 2 times a
  * safety factor of 8 over the largest ratio of actual to estimated error
  * seen on synthetic W2-W4 layers); rows where it exceeds UPDATE_RTOL of the
- * error (the GPTQ identity's tolerance) get the exact GEMM error. */
+ * error get the GEMM error instead.  That GEMM is float32 too: against a
+ * float64 evaluation its errors are off by up to 1.2e-5 (relative, W2 g64)
+ * and 3.7e-5 (W4 per-channel).  At 3e-5 nearly every row of a W2 g64 float
+ * step was re-measured (a full half-flop GEMM) to gain at most that much;
+ * at 2e-4 about 8% are, the returned losses stay within 2.4e-5 of float64
+ * (q99 1.4e-5), and the chosen parameters are the same (synthetic 576-2048
+ * layers, W2-W4). */
 #define UPDATE_NOISE (8.0 * 6e-8)
-#define UPDATE_RTOL 3e-5
+#define UPDATE_RTOL 2e-4
 
 /* Columns per block of the per-channel P11 assembly (the sgemm's k): large
  * enough that the symmetric half costs few BLAS calls. */
