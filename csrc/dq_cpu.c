@@ -137,6 +137,13 @@ int dq_cpu_has_avx2(void)
     return has_avx2;
 }
 
+int dq_solver_simd(void)
+{
+    const char *env = getenv("DECOUPLEQ_KERNEL");
+    if (env && strcmp(env, "reference") == 0) return 0;
+    return dq_cpu_has_avx2();
+}
+
 const dq_kernel_t *dq_kernel_default(void)
 {
     pthread_once(&once, choose);

@@ -121,6 +121,93 @@ static inline __attribute__((always_inline)) double dot_dd(const double *x, cons
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
+/* Four dot_dd at once, x0..x3 against the same y: each result rounds
+ * exactly as dot_dd(x_r, y, len) does (same eight lanes, same final sum),
+ * while y is loaded once for the four and their accumulators hide each
+ * other's latency.  Written with vector types (element-wise IEEE, so the
+ * same rounding as the scalar lanes) because compilers keep the plain form's
+ * 32 accumulators in memory. */
+typedef double dq_v4d __attribute__((vector_size(32)));
+/* The helpers below are always inlined, so the ABI of passing dq_v4d by
+ * value (which GCC warns about in the generic, non-AVX build) never arises. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+static inline __attribute__((always_inline)) dq_v4d load4(const double *p)
+{
+    dq_v4d v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline __attribute__((always_inline)) double lanes8_sum(dq_v4d lo, dq_v4d hi)
+{
+    return ((lo[0] + lo[1]) + (lo[2] + lo[3])) + ((hi[0] + hi[1]) + (hi[2] + hi[3]));
+}
+
+static inline __attribute__((always_inline)) void dot4_dd(const double *x0, const double *x1,
+                                                          const double *x2, const double *x3,
+                                                          const double *y, int64_t len,
+                                                          double out[4])
+{
+    const dq_v4d zero = {0, 0, 0, 0};
+    dq_v4d a0 = zero, b0 = zero, a1 = zero, b1 = zero, a2 = zero, b2 = zero, a3 = zero, b3 = zero;
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        const dq_v4d ylo = load4(y + i), yhi = load4(y + i + 4);
+        a0 += load4(x0 + i) * ylo;
+        b0 += load4(x0 + i + 4) * yhi;
+        a1 += load4(x1 + i) * ylo;
+        b1 += load4(x1 + i + 4) * yhi;
+        a2 += load4(x2 + i) * ylo;
+        b2 += load4(x2 + i + 4) * yhi;
+        a3 += load4(x3 + i) * ylo;
+        b3 += load4(x3 + i + 4) * yhi;
+    }
+    for (; i < len; i++) {
+        a0[0] += x0[i] * y[i];
+        a1[0] += x1[i] * y[i];
+        a2[0] += x2[i] * y[i];
+        a3[0] += x3[i] * y[i];
+    }
+    out[0] = lanes8_sum(a0, b0);
+    out[1] = lanes8_sum(a1, b1);
+    out[2] = lanes8_sum(a2, b2);
+    out[3] = lanes8_sum(a3, b3);
+}
+
+/* row[k] = sum_c a[c] hs[c, k] (c < g, hs g x G), summed in c order for
+ * every k as a plain loop would; 16 columns at a time stay in registers
+ * while the g codes stream by, instead of a load and store of row per code. */
+static inline __attribute__((always_inline)) void p12_row(const int8_t *a, const double *hs,
+                                                          int64_t g, int64_t G, double *row)
+{
+    int64_t k0 = 0;
+    for (; k0 + 16 <= G; k0 += 16) {
+        const dq_v4d zero = {0, 0, 0, 0};
+        dq_v4d r0 = zero, r1 = zero, r2 = zero, r3 = zero;
+        for (int64_t c = 0; c < g; c++) {
+            const double ac = (double)a[c];
+            if (ac == 0.0) continue;
+            const dq_v4d av = {ac, ac, ac, ac};
+            const double *h = hs + c * G + k0;
+            r0 += av * load4(h);
+            r1 += av * load4(h + 4);
+            r2 += av * load4(h + 8);
+            r3 += av * load4(h + 12);
+        }
+        memcpy(row + k0, &r0, sizeof(r0));
+        memcpy(row + k0 + 4, &r1, sizeof(r1));
+        memcpy(row + k0 + 8, &r2, sizeof(r2));
+        memcpy(row + k0 + 12, &r3, sizeof(r3));
+    }
+    for (int64_t k = k0; k < G; k++) {
+        double acc = 0.0;
+        for (int64_t c = 0; c < g; c++)
+            if (a[c] != 0) acc += (double)a[c] * hs[c * G + k];
+        row[k] = acc;
+    }
+}
+
 /* P11 contributions of column block [b0, b1) for the rows [begin, end). */
 static inline __attribute__((always_inline)) void accumulate_p11(void *vctx, int64_t begin,
                                                                   int64_t end)
@@ -170,7 +257,19 @@ static inline __attribute__((always_inline)) int solve_row(double *P, const doub
         }
         double piv = sqrt(d);
         Lk[k] = piv;
-        for (int64_t i = k + 1; i < N; i++) {
+        /* Column k below the pivot, four rows per pass over Lk (the bulk of
+         * the factorisation's time); dropped rows get 0 whatever their dot. */
+        int64_t i = k + 1;
+        for (; i + 4 <= N; i += 4) {
+            double *Li = P + i * N, dots[4];
+            dot4_dd(Li, Li + N, Li + 2 * N, Li + 3 * N, Lk, k, dots);
+            for (int r = 0; r < 4; r++) {
+                double *Lr = Li + r * N;
+                Lr[k] = scale[i + r] == 0.0 ? 0.0
+                                            : (Lr[k] * scale[i + r] * scale[k] - dots[r]) / piv;
+            }
+        }
+        for (; i < N; i++) {
             double *Li = P + i * N;
             if (scale[i] == 0.0) {
                 Li[k] = 0.0;
@@ -259,13 +358,7 @@ static inline __attribute__((always_inline)) void finish_rows(void *vctx, int64_
             /* P12[j, k] = sum_{c in j} a_c Hs[c, k];  P22 is shared. */
             for (int64_t j = 0; j < G; j++) {
                 double *row = P + j * N + G;
-                for (int64_t k = 0; k < G; k++) row[k] = 0.0;
-                for (int64_t c = j * g; c < (j + 1) * g; c++) {
-                    double ac = (double)a[c];
-                    if (ac == 0.0) continue;
-                    const double *hs = X->Hs + c * G;
-                    for (int64_t k = 0; k < G; k++) row[k] += ac * hs[k];
-                }
+                p12_row(a + j * g, X->Hs + j * g * G, g, G, row);
                 for (int64_t k = 0; k < G; k++) P[(G + k) * N + j] = row[k];
             }
             for (int64_t j = 0; j < G; j++)
@@ -415,7 +508,7 @@ dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float
     int nth = dq_num_threads();
     dq_range_fn p11_fn = accumulate_p11_generic, finish_fn = finish_rows_generic;
 #if defined(__x86_64__) || defined(__i386__)
-    if (dq_cpu_has_avx2()) {
+    if (dq_solver_simd()) {
         p11_fn = accumulate_p11_avx2;
         finish_fn = finish_rows_avx2;
     }

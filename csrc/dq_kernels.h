@@ -173,6 +173,10 @@ extern const dq_kernel_t dq_kernel_avx2_subn; /* codes read as subnormal floats 
 /* ---- dispatch (dq_cpu.c) ------------------------------------------------ */
 /* 1 when the CPU has AVX2, FMA and F16C and the OS saves YMM state. */
 int dq_cpu_has_avx2(void);
+/* 1 when the solver's row loops should take their AVX2 builds: the CPU has
+ * them (dq_cpu_has_avx2) and DECOUPLEQ_KERNEL=reference does not ask for the
+ * portable builds.  Both builds round every operation the same. */
+int dq_solver_simd(void);
 /* The kernel used by default: DECOUPLEQ_KERNEL if set (reference, avx2,
  * avx2_subnormal, auto), else the fastest AVX2 variant measured once, else
  * the reference.  Chosen once per process. */

@@ -25,10 +25,10 @@
  */
 #include "dq_solver.h"
 #include "dq_blas.h"
+#include "dq_kernels.h"
 #include "dq_profile.h"
 
 #include <float.h>
-#include <pthread.h>
 #include <string.h>
 
 /* Damping ladders t (times mean(diag H00)) tried in turn. */
@@ -472,27 +472,6 @@ __attribute__((target("avx2,fma"))) static void baseline_range_avx2(void *vctx, 
         baseline_tile((const sweep_t *)vctx, r, end - r < ROW_TILE ? end - r : ROW_TILE);
 }
 
-/* AVX2 when the CPU (and OS) support it, unless DECOUPLEQ_KERNEL=reference
- * asks for the portable build of the same code. */
-static pthread_once_t simd_once = PTHREAD_ONCE_INIT;
-static int simd_avx2;
-
-static void simd_detect(void)
-{
-    const char *env = getenv("DECOUPLEQ_KERNEL");
-    if (env && strcmp(env, "reference") == 0) return;
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    simd_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-}
-
-static int use_avx2(void)
-{
-    pthread_once(&simd_once, simd_detect);
-    return simd_avx2;
-}
-
 /* End of the block starting at i1.  With dynamic groups the block is cut at
  * group boundaries so a group's parameters always see fully updated
  * weights: groups no wider than B lie inside one block, wider ones start a
@@ -637,7 +616,7 @@ dq_status dq_round_gptq_vs(const dq_layer_t *L, const dq_gptq_factor_t *F, const
     if (!x.wd) return DQ_ENOMEM;
     const int prof = dq_profile_on();
     double t0 = dq_wall_seconds();
-    dq_status st = sweep(&x, use_avx2() ? round_range_avx2 : round_range_generic, 0, err);
+    dq_status st = sweep(&x, dq_solver_simd() ? round_range_avx2 : round_range_generic, 0, err);
     dq_profile_lap(prof, &t0, "  (its sweep)", -1);
     if (st == DQ_OK) st = refine_errors(L, x.wd, A, S, L->symmetric ? NULL : Z, err_ref, err);
     dq_profile_lap(prof, &t0, "  (its refine)", -1);
@@ -693,7 +672,7 @@ dq_status dq_gptq_baseline(const dq_layer_t *L, const dq_gptq_factor_t *F, int64
     }
     if (x.static_groups)
         dq_parallel_for(m, SWEEP_MIN_ROWS, dq_num_threads(), static_params_range, &x);
-    if ((st = sweep(&x, use_avx2() ? baseline_range_avx2 : baseline_range_generic,
+    if ((st = sweep(&x, dq_solver_simd() ? baseline_range_avx2 : baseline_range_generic,
                     !x.static_groups, err)) != DQ_OK)
         goto done;
     for (int64_t i = 0; i < m * G; i++) Z[i] = S[i] * (float)(-(L->qmin + x.zeta[i]));

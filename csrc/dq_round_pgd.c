@@ -38,6 +38,7 @@
  */
 #include "dq_solver.h"
 #include "dq_blas.h"
+#include "dq_kernels.h"
 
 #include <string.h>
 
@@ -117,11 +118,8 @@ __attribute__((target("avx2"))) static void adam_row_avx2(ADAM_ROW_ARGS) { ADAM_
  * portable build (the results are the same bits either way). */
 static adam_row_fn pick_adam_row(void)
 {
-    const char *env = getenv("DECOUPLEQ_KERNEL");
-    if (env && strcmp(env, "reference") == 0) return adam_row_plain;
 #if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) return adam_row_avx2;
+    if (dq_solver_simd()) return adam_row_avx2;
 #endif
     return adam_row_plain;
 }

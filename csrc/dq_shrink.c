@@ -36,6 +36,7 @@
  */
 #include "dq_solver.h"
 #include "dq_blas.h"
+#include "dq_kernels.h"
 #include "dq_profile.h"
 
 #include <string.h>
@@ -548,10 +549,9 @@ __attribute__((target("avx2"))) static void replay_avx2(const flip_t *ev, const 
 static replay_fn pick_replay(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
-    /* DECOUPLEQ_KERNEL=ref forces the plain C paths (as for the kernels);
-     * both versions give the same bits. */
-    const char *env = getenv("DECOUPLEQ_KERNEL");
-    if (!(env && strcmp(env, "ref") == 0) && __builtin_cpu_supports("avx2")) return replay_avx2;
+    /* DECOUPLEQ_KERNEL=reference forces the plain C replay (as for the
+     * kernels); both versions give the same bits. */
+    if (dq_solver_simd()) return replay_avx2;
 #endif
     return replay_scalar;
 }

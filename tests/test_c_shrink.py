@@ -132,7 +132,7 @@ def test_matches_reference():
 
 
 def test_plain_c_replay_gives_the_same_bits():
-    # DECOUPLEQ_KERNEL=ref forces the scalar replay; it rounds like the AVX2 one.
+    # DECOUPLEQ_KERNEL=reference forces the scalar replay; it rounds like the AVX2 one.
     code = (
         "import numpy as np, decoupleq._C as C, decoupleq.reference as R\n"
         "W, H = R.synthetic_problem(16, 200, 5)\n"
@@ -142,7 +142,7 @@ def test_plain_c_replay_gives_the_same_bits():
     )
     env = dict(os.environ)
     results = []
-    for kernel in ("auto", "ref"):
+    for kernel in ("auto", "reference"):
         env["DECOUPLEQ_KERNEL"] = kernel
         results.append(subprocess.run([sys.executable, "-c", code], env=env, check=True,
                                       capture_output=True).stdout)

@@ -235,3 +235,36 @@ def test_later_iterations_revisit_only_changed_rows_without_changing_the_trace(r
     assert len(moved) >= 6 and 0 < moved[-3] < W.shape[0], moved
     steps = min(c.trace.shape[0], ref.trace.shape[0])
     np.testing.assert_allclose(c.trace[:steps], ref.trace[:steps], rtol=1e-3)
+
+
+_SOLVE_AND_PRINT = """
+import sys
+import numpy as np
+import decoupleq
+from decoupleq.reference.synthetic import synthetic_problem
+out = []
+for m, n, bits, group_size, symmetric in [(96, 1280, 2, 64, False), (64, 384, 4, -1, False), (48, 256, 3, 32, True)]:
+    W, H = synthetic_problem(m, n, seed=3)
+    qw = decoupleq.quantize_weight(W, H, decoupleq.QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric))
+    out += [qw.codes, qw.scale, qw.zero, qw.loss, qw.trace]
+sys.stdout.buffer.write(b"".join(np.ascontiguousarray(x).tobytes() for x in out))
+"""
+
+
+def test_portable_build_of_the_whole_solver_gives_the_same_bits():
+    # DECOUPLEQ_KERNEL=reference runs the portable builds of every row loop of
+    # the solver (GPTQ sweep, shrink replay, float-step assembly and solves);
+    # where the CPU has AVX2 the default runs those builds instead, and both
+    # must round every operation the same.  (G = 20 exercises the float
+    # step's 16-column blocks and their remainder.)
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for kernel in ("reference", "auto"):
+        env = dict(os.environ, DECOUPLEQ_KERNEL=kernel)
+        results[kernel] = subprocess.run([sys.executable, "-c", _SOLVE_AND_PRINT], env=env, check=True,
+                                         capture_output=True).stdout
+    assert len(results["auto"]) > 0
+    assert results["reference"] == results["auto"]
