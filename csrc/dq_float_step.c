@@ -121,15 +121,12 @@ static inline __attribute__((always_inline)) double dot_dd(const double *x, cons
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-/* Four dot_dd at once, x0..x3 against the same y: each result rounds
- * exactly as dot_dd(x_r, y, len) does (same eight lanes, same final sum),
- * while y is loaded once for the four and their accumulators hide each
- * other's latency.  Written with vector types (element-wise IEEE, so the
- * same rounding as the scalar lanes) because compilers keep the plain form's
- * 32 accumulators in memory. */
+/* Four doubles as one value: arithmetic on it is element-wise IEEE, so it
+ * rounds exactly like four scalar lanes, and the compiler keeps it in one
+ * register (two in the generic build).  The helpers taking it are always
+ * inlined, so the ABI of passing it by value (which GCC warns about in the
+ * generic, non-AVX build) never arises. */
 typedef double dq_v4d __attribute__((vector_size(32)));
-/* The helpers below are always inlined, so the ABI of passing dq_v4d by
- * value (which GCC warns about in the generic, non-AVX build) never arises. */
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 static inline __attribute__((always_inline)) dq_v4d load4(const double *p)
@@ -144,6 +141,11 @@ static inline __attribute__((always_inline)) double lanes8_sum(dq_v4d lo, dq_v4d
     return ((lo[0] + lo[1]) + (lo[2] + lo[3])) + ((hi[0] + hi[1]) + (hi[2] + hi[3]));
 }
 
+/* Four dot_dd at once, x0..x3 against the same y: each result rounds
+ * exactly as dot_dd(x_r, y, len) does (same eight lanes, same final sum),
+ * while y is loaded once for the four and their accumulators hide each
+ * other's latency.  Vector types because compilers keep the plain form's 32
+ * accumulators in memory. */
 static inline __attribute__((always_inline)) void dot4_dd(const double *x0, const double *x1,
                                                           const double *x2, const double *x3,
                                                           const double *y, int64_t len,
