@@ -3,6 +3,7 @@
     python benchmarks/bench_models.py --json results.json      # the full grid (hours on 2 cores)
     python benchmarks/bench_models.py --quick                  # W2 g64 only, small budgets
     python benchmarks/bench_models.py --configs 3:128 --methods rtn,gptq   # a part of the grid
+    python benchmarks/bench_models.py --configs 4:-1 --methods decoupleq+bt --bt-epochs 2   # longer block tuning
 
 For each of FP, RTN, GPTQ, decoupleQ and decoupleQ + block tuning, at W2 per-channel, W2 g64,
 W3 g128 and W4 per-channel: WikiText-2 test perplexity (calibrated on the validation split),
@@ -15,8 +16,8 @@ tokens from the start of the test split, printed in the table's header) unless
 stored 4-bit in blocks of 32, so W4 results (g32 most of all) flatter any method.
 
 ``--json PATH`` writes one record per run: model, method, bits, group_size, blockwise, ppl,
-seconds (wall), cpu_seconds (all threads), peak_rss_mb, file_mb, packed_mb, eval and calibration budgets,
-threads.
+seconds (wall), cpu_seconds (all threads), peak_rss_mb, file_mb, packed_mb, eval and calibration
+budgets, block-tuning settings (bt_lr, bt_epochs), threads.
 """
 import argparse
 import json
@@ -75,7 +76,9 @@ def run_one(spec: dict, data: Path) -> dict:
                                  num_samples=spec["num_samples"], seq_len=spec["seq_len"], seed=0)
         config = decoupleq.ModelQuantConfig(
             quant=decoupleq.QuantConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"]),
-            blockwise=spec["blockwise"], verbose=False)
+            blockwise=decoupleq.BlockTuneConfig(lr=spec["bt_lr"], epochs=spec["bt_epochs"]) if spec["blockwise"]
+            else False,
+            verbose=False)
         decoupleq.quantize(lm.model, calib, config)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     ppl = perplexity(lm.model, test_ids, seq_len=spec["eval_seq_len"], max_windows=spec["eval_windows"],
@@ -107,6 +110,9 @@ def main(argv=None):
                    help="comma list among fp,rtn,gptq,decoupleq,decoupleq+bt (default all)")
     p.add_argument("--configs", default=None,
                    help="comma list of BITS:GROUP (group -1 = per-channel), e.g. 2:-1,3:128 (default the four above)")
+    p.add_argument("--bt-lr", type=float, default=None,
+                   help="block tuning learning rate (default BlockTuneConfig's)")
+    p.add_argument("--bt-epochs", type=int, default=None, help="block tuning epochs (default BlockTuneConfig's)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run, in a child process
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -127,8 +133,11 @@ def main(argv=None):
     num_samples = args.num_samples or (8 if args.quick else 32)
     eval_windows = args.eval_windows or (4 if args.quick else 16)
     wanted = None if args.methods is None else set(args.methods.split(","))
+    from decoupleq import BlockTuneConfig
+
+    tune = BlockTuneConfig(**{k: v for k, v in (("lr", args.bt_lr), ("epochs", args.bt_epochs)) if v is not None})
     base = dict(model=MODEL, num_samples=num_samples, seq_len=args.seq_len, eval_windows=eval_windows,
-                eval_seq_len=args.eval_seq_len, full_eval=args.full_eval)
+                eval_seq_len=args.eval_seq_len, full_eval=args.full_eval, bt_lr=tune.lr, bt_epochs=tune.epochs)
     specs = []
     if wanted is None or "fp" in wanted:
         specs.append(dict(base, method="fp", bits=None, group_size=None, blockwise=False))
@@ -164,7 +173,7 @@ def main(argv=None):
 
     budget = "whole test split" if args.full_eval else f"first {eval_windows} windows x {args.eval_seq_len} tokens"
     print(f"\nSmolLM2-135M, WikiText-2 test perplexity ({budget}); calibrated on {num_samples} x {args.seq_len} "
-          f"tokens of WikiText-2 valid\n")
+          f"tokens of WikiText-2 valid; block tuning lr {tune.lr:g} x {tune.epochs} epoch(s)\n")
     print("| config | method | ppl | time (s) | CPU (s) | peak RSS (MB) | file (MB) | packed (MB) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in records:
