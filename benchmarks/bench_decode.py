@@ -48,10 +48,9 @@ def best_time(fn, repeats: int) -> float:
 
 def rtn_copy(fp, bits: int, group_size: int):
     """A copy of ``fp`` whose decoder-layer linears are QuantLinear, by min-max RTN."""
-    import numpy as np
     from torch import nn
 
-    from decoupleq import QuantConfig, QuantizedWeight, _C
+    from decoupleq import QuantConfig, quantize_weight
     from decoupleq.nn import QuantLinear
 
     cfg = QuantConfig(method="rtn", bits=bits, group_size=group_size)
@@ -60,10 +59,7 @@ def rtn_copy(fp, bits: int, group_size: int):
         for name, layer in list(block.named_modules()):
             if not isinstance(layer, nn.Linear):
                 continue
-            W = np.ascontiguousarray(layer.weight.detach().float().numpy())
-            S, Z = _C.minmax_params(W, bits, group_size, False)
-            A = _C.rtn_codes(W, S, Z, bits, False, "half_up")
-            qw = QuantizedWeight(A, S, Z, np.zeros(W.shape[0]), cfg)
+            qw = quantize_weight(layer.weight.detach(), None, cfg)
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, QuantLinear.from_quantized(layer, qw))
     return model

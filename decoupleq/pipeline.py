@@ -486,20 +486,13 @@ def _needs_no_data(plans: list, mcfg: ModelQuantConfig) -> bool:
 
 def _quantize_without_data(model, spec: BlockSpec, plans: list, report: QuantReport, bars) -> None:
     """Round every planned layer to its min-max grid in place (RTN needs no Hessian)."""
-    import numpy as np
-
-    from . import _C
-    from .solver import QuantizedWeight
-
     for i, plan in enumerate(plans):
         t_block = time.perf_counter()
         for name, (module, lcfg) in plan.layers.items():
             full = spec.full_name(i, name)
             t0 = time.perf_counter()
-            W = layer_weight_matrix(module).numpy()
-            S, Z = _C.minmax_params(W, lcfg.bits, lcfg.group_size, lcfg.symmetric)
-            A = _C.rtn_codes(W, S, Z, lcfg.bits, lcfg.symmetric, lcfg.rounding_rule)
-            qw = QuantizedWeight(A, S, Z, np.full(W.shape[0], np.nan), lcfg)
+            W = layer_weight_matrix(module)
+            qw = quantize_weight(W, None, lcfg)
             _swap_in_quantized(model, spec, i, name, module, qw)
             dt = time.perf_counter() - t0
             report.layers.append(LayerReport(full, tuple(W.shape), lcfg.group_size, float("nan"), float("nan"), 0, dt))

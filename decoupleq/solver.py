@@ -73,7 +73,9 @@ def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c")
             torch tensor of any float dtype (computed in float32). Not modified.
         H: (n, n) mean outer product of the layer's inputs (as returned by
             ``HessianAccumulator.hessian()``), undamped; damping is applied here
-            with ``config.damping``. Not modified.
+            with ``config.damping``. Not modified. ``None`` is allowed for
+            ``method="rtn"`` only: the codes need no Hessian, and ``loss`` is
+            then NaN (there is nothing to weigh the error by).
         config: a ``QuantConfig``; the default is decoupleQ W2 g64.
         impl: ``"c"`` (the C core) or ``"reference"`` (the NumPy twin, slow).
 
@@ -92,9 +94,10 @@ def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c")
     m, n = W32.shape
     if m == 0 or n == 0:
         raise ValueError(f"W must have at least one row and one column, got shape {W32.shape}")
-    H64 = as_float_matrix(H, "H", np.float64, shape=(n, n))
+    if H is None and config.method != "rtn":
+        raise ValueError(f"H is required for method {config.method!r} (only 'rtn' rounds without one)")
+    H64 = None if H is None else as_float_matrix(H, "H", np.float64, shape=(n, n))
     config.groups(n)  # raises if group_size does not divide n
-    H00 = backend.damp(H64, config.damping)
 
     common = dict(
         bits=config.bits,
@@ -102,6 +105,12 @@ def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c")
         symmetric=config.symmetric,
         rule=config.rounding_rule,
     )
+    if H64 is None:
+        S, Z = backend.minmax_params(W32, config.bits, config.group_size, config.symmetric)
+        A = backend.rtn_codes(W32, S, Z, config.bits, config.symmetric, config.rounding_rule)
+        err = np.full(m, np.nan)
+        return QuantizedWeight(codes=A, scale=S, zero=Z, loss=err, config=config, trace=err[None, :].copy())
+    H00 = backend.damp(H64, config.damping)
     if config.method == "rtn":
         A, S, Z, err = backend.rtn(W32, H00, **common)
         trace = err[None, :].copy()

@@ -49,6 +49,25 @@ def test_reported_loss_is_the_h00_error_of_the_returned_weight(m, n, bits, group
     np.testing.assert_allclose(qw.loss, expected, rtol=1e-4, atol=1e-9 * expected.max())
 
 
+@pytest.mark.parametrize("impl", ["c", "reference"])
+def test_rtn_without_a_hessian_gives_the_same_codes_and_no_loss(impl):
+    W, H = problem(24, 32, seed=4)
+    config = QuantConfig(method="rtn", bits=3, group_size=8)
+    with_h = quantize_weight(W, H, config, impl=impl)
+    without = quantize_weight(W, None, config, impl=impl)
+    np.testing.assert_array_equal(without.codes, with_h.codes)
+    np.testing.assert_array_equal(without.scale, with_h.scale)
+    np.testing.assert_array_equal(without.zero, with_h.zero)
+    assert np.all(np.isnan(without.loss)) and without.loss.shape == (24,)
+
+
+@pytest.mark.parametrize("method", ["gptq", "decoupleq"])
+def test_a_hessian_is_required_beyond_rtn(method):
+    W, _ = problem(8, 16)
+    with pytest.raises(ValueError, match=f"H is required for method '{method}'"):
+        quantize_weight(W, None, QuantConfig(method=method, group_size=8))
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "decoupleq"])
 @pytest.mark.parametrize("bits,group_size,symmetric", [(2, -1, False), (2, 8, False), (4, 16, True)])
 def test_c_matches_reference(method, bits, group_size, symmetric):
