@@ -4,6 +4,7 @@
     python benchmarks/bench_models.py --quick                  # W2 g64 only, small budgets
     python benchmarks/bench_models.py --configs 3:128 --methods rtn,gptq   # a part of the grid
     python benchmarks/bench_models.py --configs 4:-1 --methods decoupleq+bt --bt-epochs 2   # longer block tuning
+    python benchmarks/bench_models.py --configs 4:-1 --methods decoupleq+bt --bt-target fp_inputs
 
 For each of FP, RTN, GPTQ, decoupleQ and decoupleQ + block tuning, at W2 per-channel, W2 g64,
 W3 g128 and W4 per-channel: WikiText-2 test perplexity (calibrated on the validation split),
@@ -17,7 +18,7 @@ stored 4-bit in blocks of 32, so W4 results (g32 most of all) flatter any method
 
 ``--json PATH`` writes one record per run: model, method, bits, group_size, blockwise, ppl,
 seconds (wall), cpu_seconds (all threads), peak_rss_mb, file_mb, packed_mb, eval and calibration
-budgets, block-tuning settings (bt_lr, bt_epochs), threads.
+budgets, block-tuning settings (bt_lr, bt_epochs, bt_target), threads.
 """
 import argparse
 import json
@@ -76,7 +77,7 @@ def run_one(spec: dict, data: Path) -> dict:
                                  num_samples=spec["num_samples"], seq_len=spec["seq_len"], seed=0)
         config = decoupleq.ModelQuantConfig(
             quant=decoupleq.QuantConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"]),
-            blockwise=decoupleq.BlockTuneConfig(lr=spec["bt_lr"], epochs=spec["bt_epochs"]) if spec["blockwise"]
+            blockwise=decoupleq.BlockTuneConfig(lr=spec["bt_lr"], epochs=spec["bt_epochs"], target=spec["bt_target"]) if spec["blockwise"]
             else False,
             verbose=False)
         decoupleq.quantize(lm.model, calib, config)
@@ -113,6 +114,7 @@ def main(argv=None):
     p.add_argument("--bt-lr", type=float, default=None,
                    help="block tuning learning rate (default BlockTuneConfig's)")
     p.add_argument("--bt-epochs", type=int, default=None, help="block tuning epochs (default BlockTuneConfig's)")
+    p.add_argument("--bt-target", default=None, help="block tuning target: quantized_inputs (default) or fp_inputs")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run, in a child process
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -135,9 +137,11 @@ def main(argv=None):
     wanted = None if args.methods is None else set(args.methods.split(","))
     from decoupleq import BlockTuneConfig
 
-    tune = BlockTuneConfig(**{k: v for k, v in (("lr", args.bt_lr), ("epochs", args.bt_epochs)) if v is not None})
+    given = (("lr", args.bt_lr), ("epochs", args.bt_epochs), ("target", args.bt_target))
+    tune = BlockTuneConfig(**{k: v for k, v in given if v is not None})
     base = dict(model=MODEL, num_samples=num_samples, seq_len=args.seq_len, eval_windows=eval_windows,
-                eval_seq_len=args.eval_seq_len, full_eval=args.full_eval, bt_lr=tune.lr, bt_epochs=tune.epochs)
+                eval_seq_len=args.eval_seq_len, full_eval=args.full_eval, bt_lr=tune.lr, bt_epochs=tune.epochs,
+                bt_target=tune.target)
     specs = []
     if wanted is None or "fp" in wanted:
         specs.append(dict(base, method="fp", bits=None, group_size=None, blockwise=False))
@@ -173,7 +177,8 @@ def main(argv=None):
 
     budget = "whole test split" if args.full_eval else f"first {eval_windows} windows x {args.eval_seq_len} tokens"
     print(f"\nSmolLM2-135M, WikiText-2 test perplexity ({budget}); calibrated on {num_samples} x {args.seq_len} "
-          f"tokens of WikiText-2 valid; block tuning lr {tune.lr:g} x {tune.epochs} epoch(s)\n")
+          f"tokens of WikiText-2 valid; block tuning lr {tune.lr:g} x {tune.epochs} epoch(s), "
+          f"target {tune.target}\n")
     print("| config | method | ppl | time (s) | CPU (s) | peak RSS (MB) | file (MB) | packed (MB) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in records:

@@ -44,7 +44,7 @@ def _group_size(text):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import METHODS, ROUNDINGS
+    from .config import METHODS, ROUNDINGS, TUNE_TARGETS
     from .data import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
     from .evaluate import DEFAULT_MAX_WINDOWS, DEFAULT_SEQ_LEN as EVAL_SEQ_LEN
 
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-blockwise", dest="blockwise", action="store_false")
     q.add_argument("--blockwise-lr", type=_positive(float), default=None)
     q.add_argument("--blockwise-epochs", type=_positive(int), default=None)
+    q.add_argument("--blockwise-target", choices=TUNE_TARGETS, default=None,
+                   help="fit each tuned block to the full-precision block on the quantized model's inputs "
+                        "(quantized_inputs, default) or to the full-precision model's activations (fp_inputs)")
     q.add_argument("--calib", default="self",
                    help="calibration: 'self' (sampled from the model, default), a text file, or hf:NAME[:CONFIG[:SPLIT]]")
     q.add_argument("--num-samples", type=_positive(int), default=DEFAULT_NUM_SAMPLES,
@@ -253,6 +256,8 @@ def cmd_quantize(args) -> int:
         tune = dataclasses.replace(tune, lr=args.blockwise_lr)
     if args.blockwise_epochs is not None:
         tune = dataclasses.replace(tune, epochs=args.blockwise_epochs)
+    if args.blockwise_target is not None:
+        tune = dataclasses.replace(tune, target=args.blockwise_target)
     mcfg = ModelQuantConfig(quant=quant, blockwise=tune, skip=tuple(args.skip), verbose=not args.quiet)
     if args.eval_text is not None and not args.eval_text.is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} does not exist")

@@ -122,6 +122,7 @@ def _positive_float(name, value, allow_zero):
 from dataclasses import field  # noqa: E402  (kept here so the section above stays untouched)
 
 INDIVISIBLE_POLICIES = ("per_channel", "skip", "error")
+TUNE_TARGETS = ("quantized_inputs", "fp_inputs")
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,17 @@ class BlockTuneConfig:
             (LayerNorm, BatchNorm, RMSNorm and any class whose name contains "Norm").
         train_bias: also train the biases of the quantized layers.
         keep_best: restore the pre-tuning float parts if tuning raised the loss.
+        target: what the tuned block is fitted to. ``"quantized_inputs"`` (the
+            reference's labels): the full-precision block applied to the same
+            inputs, which come from the already quantized earlier blocks; each
+            block then only learns to undo its own error. ``"fp_inputs"``: the
+            full-precision model's own activations, the full-precision block
+            applied to the full-precision model's inputs to it; each block
+            then also makes up for the error the earlier blocks left. This
+            costs one more activation cache (the full-precision path) and one
+            more forward of each block over the calibration set. It needs
+            blocks that feed each other (as in a decoder); where they do not,
+            ``quantize`` warns and uses ``"quantized_inputs"``.
     """
 
     enabled: bool = True
@@ -165,6 +177,7 @@ class BlockTuneConfig:
     train_norms: bool = True
     train_bias: bool = False
     keep_best: bool = True
+    target: str = "quantized_inputs"
 
     def __post_init__(self):
         _flag("enabled", self.enabled)
@@ -174,6 +187,7 @@ class BlockTuneConfig:
         _flag("train_norms", self.train_norms)
         _flag("train_bias", self.train_bias)
         _flag("keep_best", self.keep_best)
+        _choice("target", self.target, TUNE_TARGETS)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,11 +17,16 @@ For each block, in order (ALGORITHM 4.2):
 3. With block-wise tuning on, the full-precision block's outputs on the same
    inputs (recorded during the first group's pass, before any layer of the
    block changed) are the targets for tuning the float parts (ALGORITHM 4.3).
+   With ``BlockTuneConfig(target="fp_inputs")`` the targets are instead the
+   full-precision model's own activations: a second cache carries the
+   full-precision path from block to block, and each block is fitted to the
+   full-precision block's outputs on it.
 4. The quantized block runs once more on the cached inputs; its outputs
    overwrite them and become the next block's inputs.
 
 Peak memory is the model plus one block's activations for the calibration
-set (twice that with block-wise tuning), plus one layer's Hessian.
+set (twice that with block-wise tuning, three times with the "fp_inputs"
+target), plus one layer's Hessian.
 
 RTN with block-wise tuning off needs no data: every layer is rounded from its
 own weights, no calibration batch is run, and the report's per-layer losses
@@ -363,8 +368,14 @@ def _relative_loss(W: torch.Tensor, H: torch.Tensor, damping: float, loss: float
 
 
 def _quantize_block(
-    model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output
+    model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output, fp_inputs=None
 ):
+    """Quantize (and tune) block i; returns (tuning result, block, next inputs, next fp inputs).
+
+    ``fp_inputs``: the full-precision model's inputs to this block (tuning
+    target ``"fp_inputs"``), or None. The full-precision block's outputs on
+    them are both this block's tuning labels and the next block's fp_inputs.
+    """
     t_block = time.perf_counter()
     layers = plan.layers
     n = len(inputs)
@@ -377,10 +388,20 @@ def _quantize_block(
     reused = any(c > 1 for c in counts.values())
 
     tune = mcfg.blockwise
-    labels = ActivationCache(budget, mcfg.tmpdir, name=f"labels{i}") if tune.enabled and counts else None
+    fp_outputs = None
+    if fp_inputs is not None:
+        # Run before any layer of the block changes: the full-precision path.
+        fp_outputs = ActivationCache(budget, mcfg.tmpdir, name=f"fp_outputs{i}")
+        with torch.no_grad():
+            for j in range(n):
+                fp_outputs.append(run_block(block, calls[j], fp_inputs[j]))
+        fp_inputs.close()
+        labels = fp_outputs if counts else None
+    else:
+        labels = ActivationCache(budget, mcfg.tmpdir, name=f"labels{i}") if tune.enabled and counts else None
     try:
         for gi, group in enumerate(groups):
-            record = labels is not None and gi == 0
+            record = labels is not None and fp_outputs is None and gi == 0
             # One accumulator per distinct input within the group.
             reps, owner = {}, {}
             for name in group:
@@ -458,14 +479,22 @@ def _quantize_block(
                     if step == 1 or step == total or step % max(1, total // 20) == 0:
                         bars[0].set_postfix_str(f"tuning {step}/{total} mse {loss:.3g}")
 
-            result = tune_block(block, inputs, calls, labels, tune, progress=progress, outputs_to_labels=need_output)
+            # The fp-path labels are the next block's fp_inputs: not to be overwritten.
+            result = tune_block(
+                block, inputs, calls, labels, tune, progress=progress,
+                outputs_to_labels=need_output and fp_outputs is None,
+            )
             if result.outputs_in_labels:
                 # The tuned block's outputs are already computed: that cache holds the next inputs.
                 inputs.close()
                 inputs, labels = labels, None
                 need_output = False
+    except BaseException:
+        if fp_outputs is not None:
+            fp_outputs.close()
+        raise
     finally:
-        if labels is not None:
+        if labels is not None and labels is not fp_outputs:
             labels.close()
 
     if need_output:
@@ -474,7 +503,7 @@ def _quantize_block(
                 inputs[j] = run_block(block, calls[j], inputs[j])
     seconds = time.perf_counter() - t_block
     report.blocks.append(BlockReport(i, spec.block_name(i), seconds, groups, result))
-    return result, block, inputs
+    return result, block, inputs, fp_outputs
 
 
 def _needs_no_data(plans: list, mcfg: ModelQuantConfig) -> bool:
@@ -580,6 +609,7 @@ def quantize(
     model.eval()
     budget = MemoryBudget(int(mcfg.cache_budget_mb * 2**20))
     inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
+    fp_inputs = None
     bars = None
     try:
         if mcfg.verbose:
@@ -595,6 +625,7 @@ def quantize(
             return _finish(model, mcfg, report, t_start, info)
         caught = catch_block_inputs(model, spec.blocks, batches, inputs)
         last = max(i for i, p in enumerate(plans) if p.layers)
+        fp_inputs = _start_fp_path(mcfg, caught.chained, inputs, budget)
         for i, (block, plan) in enumerate(zip(spec.blocks, plans)):
             if i > last:
                 break
@@ -606,9 +637,9 @@ def quantize(
                 inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
                 calls = catch_block_inputs(model, [block], batches, inputs).calls[0]
             if plan.layers:
-                res, block, inputs = _quantize_block(
+                res, block, inputs, fp_inputs = _quantize_block(
                     model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars,
-                    caught.chained and i < last,
+                    caught.chained and i < last, fp_inputs,
                 )
                 if res is not None:
                     info(
@@ -619,6 +650,8 @@ def quantize(
                 with torch.no_grad():
                     for j in range(len(inputs)):
                         inputs[j] = run_block(block, calls[j], inputs[j])
+                        if fp_inputs is not None:
+                            fp_inputs[j] = run_block(block, calls[j], fp_inputs[j])
             if bars is not None:
                 bars[0].update(1)
     finally:
@@ -626,8 +659,26 @@ def quantize(
             for b in reversed(bars):
                 b.close()
         inputs.close()
+        if fp_inputs is not None:
+            fp_inputs.close()
         model.train(was_training)
     return _finish(model, mcfg, report, t_start, info)
+
+
+def _start_fp_path(mcfg: ModelQuantConfig, chained: bool, inputs: ActivationCache, budget):
+    """A copy of block 0's inputs, the start of the full-precision path, when tuning targets it."""
+    if not (mcfg.blockwise.enabled and mcfg.blockwise.target == "fp_inputs"):
+        return None
+    if not chained:
+        log.warning(
+            "block tuning target 'fp_inputs' needs blocks that feed each other; these do not, "
+            "so each block is tuned to its full-precision outputs on its quantized-path inputs"
+        )
+        return None
+    fp_inputs = ActivationCache(budget, mcfg.tmpdir, name="fp_inputs")
+    for j in range(len(inputs)):
+        fp_inputs.append(inputs[j])
+    return fp_inputs
 
 
 def _finish(model, mcfg: ModelQuantConfig, report: QuantReport, t_start: float, info) -> nn.Module:

@@ -9,7 +9,7 @@ from decoupleq.capture import ActivationCache, BlockCall
 from decoupleq.config import BlockTuneConfig, QuantConfig
 from decoupleq.nn import QuantLinear
 
-from _pipeline_models import one_thread, tiny_llama, token_batches
+from _pipeline_models import one_thread, rel_err, tiny_llama, token_batches
 
 
 @pytest.fixture(autouse=True)
@@ -174,3 +174,47 @@ def test_tuned_outputs_can_replace_the_labels():
     block, inputs, calls, labels = _quantized_block_and_data(dtype=torch.bfloat16)
     res = tune_block(block, inputs, calls, labels, BlockTuneConfig(lr=1e-3, epochs=1), outputs_to_labels=True)
     assert not res.outputs_in_labels  # computed in float32, not what the bf16 block outputs
+
+
+@pytest.mark.parametrize("target", ["quantized_inputs", "fp_inputs"])
+def test_tuning_target_chooses_which_activations_the_block_is_fitted_to(monkeypatch, target):
+    import decoupleq.pipeline as pipeline
+
+    fp_model = tiny_llama(seed=3, layers=3)
+    model = tiny_llama(seed=3, layers=3)
+    ids = token_batches(n=4, seq=16)
+    first_labels = []
+    real_tune_block = pipeline.tune_block
+
+    def recording_tune_block(block, inputs, calls, labels, *args, **kwargs):
+        first_labels.append(labels[0].clone())
+        return real_tune_block(block, inputs, calls, labels, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "tune_block", recording_tune_block)
+    decoupleq.quantize(model, ids, QuantConfig(bits=2, group_size=32, iterations=2),
+                       blockwise=BlockTuneConfig(target=target), verbose=False)
+    assert len(first_labels) == 3
+    with torch.no_grad():
+        # hidden_states[k + 1] is the full-precision model's output of block k
+        # (the last one has the final norm applied, so blocks 0 and 1 are compared).
+        fp_hidden = fp_model(ids[:1], output_hidden_states=True).hidden_states
+    # Block 0 sees the same inputs either way.
+    torch.testing.assert_close(first_labels[0], fp_hidden[1], rtol=1e-5, atol=1e-5)
+    gap = rel_err(first_labels[1], fp_hidden[2])
+    if target == "fp_inputs":
+        assert gap < 1e-5
+    else:
+        # The full-precision block on the quantized block 0's outputs: 2-bit
+        # error upstream moves it visibly away from the fp activations.
+        assert gap > 1e-3
+
+
+def test_tuning_target_fp_inputs_falls_back_with_a_warning_when_blocks_do_not_chain(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    x = [torch.randn(4, 32) for _ in range(4)]
+    decoupleq.quantize(model, x, QuantConfig(group_size=16, iterations=2),
+                       blocks=[model[0], model[2]], blockwise=BlockTuneConfig(target="fp_inputs"),
+                       verbose=False)
+    assert "fp_inputs" in caplog.text and "do not" in caplog.text
+    assert all(b.tune is not None for b in model.decoupleq_report.blocks)

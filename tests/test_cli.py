@@ -111,11 +111,12 @@ def test_quantize_eval_info_round_trip(llama_dir, texts, tmp_path, capsys):
 def test_quantize_self_calibrated_with_block_tuning(llama_dir, tmp_path):
     out = tmp_path / "q2"
     assert cli.main(["quantize", str(llama_dir), "--method", "gptq", "--bits", "2", "--group-size", "-1",
-                     "--blockwise", "--blockwise-epochs", "1", "--num-samples", "2", "--seq-len", "16",
-                     "--out", str(out), "-q"]) == 0
+                     "--blockwise", "--blockwise-epochs", "1", "--blockwise-target", "fp_inputs",
+                     "--num-samples", "2", "--seq-len", "16", "--out", str(out), "-q"]) == 0
     summary = json.loads((out / cli.SUMMARY_FILE).read_text())
     assert summary["calibration"]["source"] == "self"
     assert summary["config"]["blockwise"]["enabled"] is True and summary["config"]["quant"]["group_size"] == -1
+    assert summary["config"]["blockwise"]["target"] == "fp_inputs"
     model, _, _ = cli.load_quantized(out)
     codes = torch.cat([m.codes.flatten() for m in model.modules() if isinstance(m, decoupleq.QuantLinear)])
     assert int(codes.min()) >= -2 and int(codes.max()) <= 1
