@@ -167,7 +167,10 @@ class BlockTuneConfig:
             costs one more activation cache (the full-precision path) and one
             more forward of each block over the calibration set. It needs
             blocks that feed each other (as in a decoder); where they do not,
-            ``quantize`` warns and uses ``"quantized_inputs"``.
+            ``quantize`` warns and uses ``"quantized_inputs"``. SmolLM2-135M,
+            W4 per-channel decoupleQ, 64 x 256 WikiText-2 calibration tokens,
+            2 epochs: test perplexity 32.84 with ``"quantized_inputs"``, 32.17
+            with ``"fp_inputs"`` (full precision 29.60; 16 x 512 tokens).
     """
 
     enabled: bool = True
