@@ -75,10 +75,10 @@ def run_one(spec: dict, data: Path) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         calib = calibration_data(data / "wikitext-2" / "valid.txt", tokenizer=lm.tokenizer,
                                  num_samples=spec["num_samples"], seq_len=spec["seq_len"], seed=0)
+        tune = decoupleq.BlockTuneConfig(lr=spec["bt_lr"], epochs=spec["bt_epochs"], target=spec["bt_target"])
         config = decoupleq.ModelQuantConfig(
             quant=decoupleq.QuantConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"]),
-            blockwise=decoupleq.BlockTuneConfig(lr=spec["bt_lr"], epochs=spec["bt_epochs"], target=spec["bt_target"]) if spec["blockwise"]
-            else False,
+            blockwise=tune if spec["blockwise"] else False,
             verbose=False)
         decoupleq.quantize(lm.model, calib, config)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
