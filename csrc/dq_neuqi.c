@@ -44,8 +44,10 @@ typedef struct {
     int64_t g;
     elem_t *e;       /* g, ascending w */
     double *P0, *P1, *P2; /* g + 1: prefix sums of h, h w, h w^2 */
-    brk_t *brk, *tmp; /* 3 g breakpoints, and the bucket sort's output */
-    int64_t *count;  /* 3 g + 1 buckets */
+    /* Phase 2's scratch, one entry per middle element: */
+    brk_t *keys, *merge; /* (frac(u), element) and the merge buffer */
+    double *drop0, *drop1; /* weight of its drop at d = frac(u), d = 1 + frac(u) (0: none) */
+    int64_t *run;        /* g + 1: starts of the runs of equal floor(u) */
 } group_ws_t;
 
 static int cmp_elem(const void *a, const void *b)
@@ -60,9 +62,11 @@ static void ws_free(group_ws_t *ws)
     dq_free(ws->P0);
     dq_free(ws->P1);
     dq_free(ws->P2);
-    dq_free(ws->brk);
-    dq_free(ws->tmp);
-    dq_free(ws->count);
+    dq_free(ws->keys);
+    dq_free(ws->merge);
+    dq_free(ws->drop0);
+    dq_free(ws->drop1);
+    dq_free(ws->run);
     memset(ws, 0, sizeof(*ws));
 }
 
@@ -74,10 +78,13 @@ static int ws_alloc(group_ws_t *ws, int64_t g)
     ws->P0 = dq_malloc(sizeof(double) * (size_t)(g + 1));
     ws->P1 = dq_malloc(sizeof(double) * (size_t)(g + 1));
     ws->P2 = dq_malloc(sizeof(double) * (size_t)(g + 1));
-    ws->brk = dq_malloc(sizeof(brk_t) * (size_t)(3 * g + 1));
-    ws->tmp = dq_malloc(sizeof(brk_t) * (size_t)(3 * g + 1));
-    ws->count = dq_malloc(sizeof(int64_t) * (size_t)(3 * g + 2));
-    if (!ws->e || !ws->P0 || !ws->P1 || !ws->P2 || !ws->brk || !ws->tmp || !ws->count) {
+    ws->keys = dq_malloc(sizeof(brk_t) * (size_t)g);
+    ws->merge = dq_malloc(sizeof(brk_t) * (size_t)g);
+    ws->drop0 = dq_malloc(sizeof(double) * (size_t)g);
+    ws->drop1 = dq_malloc(sizeof(double) * (size_t)g);
+    ws->run = dq_malloc(sizeof(int64_t) * (size_t)(g + 1));
+    if (!ws->e || !ws->P0 || !ws->P1 || !ws->P2 || !ws->keys || !ws->merge || !ws->drop0 ||
+        !ws->drop1 || !ws->run) {
         ws_free(ws);
         return -1;
     }
@@ -125,125 +132,220 @@ static double exact_objective(const group_ws_t *ws, double inv, double z, int nl
     return acc;
 }
 
+/* floor() for |v| < 2^62 without a libm call (x86-64's baseline has no
+ * SSE4.1 round instruction). */
+static inline double fast_floor(double v)
+{
+    const double t = (double)(int64_t)v;
+    return t > v ? t - 1.0 : t;
+}
+
 /* Phase 1: the minimiser of the convex bound where an element clamped at
  * the top costs (x - (nl-1) - z)^2, one clamped at the bottom (x - z)^2 and
  * one in range 1/4.  Element c is clamped at the top for
- * z < x_c - nl + 1/2 and at the bottom for z > x_c + 1/2; with x ascending
- * the top set is a suffix [p, g) and the bottom set a prefix [0, q).  Walk
- * the merged breakpoints left to right and stop at the first interval that
- * holds the bound's stationary point (convexity makes it the minimum). */
+ * z < A_c = x_c - nl + 1/2 and at the bottom for z > B_c = x_c + 1/2; with x
+ * ascending, after the first i breakpoints of the merged order the top set
+ * is a suffix [p, g) and the bottom set a prefix [0, q), p + q = i.  On
+ * interval i the bound is a0 z^2 - 2 a1 z + a2; its stationary point
+ * z* = a1 / a0 lies at or before the interval's right end from the
+ * minimum's interval on, and after it before (convexity), so the minimum's
+ * interval is found by binary search over i, each probe locating its
+ * merge position (p, q) by a binary search of its own: O(log^2 g). */
+typedef struct {
+    const group_ws_t *ws;
+    double inv, c1;
+} bound_t;
+
+static inline double A_at(const bound_t *b, int64_t c)
+{
+    return c < b->ws->g ? b->ws->e[c].w * b->inv - b->c1 - 0.5 : INFINITY;
+}
+
+static inline double B_at(const bound_t *b, int64_t c)
+{
+    return c < b->ws->g ? b->ws->e[c].w * b->inv + 0.5 : INFINITY;
+}
+
+/* The split p + q = i of the first i merged breakpoints (A first on ties,
+ * as a left-to-right merge takes them): the largest p with
+ * A[p-1] <= B[i-p]. */
+static int64_t merge_split(const bound_t *b, int64_t i)
+{
+    const int64_t g = b->ws->g;
+    int64_t lo = i > g ? i - g : 0, hi = i < g ? i : g;
+    while (lo < hi) {
+        const int64_t p = (lo + hi + 1) / 2;
+        if (A_at(b, p - 1) <= B_at(b, i - p)) lo = p;
+        else hi = p - 1;
+    }
+    return lo;
+}
+
+/* On interval i (state p, q): 1 and *z the minimiser if the bound's
+ * minimum is at or before the interval's right end, else 0. */
+static int bound_probe(const bound_t *b, int64_t i, double *z)
+{
+    const group_ws_t *ws = b->ws;
+    const int64_t g = ws->g;
+    const int64_t p = merge_split(b, i), q = i - p;
+    const double an = A_at(b, p), bn = B_at(b, q);
+    const double r = an <= bn ? an : bn;
+    const double ap = p > 0 ? A_at(b, p - 1) : -INFINITY, bp = q > 0 ? B_at(b, q - 1) : -INFINITY;
+    const double l = i == 0 ? -INFINITY : (ap >= bp ? ap : bp);
+    const double Htop = ws->P0[g] - ws->P0[p], Hbot = ws->P0[q];
+    const double a0 = Htop + Hbot;
+    /* sum h = 1: a weight below 1e-12 of it is rounding noise. */
+    if (a0 > 1e-12) {
+        const double a1 = b->inv * (ws->P1[g] - ws->P1[p]) - b->c1 * Htop + b->inv * ws->P1[q];
+        const double zs = a1 / a0;
+        if (zs > r) return 0;
+        *z = zs < l ? l : zs;
+        return 1;
+    }
+    /* Every element in range (or weightless): the bound is flat here, so
+     * this interval is the minimum; phase 2 looks at the exact objective
+     * around its middle. */
+    if (isinf(l)) *z = r - 0.5;
+    else if (isinf(r)) *z = l + 0.5;
+    else *z = 0.5 * (l + r);
+    return 1;
+}
+
 static double phase1_zbar(const group_ws_t *ws, double inv, int nl)
+{
+    const bound_t b = {ws, inv, (double)(nl - 1)};
+    int64_t lo = 0, hi = 2 * ws->g; /* the last interval always holds it */
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        double z;
+        if (bound_probe(&b, mid, &z)) hi = mid;
+        else lo = mid + 1;
+    }
+    double z = 0.0;
+    bound_probe(&b, lo, &z);
+    return z;
+}
+
+/* Merge the sorted runs run[0..nruns) (boundaries: start offsets, the
+ * last = total) of src by key, bottom-up in pairs; returns the buffer that
+ * holds the sorted result (src or tmp). */
+static brk_t *merge_runs(brk_t *src, brk_t *tmp, int64_t *run, int64_t nruns)
+{
+    while (nruns > 1) {
+        int64_t out = 0;
+        for (int64_t r = 0; r < nruns; r += 2) {
+            const int64_t a0 = run[r], a1 = run[r + 1];
+            const int64_t b1 = r + 2 <= nruns ? run[r + 2] : a1;
+            int64_t i = a0, j = a1, k = a0;
+            while (i < a1 && j < b1) tmp[k++] = src[j].z < src[i].z ? src[j++] : src[i++];
+            while (i < a1) tmp[k++] = src[i++];
+            while (j < b1) tmp[k++] = src[j++];
+            run[out++] = a0;
+        }
+        run[out] = run[nruns];
+        nruns = out;
+        brk_t *t = src;
+        src = tmp;
+        tmp = t;
+    }
+    return src;
+}
+
+/* Phase 2: the exact minimum over z in [zl, zl + 2].  Between breakpoints
+ * every element keeps its level k, so with y = x - k the objective is
+ * H z^2 - 2 a1 z + a2 (a1 = sum h y, a2 = sum h y^2).  As z rises past a
+ * breakpoint an element drops a level: y rises by 1, a1 by h and a2 by
+ * 2 h z_break.
+ *
+ * With u = x - zl + 1/2 (ascending) and d = z - zl, an element's level is
+ * clamp(floor(u - d), 0, nl - 1).  Elements with floor(u) <= 0 stay at
+ * level 0 and those with floor(u) >= nl + 1 at nl - 1 for every d in
+ * [0, 2]: their sums come from the prefix sums.  The others drop a level at
+ * d = frac(u) (when 1 <= floor(u) <= nl - 1) and at d = 1 + frac(u) (when
+ * 2 <= floor(u) <= nl), so both unit halves of the window see their
+ * breakpoints in the order of frac(u).  Sorting by frac(u) merges the runs
+ * of equal floor(u), each already in order: at most nl runs.  Returns the
+ * objective (units of x) and writes the minimiser to *zbest. */
+static double phase2_exact(group_ws_t *ws, double inv, int nl, double zl, double *zbest)
 {
     const int64_t g = ws->g;
     const double c1 = (double)(nl - 1);
-    const double *P0 = ws->P0, *P1 = ws->P1;
-    int64_t p = 0, q = 0;
-    double l = -INFINITY;
-    for (;;) {
-        const double a = p < g ? ws->e[p].w * inv - c1 - 0.5 : INFINITY;
-        const double b = q < g ? ws->e[q].w * inv + 0.5 : INFINITY;
-        const double r = a <= b ? a : b;
-        const double Htop = P0[g] - P0[p], Hbot = P0[q];
-        const double a0 = Htop + Hbot;
-        /* sum h = 1: a weight below 1e-12 of it is rounding noise. */
-        if (a0 > 1e-12) {
-            const double a1 = inv * (P1[g] - P1[p]) - c1 * Htop + inv * P1[q];
-            const double zs = a1 / a0;
-            if (zs <= r) return zs < l ? l : zs;
-        } else {
-            /* Every element in range (or weightless): the bound is flat
-             * here, so this interval is the minimum; phase 2 looks at the
-             * exact objective around its middle. */
-            if (isinf(l)) return r - 0.5;
-            if (isinf(r)) return l + 0.5;
-            return 0.5 * (l + r);
+    /* cb: first element with u >= 1; ct: first with u >= nl + 1. */
+    int64_t cb, ct;
+    {
+        int64_t lo = 0, hi = g;
+        while (lo < hi) {
+            const int64_t mid = (lo + hi) / 2;
+            if (ws->e[mid].w * inv - zl + 0.5 >= 1.0) hi = mid;
+            else lo = mid + 1;
         }
-        if (isinf(r)) return l; /* not reached: a0 > 0 past every breakpoint */
-        if (a <= b) p++;
-        else q++;
-        l = r;
-    }
-}
-
-/* Sort k breakpoints lying in [zl, zl + width] by z: counting sort into k
- * buckets, then insertion sort inside each (expected linear time). */
-static void sort_breaks(group_ws_t *ws, int64_t k, double zl, double width)
-{
-    if (k < 2) return;
-    int64_t *cnt = ws->count;
-    memset(cnt, 0, sizeof(int64_t) * (size_t)(k + 1));
-    const double scale = (double)k / width;
-    brk_t *src = ws->brk, *dst = ws->tmp;
-    for (int64_t i = 0; i < k; i++) {
-        int64_t b = (int64_t)((src[i].z - zl) * scale);
-        if (b < 0) b = 0;
-        if (b >= k) b = k - 1;
-        cnt[b + 1]++;
-    }
-    for (int64_t b = 0; b < k; b++) cnt[b + 1] += cnt[b];
-    for (int64_t i = 0; i < k; i++) {
-        int64_t b = (int64_t)((src[i].z - zl) * scale);
-        if (b < 0) b = 0;
-        if (b >= k) b = k - 1;
-        dst[cnt[b]++] = src[i];
-    }
-    for (int64_t i = 1; i < k; i++) {
-        const brk_t v = dst[i];
-        int64_t j = i - 1;
-        while (j >= 0 && dst[j].z > v.z) {
-            dst[j + 1] = dst[j];
-            j--;
+        cb = lo;
+        hi = g;
+        while (lo < hi) {
+            const int64_t mid = (lo + hi) / 2;
+            if (ws->e[mid].w * inv - zl + 0.5 >= (double)nl + 1.0) hi = mid;
+            else lo = mid + 1;
         }
-        dst[j + 1] = v;
+        ct = lo;
     }
-    memcpy(src, dst, sizeof(brk_t) * (size_t)k);
-}
-
-/* Phase 2: the exact minimum over z in [zl, zr] (zr - zl = 2).  Between
- * breakpoints every element keeps its level k, so with y = x - k the
- * objective is z^2 - 2 a1 z + a2 (a1 = sum h y, a2 = sum h y^2, sum h = 1).
- * As z rises past x - k + 1/2 an element drops from level k to k - 1: y
- * rises by 1, a1 by h and a2 by 2 h z_break.  Returns the objective (units
- * of x) and writes the minimiser to *zbest. */
-static double phase2_exact(group_ws_t *ws, double inv, int nl, double zl, double zr, double *zbest)
-{
-    const int64_t g = ws->g;
-    double H = 0.0, a1 = 0.0, a2 = 0.0;
-    int64_t k = 0;
-    for (int64_t c = 0; c < g; c++) {
+    const double *P0 = ws->P0, *P1 = ws->P1, *P2 = ws->P2;
+    const double Ht = P0[g] - P0[ct], Xt = inv * (P1[g] - P1[ct]),
+                 X2t = inv * inv * (P2[g] - P2[ct]);
+    double H = P0[g];
+    double a1 = inv * P1[cb] + (Xt - c1 * Ht);
+    double a2 = inv * inv * P2[cb] + (X2t - 2.0 * c1 * Xt + c1 * c1 * Ht);
+    /* The middle elements: their own sums, and runs of equal floor(u). */
+    int64_t *run = ws->run, nruns = 0, k = 0;
+    double prev_fl = -1.0;
+    for (int64_t c = cb; c < ct; c++) {
         const double x = ws->e[c].w * inv, h = ws->e[c].h;
-        double lev = floor(x - zl + 0.5);
-        if (lev < 0.0) lev = 0.0;
-        if (lev > nl - 1) lev = nl - 1;
+        const double u = x - zl + 0.5;
+        const double fl = fast_floor(u);
+        const double lev = fl < c1 ? fl : c1; /* fl >= 1 here */
         const double y = x - lev;
-        H += h;
         a1 += h * y;
         a2 += h * y * y;
-        for (double kk = lev; kk >= 1.0; kk -= 1.0) {
-            const double zb = x - kk + 0.5;
-            if (zb > zr) break;
-            ws->brk[k].z = zb;
-            ws->brk[k].h = h;
-            k++;
+        if (fl != prev_fl) {
+            run[nruns++] = k;
+            prev_fl = fl;
+        }
+        ws->keys[k].z = u - fl;
+        ws->keys[k].h = (double)k; /* the element, carried through the sort */
+        ws->drop0[k] = fl <= c1 ? h : 0.0;
+        ws->drop1[k] = fl >= 2.0 ? h : 0.0;
+        k++;
+    }
+    run[nruns] = k;
+    const brk_t *sorted = merge_runs(ws->keys, ws->merge, run, nruns);
+    /* The objective is a parabola of leading coefficient H on every
+     * interval and has a concave kink at every breakpoint, so its minimum is
+     * a window end or a stationary point a1 / H inside its own interval:
+     * only those are evaluated. */
+    double best = H * zl * zl - 2.0 * a1 * zl + a2, zb_best = zl, cur = zl;
+    for (int half = 0; half < 2; half++) {
+        const double base = zl + (double)half;
+        const double *drop = half == 0 ? ws->drop0 : ws->drop1;
+        for (int64_t i = 0; i < k; i++) {
+            const double dh = drop[(int64_t)sorted[i].h];
+            if (dh == 0.0) continue;
+            const double next = base + sorted[i].z;
+            if (a1 >= cur * H && a1 <= next * H) {
+                const double zs = a1 / H;
+                const double v = H * zs * zs - 2.0 * a1 * zs + a2;
+                if (v < best) best = v, zb_best = zs;
+            }
+            a1 += dh;
+            a2 += 2.0 * dh * next;
+            cur = next;
         }
     }
-    sort_breaks(ws, k, zl, zr - zl);
-    double best = INFINITY, zb_best = zl, cur = zl;
-    for (int64_t i = 0; i <= k; i++) {
-        const double next = i < k ? ws->brk[i].z : zr;
-        double zs = H > 0.0 ? a1 / H : cur;
+    {
+        const double next = zl + 2.0;
+        double zs = a1 / H;
         if (zs < cur) zs = cur;
         if (zs > next) zs = next;
         const double v = H * zs * zs - 2.0 * a1 * zs + a2;
-        if (v < best) {
-            best = v;
-            zb_best = zs;
-        }
-        if (i < k) {
-            a1 += ws->brk[i].h;
-            a2 += 2.0 * ws->brk[i].h * next;
-            cur = next;
-        }
+        if (v < best) best = v, zb_best = zs;
     }
     *zbest = zb_best;
     return best < 0.0 ? 0.0 : best;
@@ -255,7 +357,7 @@ static double best_zero(group_ws_t *ws, double s, int nl, double *z)
 {
     const double inv = 1.0 / s;
     const double zbar = phase1_zbar(ws, inv, nl);
-    const double obj = phase2_exact(ws, inv, nl, zbar - 1.0, zbar + 1.0, z);
+    const double obj = phase2_exact(ws, inv, nl, zbar - 1.0, z);
     return obj * s * s;
 }
 
