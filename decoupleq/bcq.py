@@ -51,8 +51,8 @@ import numpy as np
 
 from . import _C
 
-__all__ = ["BCQWeight", "FORMAT", "MAX_BITS", "bcq_from_uniform", "bcq_linear", "pack", "row_words",
-           "unpack"]
+__all__ = ["BCQWeight", "FORMAT", "MAX_BITS", "bcq_from_uniform", "bcq_linear", "bits_per_weight", "pack",
+           "row_words", "unpack"]
 
 FORMAT = "decoupleq-bcq-lanes8-v1"
 MAX_BITS = 4
@@ -182,9 +182,14 @@ class BCQWeight:
 
     def stored_bits_per_weight(self) -> float:
         """Bits per weight as packed (layout padding included) plus alpha and offset in float32."""
-        m, n = self.shape
-        words = row_words(self.bits, n)
-        return (32 * words + 32 * self.n_groups * (self.bits + 1)) / n
+        return bits_per_weight(self.bits, self.shape[1], self.group_size)
+
+
+def bits_per_weight(bits: int, in_features: int, group_size: int, param_bits: int = 32) -> float:
+    """Bits per weight of a BCQ layer with ``in_features`` columns: its packed words (layout padding
+    included) plus ``bits`` alphas and one offset per group at ``param_bits`` bits each (32: as stored)."""
+    G = _check_group(group_size, in_features)
+    return (32 * row_words(bits, in_features) + param_bits * G * (bits + 1)) / in_features
 
 
 def bcq_from_uniform(codes, scale, zero, bits: int, group_size: int) -> BCQWeight:
