@@ -42,11 +42,11 @@ typedef struct {
     __m256 lo, hi;
 } tab_t;
 
-/* Sign bit of table entry e for a plane read from bit p (< 3) of e. */
-static const uint32_t SIGN_OF_BIT[3][8] = {
-    {0, 0x80000000u, 0, 0x80000000u, 0, 0x80000000u, 0, 0x80000000u},
-    {0, 0, 0x80000000u, 0x80000000u, 0, 0, 0x80000000u, 0x80000000u},
-    {0, 0, 0, 0, 0x80000000u, 0x80000000u, 0x80000000u, 0x80000000u},
+/* Sign (+1 or -1) of table entry e for a plane read from bit p (< 3) of e. */
+static const float SIGN_OF_BIT[3][8] = {
+    {1, -1, 1, -1, 1, -1, 1, -1},
+    {1, 1, -1, -1, 1, 1, -1, -1},
+    {1, 1, 1, 1, -1, -1, -1, -1},
 };
 
 AVX2_INL tab_t make_tab(const dq_bcq_t *W, int64_t r, int64_t grp, const int bits)
@@ -54,21 +54,25 @@ AVX2_INL tab_t make_tab(const dq_bcq_t *W, int64_t r, int64_t grp, const int bit
     /* Entry e of a table is index k = e (lo) or 8 + e (hi), or e mod 2^bits
      * when bits < 3 (the same low bits), so plane i's sign is bit
      * p = bits - 1 - i of e when p < 3, and + (lo) / - (hi) when p == 3.
-     * Sign flips are XORs of the sign bit, exact like the reference's
-     * negation, and the adds run in the reference's order: same bits. */
+     * The reference adds +-alpha_i in plane order starting from 0: the
+     * first term is exact (a multiply by +-1), each later one is one FMA
+     * (alpha_i * +-1 + acc, rounded once, like the reference's add), then
+     * the offset: the same bits as dq_bcq_levels, in three to five vector
+     * operations per table. */
     const float *a = W->alpha + (r * W->G + grp) * bits;
-    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-    for (int i = 0; i < bits; i++) {
+    __m256 lo, hi = _mm256_setzero_ps();
+    if (bits == 4) {
+        lo = _mm256_broadcast_ss(a);
+        hi = _mm256_sub_ps(hi, lo);
+    } else {
+        /* +-alpha_0 + 0, not a plain product: 0 + (-0) is +0 as in the reference */
+        lo = _mm256_fmadd_ps(_mm256_broadcast_ss(a), _mm256_loadu_ps(SIGN_OF_BIT[bits - 1]), hi);
+    }
+    for (int i = 1; i < bits; i++) {
         const int p = bits - 1 - i;
-        __m256 ai = _mm256_broadcast_ss(a + i);
-        if (p == 3) {
-            lo = _mm256_add_ps(lo, ai);
-            hi = _mm256_sub_ps(hi, ai);
-        } else {
-            __m256 v = _mm256_xor_ps(ai, _mm256_loadu_ps((const float *)SIGN_OF_BIT[p]));
-            lo = _mm256_add_ps(lo, v);
-            if (bits == 4) hi = _mm256_add_ps(hi, v);
-        }
+        __m256 ai = _mm256_broadcast_ss(a + i), sg = _mm256_loadu_ps(SIGN_OF_BIT[p]);
+        lo = _mm256_fmadd_ps(ai, sg, lo);
+        if (bits == 4) hi = _mm256_fmadd_ps(ai, sg, hi);
     }
     __m256 off = _mm256_broadcast_ss(W->offset + r * W->G + grp);
     tab_t t = {_mm256_add_ps(lo, off), bits == 4 ? _mm256_add_ps(hi, off) : lo};

@@ -32,6 +32,9 @@ def make(rng, m, n, bits, gs, nasty=True):
         alpha[2, 0, 0] = 40.0     # one huge scale
         offset[3] = 0.0
         alpha[3] *= -1.0          # negative alphas are allowed
+    if nasty and m >= 6:
+        alpha[5] = 0.0            # every level is 0 + (-0) ... + (-0.0): +0.0 in float32
+        offset[5] = -0.0
     return BCQWeight(idx, alpha, offset, bits, gs)
 
 
@@ -133,8 +136,9 @@ def test_dequantize_is_bit_exact_everywhere(kernel, bits):
         p = w.pack()
         want = w.dequantize()
         got = _C.bcq_dequantize_packed(p, w.alpha, w.offset, bits, n, gs, kernel=kernel)
-        np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(ref.bcq_dequantize_packed(p, w.alpha, w.offset, bits, n, gs), want)
+        # bit for bit, the sign of zero included (assert_array_equal alone takes -0.0 == 0.0)
+        assert got.tobytes() == want.tobytes()
+        assert ref.bcq_dequantize_packed(p, w.alpha, w.offset, bits, n, gs).tobytes() == want.tobytes()
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -200,13 +204,13 @@ def test_bad_arguments_are_named():
 
 
 def test_decoupleq_kernel_reference_forces_the_plain_c_kernel():
-    code = "from decoupleq import _C; print(_C.bcq_default_kernel())"
+    code = "from decoupleq import _C; print(_C.bcq_default_kernel(), _C.backend_info()['bcq_kernel'])"
     env = dict(os.environ, DECOUPLEQ_KERNEL="reference")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "reference"
+    assert out.stdout.split() == ["reference", "reference"]
     env.pop("DECOUPLEQ_KERNEL")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == KERNELS[-1]
+    assert out.stdout.split() == [KERNELS[-1]] * 2
 
 
 # ---- uniform as BCQ ----------------------------------------------------------------------------
