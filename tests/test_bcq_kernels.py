@@ -235,3 +235,20 @@ def test_uniform_codes_are_bcq_with_fixed_alpha(bits):
     uq32 = q.astype(np.float32) * np.repeat(s, gs, 1) + np.repeat(z, gs, 1)
     tol = 4 * EPS * (np.abs(z64) + (1 << bits) * s64)
     assert np.all(np.abs(w.dequantize() - uq32) <= tol)
+
+
+def test_thread_count_does_not_change_a_bit():
+    # rows are split between threads, each row computed the same way whatever the split
+    rng = np.random.default_rng(60)
+    w = make(rng, 203, 512, 2, 64)
+    p = w.pack()
+    for batch in (1, 6, 20):
+        x = rng.standard_normal((batch, 512)).astype(np.float32)
+        ys = [_C.bcq_packed_matmul(x, p, w.alpha, w.offset, 2, 512, 64, threads=t) for t in (1, 2, 3)]
+        if batch > 16:  # sgemm's own threads may order its sums differently: within the bound
+            exact, bound = exact_and_bound(x, w)
+            assert all(np.all(np.abs(y - exact) <= bound) for y in ys)
+        else:
+            assert ys[0].tobytes() == ys[1].tobytes() == ys[2].tobytes()
+    d = [_C.bcq_dequantize_packed(p, w.alpha, w.offset, 2, 512, 64, threads=t) for t in (1, 2)]
+    assert d[0].tobytes() == d[1].tobytes()

@@ -191,3 +191,21 @@ def test_from_bcq_rejects_mismatches():
         BCQLinear.from_bcq(lin, np.zeros((4, 16)))
     with pytest.raises(ValueError, match="group_size 5 does not divide in_features 16"):
         BCQLinear(16, 4, bits=2, group_size=5)
+
+
+def test_hf_conv1d_origin_and_top_level_names():
+    import decoupleq
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(3)
+    conv = Conv1D(12, 20)  # weight (in=20, out=12)
+    w = make_bcq(12, 20, 2, -1, seed=7)
+    layer = decoupleq.BCQLinear.from_bcq(conv, w)
+    assert layer.origin == "conv1d" and (layer.in_features, layer.out_features) == (20, 12)
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        assert_close(layer(x), x, w.dequantize(), layer.bias)
+        back = layer.to_float()
+        assert type(back) is Conv1D
+        torch.testing.assert_close(back(x), F.linear(x, layer.dequantize(), layer.bias))
+    assert decoupleq.BCQWeight is BCQWeight and decoupleq.bcq_from_uniform is bcq_from_uniform
