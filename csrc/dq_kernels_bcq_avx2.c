@@ -5,14 +5,24 @@
  *
  * A step (8 columns, one per lane) of a row costs three vector operations
  * whatever the number of sign planes up to 3: the lane-words are shifted
- * right by `bits` per step, vpermps looks the level up in an 8-entry table
- * with the low 3 bits of each lane as the index (bits above are ignored by
- * the instruction, so no AND is needed: the table repeats its 2^bits levels
- * to fill 8 entries), and one FMA adds level * x.  At 4 bits the 16 levels
- * are two tables, chosen by the slot's top bit moved to the sign bit
- * (vblendvps).  The tables are rebuilt at each group start (g % 8 == 0 is
- * required, else the reference serves) and include the offset, so no
- * per-group sums of x are needed.
+ * right by `bits` per step, a permute looks the level up in a table held in
+ * a register with the low bits of each lane as the index (bits above are
+ * ignored by the instruction, so no AND is needed), and one FMA adds
+ * level * x.  Up to 2 bits the in-lane vpermilps serves (each 128-bit half
+ * holds the 4 levels); at 3 bits the cross-lane vpermps (8 entries); at 4
+ * bits the 16 levels are two vpermps tables chosen by the slot's top bit
+ * moved to the sign bit (vblendvps).  The tables are rebuilt at each group
+ * start (g % 8 == 0 is required, else the reference serves) and include the
+ * offset, so no per-group sums of x are needed.
+ *
+ * Cost against the uniform kernels (dq_kernels_avx2.c), measured on the 2-core
+ * Zen 5 development VM under load, 4096 x 4096 at batch 1: per channel at 2
+ * bits this is as fast as the uniform W2 kernel; with groups of 64 or 128 it
+ * takes about 1.25-1.4x its time, because the uniform kernel's subnormal
+ * variant needs two operations per step (AND, FMA) and one per group, where
+ * a level table costs about three per row and group.  At 4 bits the extra
+ * lookup and blend make it 1.5-3x slower; batches of 8-16 are on par or
+ * faster.
  *
  * Summation order (differs from the reference, so results are compared
  * within a tolerance): per row and batch row, lane j sums level * x over its
