@@ -17,11 +17,17 @@ a float part requires grad), a CPU forward runs the C kernels straight from
 so SFT updates are used as they are): up to ``SMALL_BATCH_MAX`` rows through
 the packed kernel, more rows dequantized by the C core and multiplied by
 torch's GEMM (as ``QuantLinear`` does, for the same reason). Otherwise the
-torch path runs: the 2**bits levels of every group are computed from
-``alpha`` and ``offset`` and gathered by index, so the dequantized weight is
-differentiable in both (gradients reach the levels through the gather), and
-``F.linear`` does the rest. That path keeps the dequantized weight for
-backward, as an ``nn.Linear`` keeps its own.
+torch path runs (``BCQLinearFunction``): the 2**bits levels of every group
+are computed from ``alpha`` and ``offset`` and gathered by index, tile of
+output rows by tile, so the weight is differentiable in both. As in
+``QuantLinear``'s training path, no float weight is kept for backward (it is
+rebuilt there from the uint8 indices), so a layer adds only its input to the
+autograd graph. With ``W = levels[idx]`` and ``y = x W^T + b``:
+
+    grad_x             = grad_y W
+    grad_level[r,g,k]  = sum over columns c of group g with idx[r,c] == k of (grad_y^T x)[r,c]
+    grad_alpha[r,g,i]  = sum_k grad_level[r,g,k] * beta_i(k)
+    grad_offset[r,g]   = sum_k grad_level[r,g,k]
 
 Every path rounds the levels the same way, so ``dequantize()`` equals
 ``BCQWeight.dequantize()`` and the C dequantizer bit for bit; the kernels'
@@ -38,7 +44,111 @@ from . import _C
 from .bcq import FORMAT, MAX_BITS, BCQWeight, bits_per_weight, row_words
 from .nn import SMALL_BATCH_MAX, _hf_conv1d_class, is_hf_conv1d
 
-__all__ = ["BCQLinear"]
+__all__ = ["BCQLinear", "BCQLinearFunction"]
+
+#: Most weights of W (and of grad_W) materialised at once, as in ``decoupleq.sft``.
+TILE_ELEMENTS = 1 << 20
+
+_LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _signs(bits: int, dtype, device) -> torch.Tensor:
+    """(2**bits, bits): beta_i(k), +1 where bit (bits - 1 - i) of k is 0, else -1."""
+    k = torch.arange(1 << bits, device=device)
+    cols = [1.0 - 2.0 * ((k >> (bits - 1 - i)) & 1).to(dtype) for i in range(bits)]
+    return torch.stack(cols, dim=1)
+
+
+def _levels(alpha: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """(m, G, 2**bits) levels from alpha (m, G, bits) and offset (m, G): the terms
+    +-alpha_i added in plane order from 0, then the offset (``decoupleq.bcq``'s rounding)."""
+    bits = alpha.shape[-1]
+    sign = _signs(bits, alpha.dtype, alpha.device)
+    acc = torch.zeros(*offset.shape, sign.shape[0], dtype=alpha.dtype, device=alpha.device)
+    for i in range(bits):
+        acc = acc + alpha[:, :, i : i + 1] * sign[:, i]
+    return acc + offset.unsqueeze(-1)
+
+
+def _tile_weight(levels: torch.Tensor, idx: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of W = levels[idx] as (rows, n)."""
+    rows, n = r1 - r0, idx.shape[1]
+    G = levels.shape[1]
+    ix = idx[r0:r1].to(torch.int64).view(rows, G, n // G)
+    return torch.gather(levels[r0:r1], 2, ix).view(rows, n)
+
+
+class BCQLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with ``W = levels(alpha, offset)[idx]``, W rebuilt per tile, never kept.
+
+    ``apply(x, idx, alpha, offset, bias, tile_rows)``: x (N, n) float; idx uint8 (m, n),
+    never differentiated; alpha (m, G, bits); offset (m, G); bias (m,) or None; tile_rows
+    output rows per tile (None: ``TILE_ELEMENTS // n``). Returns (N, m) in the CPU autocast
+    dtype under autocast (float32 and lower inputs), else ``x.dtype``; float64 inputs or
+    parameters compute in float64 (for ``gradcheck``).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, idx, alpha, offset, bias, tile_rows):
+        cdtype = torch.float64 if torch.float64 in (x.dtype, alpha.dtype, offset.dtype) else torch.float32
+        if torch.is_autocast_enabled("cpu") and x.dtype in _LOW_PRECISION:
+            out_dtype = torch.get_autocast_dtype("cpu")
+        else:
+            out_dtype = x.dtype
+        m, n = idx.shape
+        rows = tile_rows if tile_rows is not None else max(1, TILE_ELEMENTS // max(n, 1))
+        tiles = [(r0, min(r0 + rows, m)) for r0 in range(0, m, rows)]
+        with torch.autocast("cpu", enabled=False):
+            xc = x.to(cdtype)
+            lv = _levels(alpha.to(cdtype), offset.to(cdtype))
+            y = torch.empty(x.shape[0], m, dtype=cdtype, device=x.device)
+            for r0, r1 in tiles:
+                y[:, r0:r1] = xc @ _tile_weight(lv, idx, r0, r1).t()
+            if bias is not None:
+                y += bias.to(cdtype)
+        need_x = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if need_x else None, idx, alpha, offset)
+        ctx.cdtype, ctx.tiles, ctx.x_dtype = cdtype, tiles, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.to(out_dtype)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_y):
+        x, idx, alpha, offset = ctx.saved_tensors
+        cdtype = ctx.cdtype
+        need_gx, _, need_ga, need_go, need_gb = ctx.needs_input_grad[:5]
+        gx = ga = go = gb = None
+        m, n = idx.shape
+        G, bits = alpha.shape[1], alpha.shape[2]
+        with torch.autocast("cpu", enabled=False):
+            gy = grad_y.to(cdtype)
+            lv = _levels(alpha.to(cdtype), offset.to(cdtype))
+            xc = None if x is None else x.to(cdtype)
+            glv = torch.zeros_like(lv) if (need_ga or need_go) else None
+            for r0, r1 in ctx.tiles:
+                gy_t = gy[:, r0:r1]
+                if need_gx:
+                    w = _tile_weight(lv, idx, r0, r1)
+                    gx = gy_t @ w if gx is None else gx.addmm_(gy_t, w)
+                    del w
+                if glv is not None:
+                    rows = r1 - r0
+                    gw = (gy_t.t() @ xc).view(rows, G, n // G)
+                    ix = idx[r0:r1].to(torch.int64).view(rows, G, n // G)
+                    glv[r0:r1].scatter_add_(2, ix, gw)
+                    del gw, ix
+            if glv is not None:
+                if need_ga:
+                    ga = (glv @ _signs(bits, cdtype, glv.device)).to(alpha.dtype)
+                if need_go:
+                    go = glv.sum(-1).to(offset.dtype)
+            if need_gb:
+                gb = gy.sum(0).to(ctx.bias_dtype)
+        if gx is not None:
+            gx = gx.to(ctx.x_dtype)
+        return gx, None, ga, go, gb, None
 
 
 class BCQLinear(nn.Module):
@@ -164,18 +274,11 @@ class BCQLinear(nn.Module):
 
     def levels(self) -> torch.Tensor:
         """(out, G, 2**bits) levels, differentiable in alpha and offset, rounded as ``BCQWeight.levels``."""
-        k = torch.arange(1 << self.bits, device=self.alpha.device)
-        acc = torch.zeros(*self.offset.shape, k.numel(), dtype=self.alpha.dtype, device=self.alpha.device)
-        for i in range(self.bits):
-            sign = 1.0 - 2.0 * ((k >> (self.bits - 1 - i)) & 1).to(self.alpha.dtype)
-            acc = acc + self.alpha[:, :, i : i + 1] * sign
-        return acc + self.offset.unsqueeze(-1)
+        return _levels(self.alpha, self.offset)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (out, in) weight, differentiable in alpha and offset."""
-        m, n, G = self.out_features, self.in_features, self.n_groups
-        idx = self.indices.to(torch.int64).view(m, G, n // G)
-        return torch.gather(self.levels(), 2, idx).view(m, n)
+        return _tile_weight(self.levels(), self.indices, 0, self.out_features)
 
     def to_bcq(self) -> BCQWeight:
         """The current weight as a ``BCQWeight`` (NumPy copies)."""
@@ -191,8 +294,16 @@ class BCQLinear(nn.Module):
             self.bias is not None and self.bias.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._needs_graph(x) and x.is_cpu and x.is_floating_point() and x.numel() > 0 \
-                and x.shape[-1] == self.in_features and self.planes.is_cpu and self.alpha.is_cpu:
+        if self._needs_graph(x):
+            if x.ndim == 0 or x.shape[-1] != self.in_features:
+                raise ValueError(f"x has shape {tuple(x.shape)}, expected (..., {self.in_features})")
+            lead = x.shape[:-1]
+            y = BCQLinearFunction.apply(x.reshape(-1, self.in_features), self.indices, self.alpha, self.offset,
+                                        self.bias, None)
+            return y.reshape(*lead, self.out_features)
+        if x.is_cpu and x.is_floating_point() and x.numel() > 0 and x.shape[-1] == self.in_features \
+                and self.planes.is_cpu and self.alpha.is_cpu and self.alpha.dtype == torch.float32 \
+                and self.offset.dtype == torch.float32:
             return self._kernel_forward(x)
         w = self.dequantize().to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)

@@ -209,3 +209,34 @@ def test_hf_conv1d_origin_and_top_level_names():
         assert type(back) is Conv1D
         torch.testing.assert_close(back(x), F.linear(x, layer.dequantize(), layer.bias))
     assert decoupleq.BCQWeight is BCQWeight and decoupleq.bcq_from_uniform is bcq_from_uniform
+
+
+def test_bcq_function_gradcheck_tiles_and_no_saved_weight():
+    from decoupleq.nn_bcq import BCQLinearFunction
+
+    torch.manual_seed(4)
+    m, n, bits, gs = 7, 12, 2, 4
+    w = make_bcq(m, n, bits, gs, seed=9)
+    idx = torch.from_numpy(w.indices)
+    alpha = torch.from_numpy(w.alpha).double().requires_grad_()
+    offset = torch.from_numpy(w.offset).double().requires_grad_()
+    bias = torch.randn(m, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, n, dtype=torch.float64, requires_grad=True)
+    for tile in (None, 1, 3):
+        assert torch.autograd.gradcheck(lambda *a: BCQLinearFunction.apply(a[0], idx, a[1], a[2], a[3], tile),
+                                        (x, alpha, offset, bias))
+    # the graph of a float32 layer keeps x and the small parameters, never an (out, in) float weight
+    layer, _ = make_layer(64, 96, 3, 32)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    xf = torch.randn(4, 96, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(xf)
+    assert y.requires_grad
+    assert ((64, 96), torch.float32) not in saved and ((96, 64), torch.float32) not in saved
+    y.sum().backward()
+    assert xf.grad is not None and layer.alpha.grad is not None
