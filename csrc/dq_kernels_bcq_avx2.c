@@ -59,7 +59,7 @@ static const float SIGN_OF_BIT[3][8] = {
     {1, 1, 1, 1, -1, -1, -1, -1},
 };
 
-AVX2_INL tab_t make_tab(const dq_bcq_t *W, int64_t r, int64_t grp, const int bits)
+AVX2_INL tab_t tab_from(const float *a, const float *offp, const int bits)
 {
     /* Entry e of a table is index k = e (lo) or 8 + e (hi), or e mod 2^bits
      * when bits < 3 (the same low bits), so plane i's sign is bit
@@ -69,7 +69,6 @@ AVX2_INL tab_t make_tab(const dq_bcq_t *W, int64_t r, int64_t grp, const int bit
      * (alpha_i * +-1 + acc, rounded once, like the reference's add), then
      * the offset: the same bits as dq_bcq_levels, in three to five vector
      * operations per table. */
-    const float *a = W->alpha + (r * W->G + grp) * bits;
     __m256 lo, hi = _mm256_setzero_ps();
     if (bits == 4) {
         lo = _mm256_broadcast_ss(a);
@@ -84,9 +83,15 @@ AVX2_INL tab_t make_tab(const dq_bcq_t *W, int64_t r, int64_t grp, const int bit
         lo = _mm256_fmadd_ps(ai, sg, lo);
         if (bits == 4) hi = _mm256_fmadd_ps(ai, sg, hi);
     }
-    __m256 off = _mm256_broadcast_ss(W->offset + r * W->G + grp);
+    __m256 off = _mm256_broadcast_ss(offp);
     tab_t t = {_mm256_add_ps(lo, off), bits == 4 ? _mm256_add_ps(hi, off) : lo};
     return t;
+}
+
+/* The tables of row r, group grp. */
+AVX2_INL tab_t make_tab(const dq_bcq_t *W, int64_t r, int64_t grp, const int bits)
+{
+    return tab_from(W->alpha + (r * W->G + grp) * bits, W->offset + r * W->G + grp, bits);
 }
 
 /* The levels of the current slot of q (its low bits) in the 8 lanes. */
@@ -115,13 +120,18 @@ AVX2_INL void block(const dq_bcq_t *W, const float *xs, int64_t stride, int64_t 
     const int slots = 32 / bits;
     const int64_t gsteps = W->G == 1 ? W->steps : W->g / 8;
     const uint32_t *rows[4];
-    for (int i = 0; i < R; i++) rows[i] = W->words + rr[i] * W->row_words;
+    const float *ar[4], *orow[4]; /* each row's alpha and offset, advanced group by group */
+    for (int i = 0; i < R; i++) {
+        rows[i] = W->words + rr[i] * W->row_words;
+        ar[i] = W->alpha + rr[i] * W->G * bits;
+        orow[i] = W->offset + rr[i] * W->G;
+    }
     /* Groups outside, then runs of steps that stay inside one group and one
      * block: the innermost loop has no test but its own bound. */
     int64_t t = 0;
     int s = 0;
     for (int64_t grp = 0; grp < W->G; grp++) {
-        for (int i = 0; i < R; i++) tab[i] = make_tab(W, rr[i], grp, bits);
+        for (int i = 0; i < R; i++) tab[i] = tab_from(ar[i] + grp * bits, orow[i] + grp, bits);
         const int64_t gend = grp + 1 == W->G ? W->steps : t + gsteps;
         while (t < gend) {
             if (s == 0)
