@@ -135,3 +135,24 @@ def test_info_shows_bcq_layers_and_their_true_bits(tmp_path, capsys):
     assert f"{want:.3f} bits per weight" in line
     # q_proj 64x64 at 2 bits, g16: 8 words per row (64 cols = 8 steps, 16 per block) + 4 groups x 3 floats
     assert bits_per_weight(2, 64, 16) == (32 * 8 + 32 * 4 * 3) / 64
+
+
+def test_packed_mb_counts_bcq_layers_by_their_words_and_16_bit_alpha_offset():
+    from decoupleq.bcq import row_words
+    from decoupleq.cli import packed_mb
+
+    model = bcq_llama()
+    want = 0.0
+    bcq_tensors = set()
+    for m in model.modules():
+        if isinstance(m, BCQLinear):
+            G = m.n_groups
+            want += m.out_features * (4 * row_words(m.bits, m.in_features) + 2 * G * (m.bits + 1))
+            bcq_tensors |= {id(m.planes), id(m.alpha), id(m.offset)}
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in bcq_tensors or t.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(t.untyped_storage().data_ptr())
+        want += t.numel() * t.element_size()
+    assert packed_mb(model) == pytest.approx(want / 1e6, rel=1e-12)
