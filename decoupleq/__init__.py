@@ -33,6 +33,9 @@ _LAZY = {
     "prepare_for_sft": "sft",
     "PackedWeight": "packing",
     "packed_linear": "kernels",
+    "BCQWeight": "bcq",
+    "bcq_from_uniform": "bcq",
+    "BCQLinear": "nn_bcq",
 }
 
 

@@ -146,18 +146,24 @@ def state_dict_mb(model) -> float:
 
 def packed_mb(model) -> float:
     """What the model would weigh with every quantized layer's codes packed at its bit width
-    (``bits * out * in / 8`` bytes) and its scale and zero in float16; other tensors as they are."""
+    (``bits * out * in / 8`` bytes) and its scale and zero in float16 (a BCQ layer: its packed
+    words and its alpha and offset in float16); other tensors as they are."""
+    from .bcq import bits_per_weight
     from .nn import QUANT_MODULES
+    from .nn_bcq import BCQLinear
 
     quantized = set()
     total = 0.0
     for _, m in model.named_modules():
-        if isinstance(m, QUANT_MODULES):
+        if isinstance(m, QUANT_MODULES + (BCQLinear,)):
             info = m.quant_info()
             out, n = int(info["out_features"]), int(info["in_features"])
             g = 1 if int(info["group_size"]) == -1 else n // int(info["group_size"])
-            zeros = 0 if info.get("symmetric") else out * g
-            total += int(info["bits"]) * out * n / 8 + 2 * (out * g + zeros)
+            if isinstance(m, BCQLinear):
+                total += bits_per_weight(m.bits, n, m.group_size, param_bits=16) * out * n / 8
+            else:
+                zeros = 0 if info.get("symmetric") else out * g
+                total += int(info["bits"]) * out * n / 8 + 2 * (out * g + zeros)
             for t in m.buffers(recurse=False):
                 quantized.add(t.untyped_storage().data_ptr())
             for t in m.parameters(recurse=False):
@@ -359,6 +365,38 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _stored_bits(info: dict) -> tuple:
+    """(weights, bits per weight as stored in the file) of one layer description: codes or
+    indices with their layout padding, plus every float32 scale/zero or alpha/offset."""
+    from .bcq import bits_per_weight
+    from .packing import row_words
+
+    out, n, bits = int(info["out_features"]), int(info["in_features"]), int(info["bits"])
+    gs = int(info["group_size"])
+    G = 1 if gs == -1 else n // gs
+    if info.get("type") == "bcq_linear":
+        return out * n, bits_per_weight(bits, n, gs)
+    code_bits = 32 * row_words(bits, n) if info.get("codes", "int8") != "int8" else 8 * n
+    return out * n, (code_bits + 2 * 32 * G) / n
+
+
+def _layer_kind_lines(layers: dict) -> list:
+    """One line per layer kind (uniform, BCQ): count, bits, group sizes, true bits per weight."""
+    kinds = {}
+    for info in layers.values():
+        kinds.setdefault("bcq" if info.get("type") == "bcq_linear" else "uniform", []).append(info)
+    lines = []
+    for kind, infos in sorted(kinds.items()):
+        sized = [_stored_bits(i) for i in infos]
+        weights = sum(w for w, _ in sized)
+        bpw = sum(w * b for w, b in sized) / max(weights, 1)
+        what = "indices + alpha/offset" if kind == "bcq" else "codes + scale/zero"
+        lines.append(f"  {kind:8s} {len(infos)} layers, bits {sorted({int(i['bits']) for i in infos})}, "
+                     f"group sizes {sorted({int(i['group_size']) for i in infos})}: "
+                     f"{bpw:.3f} bits per weight as stored ({what}, float32)")
+    return lines
+
+
 def cmd_info(args) -> int:
     from .io import read_metadata
 
@@ -381,6 +419,8 @@ def cmd_info(args) -> int:
     bits = sorted({int(v.get("bits", 0)) for v in layers.values()})
     groups = sorted({int(v.get("group_size", 0)) for v in layers.values()})
     print(f"layers:    {len(layers)} quantized (bits {bits}, group sizes {groups})")
+    for line in _layer_kind_lines(layers):
+        print(line)
     if summary:
         cal = summary.get("calibration", {})
         print(f"calib:     {cal.get('source')} ({cal.get('num_samples')} x {cal.get('seq_len')} tokens, seed {cal.get('seed')})")

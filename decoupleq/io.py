@@ -1,6 +1,6 @@
 """Save and load quantized models: one safetensors file, no pickle.
 
-File layout (format version 2): a single ``.safetensors`` file holding
+File layout (format version 3): a single ``.safetensors`` file holding
 
 - every entry of ``model.state_dict()`` in its own dtype: for quantized layers
   at 2, 3 and 4 bits ``<layer>.packed`` (uint32, (out, row_words)), the codes
@@ -10,6 +10,11 @@ File layout (format version 2): a single ``.safetensors`` file holding
   ``<layer>.zero`` (float32, (out, G): float32 so that save -> load is
   bit-exact, including values tuned by SFT) and ``<layer>.bias``; every other
   parameter and persistent buffer unchanged (norms, embeddings, head...).
+  Binary-coding (BCQ) layers (``BCQLinear``, layer type "bcq_linear") store
+  ``<layer>.planes`` (uint32, (out, row_words): the level indices in the
+  layout "decoupleq-bcq-lanes8-v1" of ``decoupleq.bcq``), ``<layer>.alpha``
+  (float32, (out, G, bits)), ``<layer>.offset`` (float32, (out, G)) and
+  ``<layer>.bias``.
   Tensors that share memory (tied embeddings) are stored once and listed as
   aliases;
 - in the safetensors metadata, under the key ``"decoupleq"``, a JSON document:
@@ -28,7 +33,8 @@ its version and every shape before it changes anything, and raises
 ``ValueError`` with the offending name on a truncated or mismatched file.
 
 Format version 1 (int8 ``<layer>.codes`` at every bit width) still loads: its
-2-4-bit codes are packed while loading.
+2-4-bit codes are packed while loading. Format version 2 (the same as 3
+without BCQ layers) loads as it is.
 """
 from __future__ import annotations
 
@@ -43,13 +49,18 @@ from torch import nn
 from .capture import layer_in_features
 from .models import is_quantizable
 from .nn import QUANT_MODULES, QuantConv2d, is_hf_conv1d, quant_module_from_info
+from .nn_bcq import BCQLinear
 
 log = logging.getLogger(__name__)
 
 FORMAT = "decoupleq"
-FORMAT_VERSION = 2
-#: Versions ``load`` reads: 1 stored int8 codes at every bit width.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions ``load`` reads: 1 stored int8 codes at every bit width; 2 had no BCQ layers.
+READABLE_VERSIONS = (1, 2, 3)
+#: Every kind of quantized layer a file describes (``quant_info()["type"]``).
+LAYER_MODULES = QUANT_MODULES + (BCQLinear,)
+#: The first format version with BCQ layers.
+BCQ_SINCE_VERSION = 3
 METADATA_KEY = "decoupleq"
 
 
@@ -150,7 +161,7 @@ def save(model: nn.Module, path) -> None:
     if not os.path.isdir(parent):
         raise ValueError(f"path {path!r}: directory {parent!r} does not exist")
 
-    layers = {name: m.quant_info() for name, m in model.named_modules() if isinstance(m, QUANT_MODULES)}
+    layers = {name: m.quant_info() for name, m in model.named_modules() if isinstance(m, LAYER_MODULES)}
     tensors, aliases = _tensors_and_aliases(model)
     from . import __version__
 
@@ -225,6 +236,9 @@ def _expected_shapes(name: str, info: dict, version: int = FORMAT_VERSION) -> di
     """{tensor name: (shape, safetensors dtype or None)} of one quantized layer in the file."""
     from .packing import row_words
 
+    if info.get("type") == "bcq_linear":
+        return _expected_bcq_shapes(name, info, version)
+
     out, n = int(info["out_features"]), int(info["in_features"])
     gs = int(info["group_size"])
     if gs != -1 and (gs <= 0 or n % gs):
@@ -238,6 +252,40 @@ def _expected_shapes(name: str, info: dict, version: int = FORMAT_VERSION) -> di
     if info.get("bias"):
         shapes[f"{name}.bias"] = ((out,), None)
     return shapes
+
+
+def _expected_bcq_shapes(name: str, info: dict, version: int) -> dict:
+    """The tensors of a BCQ layer: planes, alpha, offset (float32, as written) and bias."""
+    from .bcq import FORMAT as BCQ_FORMAT
+    from .bcq import MAX_BITS
+    from .bcq import row_words as bcq_row_words
+
+    if version < BCQ_SINCE_VERSION:
+        raise ValueError(f"layer {name}: BCQ layers need format_version >= {BCQ_SINCE_VERSION}, the file has {version}")
+    if info.get("codes") != BCQ_FORMAT:
+        raise ValueError(f"layer {name}: BCQ indices stored as {info.get('codes')!r}: this decoupleq reads {BCQ_FORMAT!r}")
+    out, n, bits = int(info["out_features"]), int(info["in_features"]), int(info["bits"])
+    gs = int(info["group_size"])
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"layer {name}: BCQ bits {bits} is outside [1, {MAX_BITS}]")
+    if gs != -1 and (gs <= 0 or n % gs):
+        raise ValueError(f"layer {name}: group_size {gs} does not divide in_features {n}")
+    G = 1 if gs == -1 else n // gs
+    shapes = {
+        f"{name}.planes": ((out, bcq_row_words(bits, n)), "U32"),
+        f"{name}.alpha": ((out, G, bits), "F32"),
+        f"{name}.offset": ((out, G), "F32"),
+    }
+    if info.get("bias"):
+        shapes[f"{name}.bias"] = ((out,), None)
+    return shapes
+
+
+def _module_from_info(info: dict) -> nn.Module:
+    """The empty quantized layer a file's description asks for, by layer kind."""
+    if info.get("type") == "bcq_linear":
+        return BCQLinear.from_info(info)
+    return quant_module_from_info(info)
 
 
 def _build_hf_model(desc: dict, path: str) -> nn.Module:
@@ -267,7 +315,7 @@ def _check_layer_slot(model: nn.Module, name: str, info: dict):
         current = model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"quantized layer {name!r} from the file is not a module of the model") from None
-    if isinstance(current, QUANT_MODULES):
+    if isinstance(current, LAYER_MODULES):
         got = (current.out_features, current.in_features)
     elif is_quantizable(current):
         out = current.weight.shape[1] if is_hf_conv1d(current) else current.weight.shape[0]
@@ -336,7 +384,7 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
         _check_layer_slot(model, name, info)
 
     for name, info in layers.items():
-        shell = quant_module_from_info(info)
+        shell = _module_from_info(info)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, shell)
@@ -373,7 +421,7 @@ def _pack_old_codes(tensors: dict, name: str, info: dict, version: int, path: st
     from .packing import pack
 
     bits = int(info["bits"])
-    if _codes_storage(info, version) != "int8" or bits not in PACKED_BITS:
+    if info.get("type") == "bcq_linear" or _codes_storage(info, version) != "int8" or bits not in PACKED_BITS:
         return
     codes = tensors.pop(f"{name}.codes")
     try:
