@@ -1,0 +1,203 @@
+"""UniQuanF's flexible-mapping quantizer (ALGORITHM 8) as a trainable torch module, and its unification.
+
+For one weight ``W`` (m, n) with G groups of g inputs per row:
+
+- ``sigma = exp(delta1 + delta2 + delta3)``: ``delta1 = log s`` per row and
+  group, ``delta2`` elementwise, ``delta3`` per row (both start at 0);
+- ``u = W / sigma + z - c - delta`` with ``c = (2**bits - 1)/2``, z the
+  uniform zero and delta the BCQ shift (neither is trained);
+- each element takes the nearest of the 2**bits levels
+  ``level(k) = sum_i alpha_i beta_i(k)`` (alpha trained), by index;
+- ``w_hat = s (level + delta + c - z)`` with ``s = exp(delta1)``.
+
+Mapping: the first assignment is a full search; afterwards indices are
+reassigned every ``period`` training forwards, and with ``local_mapping``
+only among idx-1, idx, idx+1 (in index order, as the reference does).
+Gradients: the straight-through estimator passes d w_hat / d u = s to
+delta1..3 through ``W / sigma`` and sends alpha's gradient through the chosen
+level; where ``|u - level| > min_i |alpha_i|`` both paths are blocked for
+that element (gradient filtering). delta1 also gets its gradient through s.
+
+After training, ``to_bcq()`` exports the unified BCQ weight
+``alpha' = s alpha``, ``offset' = s (delta + c - z)`` with the final indices:
+the same weights at no extra inference cost.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bcq import BCQWeight, level_signs
+from .uniquanf_init import unified_init
+
+
+class UniQuanFQuantizer(nn.Module):
+    """The trainable UniQuanF quantizer of one weight matrix.
+
+    Args:
+        weight: float (m, n) tensor; a float32 copy is kept as a buffer.
+        bits: 2..4.
+        group_size: -1 (per-channel) or a divisor of n.
+        clip_steps, init_iters: the unified initialisation's settings.
+        period: reassign the indices every ``period`` updating forwards.
+        local_mapping: reassign only among idx-1, idx, idx+1.
+        grad_filter: gradient filtering on.
+
+    ``forward()`` returns the float32 (m, n) quantized weight. Indices change
+    only while ``updating`` is True (set it for training; evaluation passes
+    then leave the assignment alone).
+    """
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int = -1, *, clip_steps: int = 1,
+                 init_iters: int = 15, period: int = 2, local_mapping: bool = True, grad_filter: bool = True):
+        super().__init__()
+        W = weight.detach().to("cpu", torch.float32).contiguous()
+        m, n = W.shape
+        init = unified_init(W, bits, group_size, clip_steps=clip_steps, iters=init_iters)
+        G = init.scale.shape[1]
+        self.bits, self.group_size, self.groups = int(bits), int(group_size), G
+        self.period, self.local_mapping, self.grad_filter = int(period), bool(local_mapping), bool(grad_filter)
+        self.c = ((1 << self.bits) - 1) / 2.0
+        self.register_buffer("weight", W.clone())
+        self.register_buffer("zero", torch.from_numpy(init.zero.copy()))
+        self.register_buffer("shift", torch.from_numpy(init.delta.copy()))
+        self.register_buffer("signs", torch.from_numpy(level_signs(self.bits)))  # (L, bits)
+        self.delta1 = nn.Parameter(torch.from_numpy(np.log(init.scale)))
+        self.delta2 = nn.Parameter(torch.zeros(m, n))
+        self.delta3 = nn.Parameter(torch.zeros(m, 1))
+        self.alpha = nn.Parameter(torch.from_numpy(init.alpha.copy()))
+        self.updating = False
+        self.calls = 0
+        with torch.no_grad():  # the first assignment: a full search
+            self.register_buffer("idx", self._assign(self._transformed()[1], None))
+
+    # -- pieces ---------------------------------------------------------------
+
+    def _grouped(self, t: torch.Tensor) -> torch.Tensor:
+        m, n = self.weight.shape
+        return t.reshape(m, self.groups, n // self.groups)
+
+    def levels(self) -> torch.Tensor:
+        """float32 (m, G, 2**bits): ``sum_i alpha_i beta_i(k)``."""
+        return self.alpha @ self.signs.T
+
+    def _transformed(self):
+        """(x, u), both (m, G, g): x = W / sigma + z, u = x - delta - c."""
+        sigma = torch.exp(self.delta1[:, :, None] + self._grouped(self.delta2) + self.delta3[:, :, None])
+        x = self._grouped(self.weight) / sigma + self.zero[:, :, None]
+        u = x - self.shift[:, :, None] - self.c
+        return x, u
+
+    def _assign(self, u: torch.Tensor, prev) -> torch.Tensor:
+        """Level indices int64 (m, G, g): full search if ``prev`` is None, else local."""
+        u = u.detach()
+        lev = self.levels().detach()
+        if prev is None:
+            return torch.argmin((u[..., None] - lev[:, :, None, :]).abs(), dim=-1)
+        L = lev.shape[-1]
+        cand = (prev[..., None] + torch.tensor([-1, 0, 1])).clamp_(0, L - 1)  # (m, G, g, 3)
+        vals = torch.gather(lev[:, :, None, :].expand(*cand.shape[:3], L), 3, cand)
+        pick = torch.argmin((u[..., None] - vals).abs(), dim=-1, keepdim=True)
+        return torch.gather(cand, 3, pick).squeeze(-1)
+
+    # -- forward --------------------------------------------------------------
+
+    def forward(self) -> torch.Tensor:
+        x, u = self._transformed()
+        if self.updating:
+            self.calls += 1
+            if self.calls % self.period == 0:
+                with torch.no_grad():
+                    self.idx = self._assign(u, self.idx if self.local_mapping else None)
+        lev = self.levels()
+        q = torch.gather(lev, 2, self.idx)  # alpha's gradient goes through the chosen level
+        if self.grad_filter:
+            thresh = self.alpha.detach().abs().min(dim=-1).values[:, :, None]
+            far = (u.detach() - q.detach()).abs() > thresh
+            q = torch.where(far, q.detach(), q)
+            x = torch.where(far, x.detach(), x)
+        w_int = q + self.shift[:, :, None] + self.c + (x - x.detach())
+        w_hat = (w_int - self.zero[:, :, None]) * torch.exp(self.delta1)[:, :, None]
+        return w_hat.reshape(self.weight.shape)
+
+    def freeze(self) -> None:
+        """One last reassignment by the training rule, then indices stay fixed."""
+        with torch.no_grad():
+            self.idx = self._assign(self._transformed()[1], self.idx if self.local_mapping else None)
+        self.updating = False
+
+    # -- unification ----------------------------------------------------------
+
+    @torch.no_grad()
+    def to_bcq(self) -> BCQWeight:
+        """The unified BCQ weight of the current state (ALGORITHM 8 "Unification theorem").
+
+        ``alpha' = s alpha``, ``offset' = s (delta + c - z)``, indices as assigned:
+        its ``dequantize()`` equals ``forward()`` to float32 rounding.
+        """
+        s = torch.exp(self.delta1)
+        alpha = (s[:, :, None] * self.alpha).contiguous()
+        offset = s * (self.shift + self.c - self.zero)
+        m, n = self.weight.shape
+        return BCQWeight(
+            indices=self.idx.reshape(m, n).to(torch.uint8).numpy(),
+            alpha=alpha.numpy().astype(np.float32),
+            offset=offset.numpy().astype(np.float32),
+            bits=self.bits,
+            group_size=self.group_size,
+        )
+
+
+class UniQuanFLinear(nn.Module):
+    """A linear layer whose weight is a ``UniQuanFQuantizer``'s output (training only).
+
+    ``in_features``/``out_features`` and the bias (kept frozen) come from the
+    replaced layer; the forward is ``F.linear(x, quantizer(), bias)`` in the
+    input's dtype.
+    """
+
+    def __init__(self, layer: nn.Linear, quantizer: UniQuanFQuantizer):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.quantizer = quantizer
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantizer()
+        b = self.bias
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+class TemporaryBCQLinear(nn.Module):
+    """TEMPORARY stand-in for ``decoupleq.nn_bcq.BCQLinear`` until the BCQ layer module is merged.
+
+    It holds the dequantized float weight (a buffer) and the ``BCQWeight``
+    (attribute ``bcq``) and runs a plain ``F.linear``: no packed storage, no
+    kernels, no save/load. ``from_bcq(layer, bcq_weight)`` has the signature of
+    ``BCQLinear.from_bcq`` so the swap in ``uniquanf_train`` is one line.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bcq: BCQWeight, bias, dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bcq = bcq
+        self.register_buffer("weight", torch.from_numpy(bcq.dequantize()).to(dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_bcq(cls, layer: nn.Module, bcq_weight: BCQWeight) -> "TemporaryBCQLinear":
+        dtype = layer.bias.dtype if getattr(layer, "bias", None) is not None else torch.float32
+        w = getattr(layer, "weight", None)
+        if isinstance(w, torch.Tensor) and w.is_floating_point():
+            dtype = w.dtype
+        return cls(layer.in_features, layer.out_features, bcq_weight, getattr(layer, "bias", None), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias
+        return F.linear(x, self.weight.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bcq.bits}, " \
+               f"group_size={self.bcq.group_size}, temporary=True"
