@@ -7,6 +7,12 @@
  * by Cholesky) and beta (exhaustive nearest level).  The candidate with the
  * lowest mean |w - w_hat|^2.4 wins.
  *
+ * Optional column weights (the diagonal of the layer's Hessian) turn every
+ * mean into a weighted mean and the least-squares fit into a weighted one:
+ * the weights a Hessian gives the columns are what the layer's output error
+ * depends on, and an unweighted fit spends its levels on weights that matter
+ * little (see UniQuanFConfig.init_weighting for the measurements).
+ *
  * Everything runs in float64 in a fixed operation order (sums sequential in
  * column order, compiled with -ffp-contract=off), the order of
  * decoupleq/reference/bcq.py, so the chosen indices are identical to it.
@@ -89,13 +95,16 @@ static inline int nearest(double v, const double *levels, int nl)
     return best;
 }
 
-/* BCQ fit of u (g values): alpha (b), shift *delta, indices in idx (g). */
-static void bcq_fit(const double *u, int64_t g, int b, int iters, int fit_shift, double *r,
-                    uint8_t *idx, double *alpha, double *delta)
+/* BCQ fit of u (g values) under column weights d (g values, NULL: all 1,
+ * sum_d their sequential sum): alpha (b), shift *delta, indices in idx (g).
+ * Weights multiply each squared error; the nearest level does not depend on
+ * them. */
+static void bcq_fit(const double *u, const double *d, double sum_d, int64_t g, int b, int iters,
+                    int fit_shift, double *r, uint8_t *idx, double *alpha, double *delta)
 {
     const int nl = 1 << b;
     double levels[1 << DQ_BCQ_MAX_BITS];
-    int64_t count[1 << DQ_BCQ_MAX_BITS];
+    double count[1 << DQ_BCQ_MAX_BITS];
 
     /* Greedy start: each plane takes the signs of the residual (sign(0) = +1,
      * so every beta is +-1) and the mean magnitude of it. */
@@ -103,8 +112,8 @@ static void bcq_fit(const double *u, int64_t g, int b, int iters, int fit_shift,
     memset(idx, 0, (size_t)g);
     for (int i = 0; i < b; i++) {
         double s = 0.0;
-        for (int64_t j = 0; j < g; j++) s += fabs(r[j]);
-        const double a = s / (double)g;
+        for (int64_t j = 0; j < g; j++) s += (d ? d[j] : 1.0) * fabs(r[j]);
+        const double a = s / sum_d;
         alpha[i] = a;
         for (int64_t j = 0; j < g; j++) {
             if (r[j] >= 0.0) {
@@ -119,29 +128,30 @@ static void bcq_fit(const double *u, int64_t g, int b, int iters, int fit_shift,
 
     for (int t = 0; t < iters; t++) {
         /* Normal equations of alpha for the current signs, on u - delta.
-         * B^T B only depends on how many weights use each pattern. */
+         * B^T D B only depends on the total weight of each pattern. */
         double A[DQ_BCQ_MAX_BITS * DQ_BCQ_MAX_BITS], rhs[DQ_BCQ_MAX_BITS];
         memset(count, 0, (size_t)nl * sizeof *count);
         for (int i = 0; i < b; i++) rhs[i] = 0.0;
         const double d0 = *delta;
         for (int64_t j = 0; j < g; j++) {
             const int k = idx[j];
-            const double v = u[j] - d0;
-            count[k]++;
+            const double dj = d ? d[j] : 1.0;
+            const double v = dj * (u[j] - d0);
+            count[k] += dj;
             for (int i = 0; i < b; i++) rhs[i] += neg_bit(k, b, i) ? -v : v;
         }
         for (int i = 0; i < b; i++)
             for (int l = 0; l < b; l++) {
                 double a = 0.0;
                 for (int k = 0; k < nl; k++) {
-                    const double c = (double)count[k];
+                    const double c = count[k];
                     a += (neg_bit(k, b, i) == neg_bit(k, b, l)) ? c : -c;
                 }
                 A[i * b + l] = a;
             }
         double x[DQ_BCQ_MAX_BITS];
         if (chol_solve(A, rhs, b, x) != 0) {
-            for (int i = 0; i < b; i++) A[i * b + i] += RIDGE * (double)g;
+            for (int i = 0; i < b; i++) A[i * b + i] += RIDGE * sum_d;
             if (chol_solve(A, rhs, b, x) != 0)
                 for (int i = 0; i < b; i++) x[i] = alpha[i]; /* keep the previous alpha */
         }
@@ -159,14 +169,15 @@ static void bcq_fit(const double *u, int64_t g, int b, int iters, int fit_shift,
         for (int64_t j = 0; j < g; j++) idx[j] = (uint8_t)nearest(u[j] - d0, levels, nl);
         if (fit_shift) {
             double s = 0.0;
-            for (int64_t j = 0; j < g; j++) s += u[j] - levels[idx[j]];
-            *delta = s / (double)g;
+            for (int64_t j = 0; j < g; j++) s += (d ? d[j] : 1.0) * (u[j] - levels[idx[j]]);
+            *delta = s / sum_d;
         }
     }
 }
 
 typedef struct {
     const float *W;
+    const float *hdiag; /* (n,) column weights or NULL */
     int64_t m, n, g, G;
     int bits, clip_steps, iters;
     float *S, *Z, *alpha, *delta;
@@ -184,15 +195,31 @@ static void bcq_range(void *vctx, int64_t begin, int64_t end)
     const int fit_shift = x->clip_steps == 0;
     double *u = dq_malloc((size_t)g * sizeof *u);
     double *r = dq_malloc((size_t)g * sizeof *r);
+    double *dw = dq_malloc((size_t)g * sizeof *dw);
     uint8_t *cur = dq_malloc((size_t)g);
     double levels[1 << DQ_BCQ_MAX_BITS];
-    if (!u || !r || !cur) {
+    if (!u || !r || !dw || !cur) {
         atomic_store(&x->failed, 1);
         goto done;
     }
     for (int64_t row = begin; row < end; row++) {
         for (int64_t gi = 0; gi < G; gi++) {
             const float *w = x->W + row * n + gi * g;
+            /* Column weights of this group; a group whose weights are all 0
+             * is fitted unweighted (no column of it matters more than another). */
+            const double *d = NULL;
+            double sum_d = (double)g;
+            if (x->hdiag) {
+                double sd = 0.0;
+                for (int64_t j = 0; j < g; j++) {
+                    dw[j] = (double)x->hdiag[gi * g + j];
+                    sd += dw[j];
+                }
+                if (sd > 0.0) {
+                    d = dw;
+                    sum_d = sd;
+                }
+            }
             float lo = w[0], hi = w[0];
             for (int64_t j = 1; j < g; j++) {
                 if (w[j] < lo) lo = w[j];
@@ -207,14 +234,14 @@ static void bcq_range(void *vctx, int64_t begin, int64_t end)
                 const float z = (float)(-(double)lo / (double)s);
                 for (int64_t j = 0; j < g; j++) u[j] = (double)w[j] / (double)s + (double)z - c;
                 double alpha[DQ_BCQ_MAX_BITS], delta;
-                bcq_fit(u, g, b, x->iters, fit_shift, r, cur, alpha, &delta);
+                bcq_fit(u, d, sum_d, g, b, x->iters, fit_shift, r, cur, alpha, &delta);
                 make_levels(alpha, b, levels);
                 double e = 0.0;
                 for (int64_t j = 0; j < g; j++) {
                     const double wh = (double)s * (levels[cur[j]] + delta + c - (double)z);
-                    e += pow(fabs((double)w[j] - wh), SELECT_P);
+                    e += (d ? d[j] : 1.0) * pow(fabs((double)w[j] - wh), SELECT_P);
                 }
-                e /= (double)g;
+                e /= sum_d;
                 /* Strictly lower: on a tie the earlier candidate (the smaller
                  * clipping ratio, as in the reference's search) stays. */
                 if (k == 1 || e < best_err) {
@@ -231,16 +258,18 @@ static void bcq_range(void *vctx, int64_t begin, int64_t end)
 done:
     dq_free(u);
     dq_free(r);
+    dq_free(dw);
     dq_free(cur);
 }
 
-dq_status dq_bcq_init(const float *W, int64_t m, int64_t n, int64_t g, int bits, int clip_steps,
-                      int iters, float *S, float *Z, float *alpha, float *delta, uint8_t *idx)
+dq_status dq_bcq_init(const float *W, const float *hdiag, int64_t m, int64_t n, int64_t g, int bits,
+                      int clip_steps, int iters, float *S, float *Z, float *alpha, float *delta,
+                      uint8_t *idx)
 {
     if (!W || m < 1 || n < 1 || g < 1 || n % g != 0 || bits < 1 || bits > DQ_BCQ_MAX_BITS ||
         clip_steps < 0 || iters < 0)
         return DQ_EINVAL;
-    bcq_ctx_t ctx = {W, m, n, g, n / g, bits, clip_steps, iters, S, Z, alpha, delta, idx, 0};
+    bcq_ctx_t ctx = {W, hdiag, m, n, g, n / g, bits, clip_steps, iters, S, Z, alpha, delta, idx, 0};
     /* About 2^b * (iters + 1) * n flops per row and candidate: a few rows per chunk. */
     int64_t min_chunk = 16384 / n;
     if (min_chunk < 1) min_chunk = 1;

@@ -22,9 +22,13 @@
  * Outputs (all C-contiguous): S, Z, delta float32 (m, G); alpha float32
  * (m, G, bits); idx uint8 (m, n), the level index of each weight (bit i of
  * the index, most significant first, is 1 where beta_i = -1).
+ * hdiag: NULL, or float32 (n,) finite non-negative column weights d_j: the
+ * greedy means, the normal equations, the shift and the selection error are
+ * then weighted by d (a group whose weights sum to 0 is fitted unweighted).
  * Every routine in here runs in float64 inside; the arithmetic order matches
  * decoupleq/reference/bcq.py, so indices are identical to it. */
-dq_status dq_bcq_init(const float *W, int64_t m, int64_t n, int64_t g, int bits, int clip_steps,
-                      int iters, float *S, float *Z, float *alpha, float *delta, uint8_t *idx);
+dq_status dq_bcq_init(const float *W, const float *hdiag, int64_t m, int64_t n, int64_t g, int bits,
+                      int clip_steps, int iters, float *S, float *Z, float *alpha, float *delta,
+                      uint8_t *idx);
 
 #endif

@@ -541,7 +541,7 @@ def _quantize_block_uniquanf(
 
     res, fp_outputs, bcq = quantize_block(
         block, layers, inputs, fp_inputs, calls, budget, mcfg.tmpdir, mcfg.quant.bits, mcfg.quant.uniquanf,
-        progress=progress,
+        progress=progress, damping=mcfg.quant.damping,
     )
     if fp_inputs is not None:
         fp_inputs.close()

@@ -40,7 +40,8 @@ class UniQuanFQuantizer(nn.Module):
         weight: float (m, n) tensor; a float32 copy is kept as a buffer.
         bits: 2..4.
         group_size: -1 (per-channel) or a divisor of n.
-        clip_steps, init_iters: the unified initialisation's settings.
+        clip_steps, init_iters, hdiag: the unified initialisation's settings
+            (hdiag: None, or (n,) column weights, the Hessian's diagonal).
         period: reassign the indices every ``period`` updating forwards.
         local_mapping: reassign only among idx-1, idx, idx+1.
         grad_filter: gradient filtering on.
@@ -51,11 +52,12 @@ class UniQuanFQuantizer(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bits: int, group_size: int = -1, *, clip_steps: int = 1,
-                 init_iters: int = 15, period: int = 2, local_mapping: bool = True, grad_filter: bool = True):
+                 init_iters: int = 15, hdiag=None, period: int = 2, local_mapping: bool = True,
+                 grad_filter: bool = True):
         super().__init__()
         W = weight.detach().to("cpu", torch.float32).contiguous()
         m, n = W.shape
-        init = unified_init(W, bits, group_size, clip_steps=clip_steps, iters=init_iters)
+        init = unified_init(W, bits, group_size, clip_steps=clip_steps, iters=init_iters, hdiag=hdiag)
         G = init.scale.shape[1]
         self.bits, self.group_size, self.groups = int(bits), int(group_size), G
         self.period, self.local_mapping, self.grad_filter = int(period), bool(local_mapping), bool(grad_filter)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _C
-from ._arrays import as_float_matrix
+from ._arrays import as_float_matrix, to_numpy
 
 IMPLEMENTATIONS = ("c", "reference")
 
@@ -54,7 +54,7 @@ class UnifiedInit:
         )
 
 
-def unified_init(W, bits: int, group_size: int = -1, clip_steps: int = 1, iters: int = 15,
+def unified_init(W, bits: int, group_size: int = -1, clip_steps: int = 1, iters: int = 15, hdiag=None,
                  *, impl: str = "c") -> UnifiedInit:
     """Initialise a UniQuanF quantizer for ``W`` (ALGORITHM 8 "Unified initialisation").
 
@@ -66,6 +66,9 @@ def unified_init(W, bits: int, group_size: int = -1, clip_steps: int = 1, iters:
         clip_steps: clipping ratios k/clip_steps tried (1: ratio 1 only; 0:
             ratio 1 with the BCQ shift fitted).
         iters: alternating refinements of the BCQ fit.
+        hdiag: None (the paper's unweighted fit), or (n,) non-negative column
+            weights, normally the diagonal of the layer's damped Hessian: the
+            fit and the candidate choice then weigh each column's error by it.
         impl: ``"c"`` (the C core) or ``"reference"`` (the NumPy twin).
 
     Returns:
@@ -81,5 +84,9 @@ def unified_init(W, bits: int, group_size: int = -1, clip_steps: int = 1, iters:
     else:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     W32 = as_float_matrix(W, "W", np.float32)
-    S, Z, alpha, delta, idx = fn(W32, bits, group_size, clip_steps=clip_steps, iters=iters)
+    d32 = None
+    if hdiag is not None:
+        # A float32 copy when a conversion is needed; the core checks shape, finiteness and sign.
+        d32 = np.ascontiguousarray(to_numpy(hdiag, "hdiag"), dtype=np.float32)
+    S, Z, alpha, delta, idx = fn(W32, bits, group_size, clip_steps=clip_steps, iters=iters, hdiag=d32)
     return UnifiedInit(S, Z, alpha, delta, idx, int(bits), int(group_size))

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .blockwise import BlockTuneResult, _Adam, _local_dtypes, _masked_sq_error, _restore_dtypes, block_loss
-from .capture import ActivationCache, run_block
+from .capture import ActivationCache, layer_tokens, run_block
 from .config import UniQuanFConfig
 from .uniquanf import TemporaryBCQLinear, UniQuanFLinear, UniQuanFQuantizer
 
@@ -48,15 +48,19 @@ def _set_module(root: nn.Module, name: str, new: nn.Module):
     setattr(parent, child, new)
 
 
-def make_trainable(block: nn.Module, layers: dict, bits: int, group_size: int, cfg: UniQuanFConfig) -> dict:
+def make_trainable(block: nn.Module, layers: dict, bits: int, group_size: int, cfg: UniQuanFConfig,
+                   hdiags: dict | None = None) -> dict:
     """Replace ``layers`` (relative name -> nn.Linear) of ``block`` by ``UniQuanFLinear``.
 
-    ``group_size`` is the layer's (-1 per-channel). Returns name -> the new module.
+    ``group_size`` is the layer's (-1 per-channel); ``hdiags`` maps names to
+    the initialisation's column weights (missing: unweighted). Returns name ->
+    the new module.
     """
     out = {}
     for name, layer in layers.items():
         q = UniQuanFQuantizer(
             layer.weight, bits, group_size, clip_steps=cfg.clip_steps, init_iters=cfg.init_iters,
+            hdiag=(hdiags or {}).get(name),
             period=cfg.period, local_mapping=cfg.local_mapping, grad_filter=cfg.grad_filter,
         )
         new = UniQuanFLinear(layer, q)
@@ -165,8 +169,29 @@ def unify(block: nn.Module, originals: dict) -> dict:
     return out
 
 
+class _DiagHessian:
+    """Running ``sum x_j^2`` and token count of one layer's inputs (the Hessian's diagonal)."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.sq, self.n = module, None, 0
+
+    def add(self, x: torch.Tensor, mask):
+        t = layer_tokens(self.module, x, mask).detach().to(torch.float64)
+        sq = t.square().sum(0)
+        self.sq = sq if self.sq is None else self.sq + sq
+        self.n += t.shape[0]
+
+    def damped(self, damping: float):
+        """float32 (n,): ``mean x_j^2 + damping * mean_j(mean x_j^2)`` (the diagonal of H00)."""
+        if self.sq is None or self.n == 0:
+            return None
+        d = self.sq / self.n
+        lam = damping * float(d.mean())
+        return (d + (lam if lam > 0 else damping)).to(torch.float32).numpy()
+
+
 def quantize_block(block: nn.Module, layers: dict, q_inputs: ActivationCache, fp_inputs, calls, budget,
-                   tmpdir, bits: int, cfg: UniQuanFConfig, progress=None):
+                   tmpdir, bits: int, cfg: UniQuanFConfig, progress=None, damping: float = 0.01):
     """Initialise, train and unify the planned layers of one block, in place.
 
     Args:
@@ -176,6 +201,8 @@ def quantize_block(block: nn.Module, layers: dict, q_inputs: ActivationCache, fp
             targets are the full-precision block on the quantized-path inputs).
         budget, tmpdir: for the targets' activation cache.
         bits: 2..4.
+        damping: added to the Hessian diagonal (times its mean) when
+            ``cfg.init_weighting == "hessian_diag"``.
 
     Returns:
         (BlockTuneResult, fp_outputs, bcq): ``fp_outputs`` is the cache of
@@ -185,16 +212,29 @@ def quantize_block(block: nn.Module, layers: dict, q_inputs: ActivationCache, fp
     n = len(q_inputs)
     src = fp_inputs if fp_inputs is not None else q_inputs
     fp_outputs = ActivationCache(budget, tmpdir, name="uniquanf_fp_outputs")
+    diags, handles, state = {}, [], {"mask": None}
+    if cfg.init_weighting == "hessian_diag":
+        # The diagonals come from the pass that computes the targets: no extra forward.
+        for name, (layer, _) in layers.items():
+            diags[name] = acc = _DiagHessian(layer)
+            handles.append(layer.register_forward_hook(
+                lambda mod, inp, out, acc=acc: acc.add(inp[0], state["mask"])))
     try:
-        with torch.no_grad():
-            for j in range(n):
-                fp_outputs.append(run_block(block, calls[j], src[j]))
+        try:
+            with torch.no_grad():
+                for j in range(n):
+                    state["mask"] = calls[j].mask
+                    fp_outputs.append(run_block(block, calls[j], src[j]))
+        finally:
+            for h in handles:
+                h.remove()
+        hdiags = {name: acc.damped(damping) for name, acc in diags.items()}
         originals = {name: layer for name, (layer, _) in layers.items()}
         by_group = {}
         for name, (layer, gs) in layers.items():
             by_group.setdefault(gs, {})[name] = layer
         for gs, group in by_group.items():
-            make_trainable(block, group, bits, gs, cfg)
+            make_trainable(block, group, bits, gs, cfg, hdiags)
         res = train_block(block, q_inputs, fp_inputs, calls, fp_outputs, cfg, progress=progress)
         bcq = unify(block, originals)
     except BaseException:

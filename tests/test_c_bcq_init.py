@@ -38,6 +38,46 @@ def test_c_matches_reference(m, n, g, bits, clip_steps):
             np.testing.assert_allclose(a, b, rtol=2 ** -23, atol=0, err_msg=name)
 
 
+def column_weights(n, seed):
+    """Skewed non-negative column weights (a Hessian diagonal's shape), the first 5 columns 0."""
+    d = (np.random.default_rng(seed).random(n) ** 4 * 10).astype(F32)
+    d[:5] = 0
+    return d
+
+
+@pytest.mark.parametrize("m,n,g", SHAPES)
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("clip_steps", [0, 3])
+def test_weighted_c_matches_reference(m, n, g, bits, clip_steps):
+    W = nasty(m, n, seed=m + n)
+    d = column_weights(n, seed=n)  # groups of <= 5 columns have no weight at all: fitted unweighted
+    got = C.bcq_init(W, bits, g, clip_steps=clip_steps, iters=15, hdiag=d)
+    want = RB.bcq_init(W, bits, g, clip_steps=clip_steps, iters=15, hdiag=d)
+    np.testing.assert_array_equal(got[4], want[4])
+    for a, b in zip(got[:4], want[:4]):
+        np.testing.assert_allclose(a, b, rtol=2 ** -23, atol=0)
+
+
+def test_unit_weights_change_nothing():
+    W = nasty(9, 40, seed=4)
+    plain = C.bcq_init(W, 3, 8, 2, 15)
+    ones = C.bcq_init(W, 3, 8, 2, 15, hdiag=np.ones(40, F32))
+    for a, b in zip(plain, ones):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weighted_fit_lowers_the_weighted_error():
+    rng = np.random.default_rng(9)
+    W = rng.standard_normal((64, 128)).astype(F32)
+    d = (rng.random(128) ** 6 * 100 + 0.01).astype(F32)  # a few columns dominate
+    errs = {}
+    for name, hd in (("plain", None), ("weighted", d)):
+        S, Z, alpha, delta, idx = C.bcq_init(W, 2, -1, clip_steps=1, iters=15, hdiag=hd)
+        E = W - _dequant(W, S, Z, alpha, delta, idx, 128)
+        errs[name] = float(np.sum(d * E.astype(np.float64) ** 2))
+    assert errs["weighted"] < errs["plain"], errs
+
+
 @pytest.mark.parametrize("bits", [2, 8])
 def test_iters_zero_and_wide_bits_match(bits):
     W = nasty(9, 40, seed=3)
@@ -137,6 +177,12 @@ def test_bad_input_is_rejected_by_name_and_untouched():
             fn(W, 2, -1, iters=-2)
         with pytest.raises(TypeError, match="W must have dtype float32"):
             fn(W.astype(np.float64), 2, -1)
+        with pytest.raises(ValueError, match=r"hdiag must have shape \(8,\)"):
+            fn(W, 2, -1, hdiag=np.ones(7, F32))
+        with pytest.raises(ValueError, match="hdiag must be >= 0"):
+            fn(W, 2, -1, hdiag=-np.ones(8, F32))
+        with pytest.raises(ValueError, match="hdiag contains NaN"):
+            fn(W, 2, -1, hdiag=np.full(8, np.nan, F32))
     np.testing.assert_array_equal(W, keep)
 
 

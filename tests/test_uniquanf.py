@@ -161,13 +161,15 @@ def test_bcq_weight_contract():
 
 @pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("group_size", [-1, 32])
-def test_unified_init_beats_minmax_uq_under_the_hessian(bits, group_size):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_unified_init_beats_minmax_uq_under_the_hessian(bits, group_size, weighted):
     model = tiny_llama(layers=2)
     hs = layer_hessians(model, token_batches(16, 32))
     for name, layer in linears(model).items():
         W = layer.weight.detach().numpy()
         H00 = damp(hs[name], 0.01)
-        init = unified_init(W, bits, group_size)
+        hdiag = np.diag(H00).astype(np.float32) if weighted else None
+        init = unified_init(W, bits, group_size, hdiag=hdiag)
         e_bcq = hessian_error(W, init.dequantize(), H00)
         # Min-max UQ with UniQuanF's own scale and zero, weights rounded to the nearest integer level.
         g = W.shape[1] if group_size == -1 else group_size
@@ -308,6 +310,8 @@ def test_uniquanf_config_is_validated():
         UniQuanFConfig(period=0)
     with pytest.raises(TypeError, match="epochs"):
         UniQuanFConfig(epochs=1.5)
+    with pytest.raises(ValueError, match="init_weighting"):
+        UniQuanFConfig(init_weighting="full")
     with pytest.raises(TypeError, match="uniquanf must be"):
         QuantConfig(method="uniquanf", uniquanf=3)
     assert QuantConfig(method="uniquanf", uniquanf={"epochs": 1}).uniquanf.epochs == 1

@@ -24,6 +24,12 @@ Choices where the reference code is loose, written down here:
 - the selection error is taken per row *and group* (each group has its own
   s, z and alpha), as the reference's reshaping into groups does.
 
+Beyond the paper: optional column weights ``hdiag`` (the diagonal of the
+layer's Hessian) make every mean above a weighted mean, the alpha fit a
+weighted least-squares fit and the selection error a weighted mean; the
+nearest level of each weight does not change. A group whose weights sum to 0
+is fitted unweighted.
+
 Every sum runs sequentially in column order (``np.cumsum``) and every
 expression in the C core's order, so the C core returns the same indices and
 float32 parameters.
@@ -104,19 +110,21 @@ def _chol_solve(A: np.ndarray, rhs: np.ndarray):
     return x, ok
 
 
-def bcq_fit(u: np.ndarray, bits: int, iters: int, fit_shift: bool):
-    """BCQ fit of U independent vectors. u float64 (U, g).
+def bcq_fit(u: np.ndarray, d: np.ndarray, bits: int, iters: int, fit_shift: bool):
+    """BCQ fit of U independent vectors u float64 (U, g) under weights d float64 (U, g).
 
     Returns (alpha float64 (U, bits), delta float64 (U,), idx int64 (U, g)).
     """
     U, g = u.shape
+    L = 1 << bits
     signs = level_signs(bits)
-    # Greedy: each plane takes the residual's signs and mean magnitude.
+    sum_d = _seqsum(d)
+    # Greedy: each plane takes the residual's signs and (weighted) mean magnitude.
     r = u.copy()
     alpha = np.zeros((U, bits))
     idx = np.zeros((U, g), dtype=np.int64)
     for i in range(bits):
-        a = _seqsum(np.abs(r)) / g
+        a = _seqsum(d * np.abs(r)) / sum_d
         alpha[:, i] = a
         neg = r < 0
         r = np.where(neg, r + a[:, None], r - a[:, None])
@@ -126,24 +134,28 @@ def bcq_fit(u: np.ndarray, bits: int, iters: int, fit_shift: bool):
     for _ in range(iters):
         beta = signs[idx]  # (U, g, b)
         v = u - delta[:, None]
-        rhs = np.stack([_seqsum(beta[:, :, i] * v) for i in range(bits)], axis=1)
-        counts = np.stack([np.bincount(row, minlength=1 << bits) for row in idx]).astype(np.float64)
-        A = np.einsum("uk,ki,kl->uil", counts, signs, signs)  # integers: exact in any order
+        dv = d * v
+        rhs = np.stack([_seqsum(beta[:, :, i] * dv) for i in range(bits)], axis=1)
+        # B^T D B from the total weight of each sign pattern (bincount adds in element order).
+        wsum = np.stack([np.bincount(k, weights=w, minlength=L) for k, w in zip(idx, d)])
+        A = np.zeros((U, bits, bits))
+        for k in range(L):
+            A = A + wsum[:, k, None, None] * np.outer(signs[k], signs[k])[None]
         x, ok = _chol_solve(A, rhs)
         if not ok.all():
             bad = ~ok
-            Ar = A[bad] + RIDGE * g * np.eye(bits)[None]
+            Ar = A[bad] + (RIDGE * sum_d[bad])[:, None, None] * np.eye(bits)[None]
             xr, ok_r = _chol_solve(Ar, rhs[bad])
             x[bad] = np.where(ok_r[:, None], xr, alpha[bad])
         alpha = -np.sort(-np.abs(x), axis=1)
         levels = _levels(alpha, signs)
         idx = _nearest(v, levels)
         if fit_shift:
-            delta = _seqsum(u - np.take_along_axis(levels, idx, axis=1)) / g
+            delta = _seqsum(d * (u - np.take_along_axis(levels, idx, axis=1))) / sum_d
     return alpha, delta, idx
 
 
-def bcq_init(W: np.ndarray, bits: int, group_size: int, clip_steps: int = 1, iters: int = 15):
+def bcq_init(W: np.ndarray, bits: int, group_size: int, clip_steps: int = 1, iters: int = 15, hdiag=None):
     """UniQuanF's unified initialisation of every row and group of ``W``.
 
     Args:
@@ -152,6 +164,7 @@ def bcq_init(W: np.ndarray, bits: int, group_size: int, clip_steps: int = 1, ite
         group_size: -1 (per-channel) or a divisor of n.
         clip_steps: K >= 0, the clipping ratios k/K tried (0: ratio 1, shift fitted).
         iters: T >= 0 alternating refinements of the BCQ fit.
+        hdiag: None, or float32 (n,) finite column weights >= 0.
 
     Returns:
         S, Z float32 (m, G): uniform scale and zero;
@@ -176,6 +189,13 @@ def bcq_init(W: np.ndarray, bits: int, group_size: int, clip_steps: int = 1, ite
     else:
         g = group_size
     _checks.finite(W, "W")
+    if hdiag is not None:
+        hdiag = _checks.array(hdiag, "hdiag", np.float32, 1)
+        if hdiag.shape != (n,):
+            raise ValueError(f"hdiag must have shape ({n},) to match W's columns, got {hdiag.shape}")
+        _checks.finite(hdiag, "hdiag")
+        if np.any(hdiag < 0):
+            raise ValueError("hdiag must be >= 0")
     G = n // g
     c = float((1 << bits) - 1) / 2.0
     w = W.reshape(m * G, g)
@@ -183,6 +203,12 @@ def bcq_init(W: np.ndarray, bits: int, group_size: int, clip_steps: int = 1, ite
     lo = w.min(axis=1).astype(np.float64)
     hi = w.max(axis=1).astype(np.float64)
     s0 = np.maximum((hi - lo) / float((1 << bits) - 1), SCALE_FLOOR)
+    if hdiag is None:
+        d = np.ones((m * G, g))
+    else:
+        d = np.tile(hdiag.astype(np.float64).reshape(G, g), (m, 1))
+        d[_seqsum(d) <= 0] = 1.0  # a group with no weight is fitted unweighted
+    sum_d = _seqsum(d)
     K = max(clip_steps, 1)
     fit_shift = clip_steps == 0
     best = None
@@ -191,10 +217,10 @@ def bcq_init(W: np.ndarray, bits: int, group_size: int, clip_steps: int = 1, ite
         z = (-lo / s.astype(np.float64)).astype(np.float32)
         s64, z64 = s.astype(np.float64)[:, None], z.astype(np.float64)[:, None]
         u = w64 / s64 + z64 - c
-        alpha, delta, idx = bcq_fit(u, bits, iters, fit_shift)
+        alpha, delta, idx = bcq_fit(u, d, bits, iters, fit_shift)
         levels = _levels(alpha, level_signs(bits))
         what = s64 * (np.take_along_axis(levels, idx, axis=1) + delta[:, None] + c - z64)
-        err = _seqsum(np.abs(w64 - what) ** SELECT_P) / g
+        err = _seqsum(d * np.abs(w64 - what) ** SELECT_P) / sum_d
         if best is None:
             best = [err, s, z, alpha, delta, idx]
             continue
