@@ -130,6 +130,31 @@ def test_straight_through_gradients_and_filtering():
     torch.testing.assert_close(q.alpha.grad, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad_filter", [True, False])
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_fused_forward_matches_autograd_specification(grad_filter, group_size):
+    torch.manual_seed(2)
+    W = torch.randn(12, 48) * 0.1
+    qs = [UniQuanFQuantizer(W, 3, group_size, grad_filter=grad_filter) for _ in range(2)]
+    with torch.no_grad():
+        for q in qs:  # a trained-looking state: every parameter moved, some elements filtered
+            torch.manual_seed(3)
+            q.delta2.add_(torch.randn_like(q.delta2) * 0.3)
+            q.delta3.add_(torch.randn_like(q.delta3) * 0.1)
+            q.alpha.mul_(1 + 0.1 * torch.randn_like(q.alpha))
+    g = torch.randn(12, 48)
+    w_fused = qs[0]()
+    w_spec = qs[1].forward_autograd()
+    assert torch.equal(w_fused, w_spec)
+    (w_fused * g).sum().backward()
+    (w_spec * g).sum().backward()
+    for name in ("delta1", "delta2", "delta3", "alpha"):
+        a, b = getattr(qs[0], name).grad, getattr(qs[1], name).grad
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    if grad_filter:
+        assert torch.any(qs[0].delta2.grad == 0)
+
+
 def test_without_filtering_every_element_passes_gradient():
     torch.manual_seed(1)
     q = UniQuanFQuantizer(torch.randn(4, 32), 2, -1, grad_filter=False)
