@@ -263,6 +263,10 @@ def cmd_quantize(args) -> int:
         raise FileNotFoundError(f"--eval-text {args.eval_text} does not exist")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a folder")
+    if args.method == "uniquanf":
+        # Its layers are BCQ layers, which decoupleq.save cannot store yet (the BCQ layer
+        # module and its format come separately): refuse before any work is done.
+        raise ValueError("--method uniquanf: saving BCQ layers is not supported yet; use decoupleq.quantize from Python")
 
     lm = load_model(args.model)
     if lm.note:

@@ -16,8 +16,12 @@ class UniQuanFConfig:
     The paper's recipe trains on 128 x 2048 C4 tokens for 20 epochs (2,560
     Adam steps per block at batch 1). The defaults here keep its learning
     rates, mapping and mixing, and cut the epochs for a CPU: with the
-    pipeline's usual 32 windows of 256 tokens, ``epochs=4`` is 128 steps per
-    block.
+    pipeline's usual 32 windows of 256 tokens, ``epochs=2`` is 64 steps per
+    block. Chosen by time, not yet by an end-to-end quality sweep: a training
+    step on a SmolLM2-135M block (256 tokens, W2 g64) took about 0.6 s of a
+    loaded 2-core machine, so 64 steps x 30 blocks is about 20-30 minutes.
+    One epoch over 16 windows lowered block 0's output MSE from 0.485 (the
+    initialisation) to 0.323.
 
     Attributes:
         clip_steps: clipping ratios ``k/clip_steps`` (k = 1..clip_steps) tried
@@ -49,7 +53,7 @@ class UniQuanFConfig:
 
     clip_steps: int = 1
     init_iters: int = 15
-    epochs: int = 4
+    epochs: int = 2
     lr_delta: float = 5e-3
     lr_alpha: float = 5e-4
     input_prob: float = 0.5

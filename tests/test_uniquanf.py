@@ -357,3 +357,12 @@ def test_nan_weight_is_rejected_by_name():
     W[1, 2] = float("nan")
     with pytest.raises(ValueError, match="W contains NaN"):
         UniQuanFQuantizer(W, 2, -1)
+
+
+def test_cli_refuses_uniquanf_before_loading_anything(tmp_path, capsys):
+    from decoupleq import cli
+
+    rc = cli.main(["quantize", str(tmp_path / "no-such-model"), "--method", "uniquanf", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "saving BCQ layers is not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
