@@ -366,3 +366,29 @@ def test_cli_refuses_uniquanf_before_loading_anything(tmp_path, capsys):
     assert rc == 2
     assert "saving BCQ layers is not supported yet" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_hessian_diagonal_matches_the_damped_hessian():
+    from decoupleq.uniquanf_train import _DiagHessian
+
+    layer = torch.nn.Linear(24, 8)
+    acc, ref = _DiagHessian(layer), HessianAccumulator(24)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    for _ in range(3):
+        x = torch.randn(2, 5, 24, generator=g) * torch.linspace(0.1, 3, 24)
+        acc.add(x, mask)
+        ref.add(x[mask])
+    want = np.diag(damp(ref.hessian(), 0.01)).astype(np.float32)
+    np.testing.assert_allclose(acc.damped(0.01), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["none", "hessian_diag"])
+def test_init_weighting_choices_run_end_to_end(weighting):
+    model = tiny_llama(layers=1)
+    cfg = QuantConfig(method="uniquanf", bits=3, group_size=-1,
+                      uniquanf=UniQuanFConfig(epochs=1, init_weighting=weighting, clip_steps=0))
+    decoupleq.quantize(model, token_batches(4, 16), cfg, verbose=False)
+    b = model.decoupleq_report.blocks[0].tune
+    assert b.steps == 4 and math.isfinite(b.loss_after) and b.loss_after < b.loss_before
+    assert np.any(model.model.layers[0].mlp.up_proj.bcq.offset != 0)
