@@ -75,6 +75,20 @@ dq_status dq_shrink_search(const dq_layer_t *L, const double *err_start, float *
 dq_status dq_shrink_search_choose(const dq_layer_t *L, const double *err_start, const float *DH,
                                   float *S, float *Z, float *p_row, double *err);
 
+/* ---- NeUQI initialisation (dq_neuqi.c) ------------------------------ */
+/* NeUQI's (S, Z) of every row and group (ALGORITHM 7), in this library's
+ * convention (a code q dequantises to S q + Z).  hdiag: n per-column weights
+ * (the damped Hessian diagonal), or NULL for equal weights; each group's
+ * weights are normalised to sum 1.  integer_zero: NeUQI_int (integer z,
+ * 2048 scale steps).  Symmetric layers keep Z = 0 and search s only.
+ * obj (m x G, may be NULL): each group's objective sum h (w - w^)^2 at the
+ * chosen float64 (s, z).  Deterministic, threads over rows. */
+dq_status dq_neuqi_params(const dq_layer_t *L, const double *hdiag, int integer_zero, float *S,
+                          float *Z, double *obj);
+/* The same with hdiag = diag(L->H) (NULL H: equal weights). */
+dq_status dq_neuqi_params_damped(const dq_layer_t *L, int integer_zero, float *S, float *Z,
+                                 double *obj);
+
 /* ---- float step (dq_float_step.c) ------------------------------------ */
 /* Closed-form least squares for (S, Z) given A, per row; writes S, Z and the
  * new row errors (dq_row_errors of the float32 result).  A parameter that a

@@ -49,6 +49,7 @@ extern PyMethodDef dq_py_round_gptq_methods[];
 extern PyMethodDef dq_py_round_pgd_methods[];
 extern PyMethodDef dq_py_solver_methods[];
 extern PyMethodDef dq_py_kernels_methods[];
+extern PyMethodDef dq_py_neuqi_methods[];
 extern PyMethodDef dq_py_bcq_init_methods[];
 
 /* Extra entries for backend_info(); kernels fill in their choice here. */
