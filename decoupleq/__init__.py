@@ -17,7 +17,7 @@ finally:
     del _TIMEOUT, _user_timeout
 
 from . import reference  # noqa: E402  (after _C: the environment above must come first)
-from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
+from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig, UniQuanFConfig
 from .hessian import HessianAccumulator, damp
 from .solver import QuantizedWeight, quantize_weight
 
@@ -53,6 +53,7 @@ __all__ = [
     "ModelQuantConfig",
     "QuantConfig",
     "QuantizedWeight",
+    "UniQuanFConfig",
     "backend_info",
     "damp",
     "quantize_weight",

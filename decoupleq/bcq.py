@@ -58,6 +58,13 @@ FORMAT = "decoupleq-bcq-lanes8-v1"
 MAX_BITS = 4
 
 
+def level_signs(bits: int) -> np.ndarray:
+    """beta_i(k) for every level index k: float32 (2**bits, bits) of +-1."""
+    k = np.arange(1 << bits)[:, None]
+    shifts = bits - 1 - np.arange(bits)[None, :]
+    return np.where((k >> shifts) & 1, -1.0, 1.0).astype(np.float32)
+
+
 def _check_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be an int in [1, {MAX_BITS}], got {bits!r}")

@@ -506,6 +506,64 @@ def _quantize_block(
     return result, block, inputs, fp_outputs
 
 
+def _check_uniquanf_layers(spec: BlockSpec, plans: list) -> None:
+    """UniQuanF trains nn.Linear weights only: refuse other planned layers before any work."""
+    for i, plan in enumerate(plans):
+        for name, (module, _) in plan.layers.items():
+            if name == "":
+                raise ValueError(f"method 'uniquanf' trains transformer blocks; block {spec.block_name(i)!r} is a "
+                                 "single layer")
+            if type(module) is not nn.Linear:
+                raise ValueError(
+                    f"method 'uniquanf' quantizes nn.Linear layers only; {spec.full_name(i, name)} is a "
+                    f"{type(module).__name__} (leave it out with skip=...)"
+                )
+
+
+def _quantize_block_uniquanf(
+    model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output, fp_inputs=None
+):
+    """UniQuanF on block i (decoupleq.uniquanf_train): returns what ``_quantize_block`` returns.
+
+    Layers are reported with NaN losses: no Hessian is built (the block is
+    trained on its output instead)."""
+    from .uniquanf_train import quantize_block
+
+    t_block = time.perf_counter()
+    layers = {name: (m, lcfg.group_size) for name, (m, lcfg) in plan.layers.items()}
+    progress = None
+    if bars is not None:
+        bars[0].set_postfix_str(f"uniquanf {spec.block_name(i)}")
+
+        def progress(step, total, loss):
+            if step == 1 or step == total or step % max(1, total // 20) == 0:
+                bars[0].set_postfix_str(f"training {step}/{total} mse {loss:.3g}")
+
+    res, fp_outputs, bcq = quantize_block(
+        block, layers, inputs, fp_inputs, calls, budget, mcfg.tmpdir, mcfg.quant.bits, mcfg.quant.uniquanf,
+        progress=progress, damping=mcfg.quant.damping,
+    )
+    if fp_inputs is not None:
+        fp_inputs.close()
+        next_fp = fp_outputs
+    else:
+        fp_outputs.close()
+        next_fp = None
+    seconds = time.perf_counter() - t_block
+    for name, (m, gs) in layers.items():
+        shape = tuple(bcq[name].shape)
+        report.layers.append(LayerReport(spec.full_name(i, name), shape, gs, float("nan"), float("nan"), 0,
+                                         seconds / len(layers)))
+        if bars is not None:
+            bars[1].update(1)
+    if need_output:
+        with torch.no_grad():
+            for j in range(len(inputs)):
+                inputs[j] = run_block(block, calls[j], inputs[j])
+    report.blocks.append(BlockReport(i, spec.block_name(i), time.perf_counter() - t_block, [list(layers)], res))
+    return res, block, inputs, next_fp
+
+
 def _needs_no_data(plans: list, mcfg: ModelQuantConfig) -> bool:
     """RTN everywhere and no block tuning: nothing depends on activations."""
     return not mcfg.blockwise.enabled and all(
@@ -593,6 +651,8 @@ def quantize(
     spec = find_blocks(model, blocks)
     report = QuantReport()
     plans = _plan(spec, mcfg, report)
+    if mcfg.quant.method == "uniquanf":
+        _check_uniquanf_layers(spec, plans)
     total_layers = sum(len(p.layers) for p in plans)
     if total_layers == 0:
         log.warning("no layer to quantize (all skipped or none found); the model is unchanged")
@@ -637,7 +697,8 @@ def quantize(
                 inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
                 calls = catch_block_inputs(model, [block], batches, inputs).calls[0]
             if plan.layers:
-                res, block, inputs, fp_inputs = _quantize_block(
+                step = _quantize_block_uniquanf if mcfg.quant.method == "uniquanf" else _quantize_block
+                res, block, inputs, fp_inputs = step(
                     model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars,
                     caught.chained and i < last, fp_inputs,
                 )
@@ -667,9 +728,14 @@ def quantize(
 
 def _start_fp_path(mcfg: ModelQuantConfig, chained: bool, inputs: ActivationCache, budget):
     """A copy of block 0's inputs, the start of the full-precision path, when tuning targets it."""
-    if not (mcfg.blockwise.enabled and mcfg.blockwise.target == "fp_inputs"):
+    uniquanf = mcfg.quant.method == "uniquanf"
+    if not uniquanf and not (mcfg.blockwise.enabled and mcfg.blockwise.target == "fp_inputs"):
         return None
     if not chained:
+        if uniquanf:
+            log.warning("UniQuanF mixes full-precision and quantized block inputs, which needs blocks that "
+                        "feed each other; these do not, so each block trains on its quantized-path inputs only")
+            return None
         log.warning(
             "block tuning target 'fp_inputs' needs blocks that feed each other; these do not, "
             "so each block is tuned to its full-precision outputs on its quantized-path inputs"
