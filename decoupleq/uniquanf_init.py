@@ -80,7 +80,7 @@ def unified_init(W, bits: int, group_size: int = -1, clip_steps: int = 1, iters:
     if impl == "c":
         fn = _C.bcq_init
     elif impl == "reference":
-        from .reference.bcq_init import bcq_init as fn
+        from .reference.unified_init import bcq_init as fn
     else:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     W32 = as_float_matrix(W, "W", np.float32)

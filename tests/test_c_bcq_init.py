@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from decoupleq import _C as C
-from decoupleq.reference import bcq_init as RB
+from decoupleq.reference import unified_init as RB
 
 F32 = np.float32
 

@@ -1,6 +1,6 @@
 """Pure NumPy twins of every C entry point, written to read like ALGORITHM.md."""
 from .bcq import bcq_dequantize_packed, bcq_pack, bcq_packed_matmul, bcq_unpack
-from .bcq_init import bcq_init
+from .unified_init import bcq_init
 from .float_step import float_step
 from .gptq import gptq, round_gptq
 from .grid import minmax_params, row_errors, rtn_codes
