@@ -104,3 +104,13 @@ def test_interrupt_restores_the_model():
         handle.remove()
     assert calls["n"] > 0
     _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("iterations", 1001), ("iterations", 10**12), ("blocksize", (1 << 20) + 1), ("blocksize", 2**62),
+    ("group_size", 2**40), ("pgd_steps_before_round", 10**9), ("pgd_steps_per_column", 10**9),
+])
+def test_quant_config_rejects_absurd_sizes_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be <= \d+, got {value}$"):
+        QuantConfig(**{field: value})
+    QuantConfig(iterations=1000, blocksize=1 << 20)  # the bounds themselves are accepted
