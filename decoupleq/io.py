@@ -575,18 +575,21 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
     meta, shapes, dtypes = _read_header(path, verify)
     layers, version = meta["layers"], meta["format_version"]
 
-    if model is None:
-        cfg, model_cls = _hf_build.make_config(meta["model"], shapes, what)
-        skeleton = _hf_build.build(model_cls, cfg, "meta")
+    # A stored Hugging Face description is checked even when the model is given: a file
+    # that names code to run, or sizes its tensors do not back, is refused either way.
+    hf = None
+    if "hf_config" in meta["model"] or model is None:
+        hf = _hf_build.make_config(meta["model"], shapes, what)
+    tensors = _read_tensors(path, meta, verify)  # the file's own bytes first: cheap to refuse
+    if hf is not None:
+        skeleton = _hf_build.build(hf[1], hf[0], "meta")  # no memory: a lying config costs nothing
         _plan(skeleton, meta, shapes, dtypes, what)
         extra = _hf_build.extra_buffer_elements(skeleton)
         if extra > max(_hf_build.MAX_EXTRA_BUFFER_ELEMENTS, sum(int(np.prod(s)) for s in shapes.values())):
             raise ValueError(f"{what}: the stored config makes {extra} elements of buffers beyond the file's tensors")
         del skeleton
-    else:
+    if model is not None:
         _plan(model, meta, shapes, dtypes, what)
-
-    tensors = _read_tensors(path, meta, verify)
     for name, info in layers.items():
         _pack_old_codes(tensors, name, info, version, what)
     _check_codes(tensors, layers, what)
@@ -594,8 +597,8 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
         tensors[dup] = tensors[kept]
 
     if model is None:
-        model = _hf_build.build(model_cls, cfg, "cpu")
-    changes = _plan(model, meta, shapes, dtypes, what)  # the same checks, on the model itself
+        model = _hf_build.build(hf[1], hf[0], "cpu")
+    changes = _plan(model, meta, shapes, dtypes, what)  # cheap; on the very model to fill
     _fill(model, layers, tensors, changes)
     model.eval()
     model.decoupleq_config = meta.get("quantization")
