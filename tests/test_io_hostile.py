@@ -227,3 +227,50 @@ def test_temp_file_of_a_killed_save_is_removed_by_the_next_save(tmp_path):
     unrelated.write_bytes(b"not ours")
     save(_quantized_base(), target)
     assert sorted(os.listdir(tmp_path)) == [".other.safetensors.abcdefgh.tmp", "m.safetensors"]
+
+
+def test_failing_load_leaves_a_plain_torch_model_unchanged(tmp_path):
+    """Not a Hugging Face model: the same guarantees for a CNN skeleton and bad files of several kinds."""
+    from _pipeline_models import TinyCNN
+
+    model = TinyCNN(seed=1).eval()
+    images = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    decoupleq.quantize(model, images, QuantConfig(bits=3, group_size=8, iterations=1, method="rtn"),
+                       batch_size=4, blockwise=False, verbose=False)
+    good = tmp_path / "cnn.safetensors"
+    save(model, good)
+    with safe_open(str(good), framework="pt") as f:
+        meta = json.loads(f.metadata()[METADATA_KEY])
+    tensors = load_file(str(good))
+
+    def bad_file(edit_meta=None, edit_tensors=None):
+        from decoupleq._io_schema import META_DIGEST_KEY, tensor_digest, text_digest
+
+        m, t = json.loads(json.dumps(meta)), dict(tensors)
+        if edit_meta:
+            edit_meta(m)
+        if edit_tensors:
+            edit_tensors(t)
+        m["checksums"] = {k: tensor_digest(v) for k, v in t.items()}
+        text = json.dumps(m)
+        path = tmp_path / f"bad{len(list(tmp_path.iterdir()))}.safetensors"
+        save_file(t, str(path), metadata={METADATA_KEY: text, META_DIGEST_KEY: text_digest(text)})
+        return path
+
+    cases = [
+        (bad_file(edit_tensors=lambda t: t.pop("head.bias")), r"'head\.bias' of quantized layer 'head' is missing"),
+        (bad_file(edit_tensors=lambda t: t.update({"extra": torch.ones(2)})), r"unexpected \['extra'\]"),
+        (bad_file(edit_tensors=lambda t: t.update({"conv2.scale": torch.ones(16, 8)})),
+         r"conv2\.scale.*\(16, 8\).*needs \(16, 9\)"),
+        (bad_file(edit_meta=lambda m: m["layers"]["conv2"].update(kernel_size=[3, "3"])), r"conv2.*'kernel_size'"),
+        (bad_file(edit_meta=lambda m: m["layers"]["conv2"].update(padding_mode="evil")), r"conv2.*'padding_mode'"),
+        (bad_file(edit_meta=lambda m: m["layers"]["conv2"].update(type="linear")), r"conv2.*linear layer.*Conv2d"),
+    ]
+    for path, regex in cases:
+        skeleton = TinyCNN(seed=5)
+        snap = _snapshot(skeleton)
+        with pytest.raises(ValueError, match=regex):
+            load(path, model=skeleton)
+        _assert_unchanged(skeleton, snap)
+    back = load(good, model=TinyCNN(seed=5))
+    _assert_unchanged(back, _snapshot(model))
