@@ -705,10 +705,13 @@ def _naming(where: str, layer: bool = True):
     except Exception as exc:
         label = f"layer {where}" if layer else where
         if getattr(exc, "_decoupleq_where", None) is None:
-            exc._decoupleq_where = label
+            try:
+                exc._decoupleq_where = label
+            except AttributeError:  # an exception type without a __dict__
+                pass
             if exc.args and isinstance(exc.args[0], str):
                 exc.args = (f"{label}: {exc.args[0]}",) + exc.args[1:]
-            else:
+            elif hasattr(exc, "add_note"):  # Python 3.11+
                 exc.add_note(f"while quantizing {label}")
         raise
 
