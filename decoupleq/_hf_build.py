@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 
 #: Attention implementations a file may ask for (both are in torch itself).
 SAFE_ATTENTION = ("eager", "sdpa")
+#: transformers' own GPU / paged implementations (no download): a model saved with one of
+#: them loads with "sdpa" instead. Anything else (a Hub kernel repository) is refused.
+BUILTIN_ATTENTION = (
+    "flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention", "sdpa_paged",
+    "eager_paged", "flash_paged",
+)
 _ATTN_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
 #: Config keys that make transformers import, download or dispatch to code beyond the model class.
 FORBIDDEN_KEYS = (
@@ -76,7 +82,7 @@ def check_config(cfg: dict, attn, file_dims: dict, what: str) -> None:
     Raises:
         ValueError naming the key.
     """
-    if attn is not None and attn not in SAFE_ATTENTION:
+    if attn is not None and attn not in SAFE_ATTENTION + BUILTIN_ATTENTION:
         raise ValueError(f"{what}: attn_implementation {attn!r} is refused (a file may ask only for {SAFE_ATTENTION})")
     for path, k, v in _walk(cfg):
         if not isinstance(k, str):
@@ -88,7 +94,7 @@ def check_config(cfg: dict, attn, file_dims: dict, what: str) -> None:
         )
         if names_kernel or (k in FORBIDDEN_KEYS and v not in (None, False, {}, [])):
             raise ValueError(f"{what}: config key {path}.{k} selects code to run and is refused")
-        if k in _ATTN_KEYS and v is not None and v not in SAFE_ATTENTION:
+        if k in _ATTN_KEYS and v is not None and v not in SAFE_ATTENTION + BUILTIN_ATTENTION:
             raise ValueError(
                 f"{what}: config {path}.{k} = {v!r} is refused (a file may ask only for {SAFE_ATTENTION})"
             )
@@ -176,14 +182,17 @@ def make_config(desc: dict, shapes: dict, what: str):
     attn = desc.get("attn_implementation")
     check_config(desc["hf_config"], attn, file_dims(shapes), what)
     config_cls, model_cls = resolve_classes(desc, what)
+    stored = {k: v for k, v in desc["hf_config"].items() if k not in _ATTN_KEYS}  # set below, not by the file
     try:
-        cfg = config_cls.from_dict(dict(desc["hf_config"]))
+        cfg = config_cls.from_dict(stored)
     except RecursionError:
         raise ValueError(f"{what}: hf_config is nested too deeply") from None
     except Exception as exc:  # a config class's own validation
         raise ValueError(f"{what}: hf_config is not a valid {config_cls.__name__}: {exc}") from None
     # Forced, not taken from the file's wish: torch's own attention only.
-    cfg._attn_implementation = attn if attn in SAFE_ATTENTION else "eager"
+    if attn in BUILTIN_ATTENTION:
+        log.warning("%s: saved with attn_implementation %r; loading with 'sdpa'", what, attn)
+    cfg._attn_implementation = attn if attn in SAFE_ATTENTION else ("sdpa" if attn in BUILTIN_ATTENTION else "eager")
     return cfg, model_cls
 
 

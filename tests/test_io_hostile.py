@@ -274,3 +274,24 @@ def test_failing_load_leaves_a_plain_torch_model_unchanged(tmp_path):
         _assert_unchanged(skeleton, snap)
     back = load(good, model=TinyCNN(seed=5))
     _assert_unchanged(back, _snapshot(model))
+
+
+def test_builtin_gpu_attention_loads_with_sdpa(tmp_path, caplog):
+    """A model saved with transformers' own flash attention (nothing to download) loads on the
+    CPU with "sdpa"; a Hub kernel name is refused (the corpus's attn_hub_kernel file)."""
+    model = _quantized_base()
+    good = tmp_path / "good.safetensors"
+    save(model, good)
+    with safe_open(str(good), framework="pt") as f:
+        meta = json.loads(f.metadata()[METADATA_KEY])
+    meta["model"]["attn_implementation"] = "flash_attention_2"
+    from decoupleq._io_schema import META_DIGEST_KEY, text_digest
+
+    text = json.dumps(meta)
+    path = tmp_path / "fa2.safetensors"
+    save_file(load_file(str(good)), str(path), metadata={METADATA_KEY: text, META_DIGEST_KEY: text_digest(text)})
+    with caplog.at_level("WARNING", logger="decoupleq"):
+        loaded = load(path)
+    assert loaded.config._attn_implementation == "sdpa"
+    assert "loading with 'sdpa'" in caplog.text
+    _assert_unchanged(loaded, _snapshot(model))
