@@ -145,6 +145,15 @@ def cases():
     c["auto_map"] = (hf("auto_map", {"AutoModelForCausalLM": "evil--modeling.Evil"}), True,
                      r"auto_map selects code to run")
     c["trust_remote_code"] = (hf("trust_remote_code", True), True, r"trust_remote_code selects code to run")
+    c["use_kernels"] = (hf("use_kernels", True), True, r"use_kernels selects code to run")
+    c["kernel_config"] = (hf("kernel_config", {"RMSNorm": "kernels-community/liger_kernels:LigerRMSNorm"}), True,
+                          r"kernel_config selects code to run")
+    c["quantization_config"] = (hf("quantization_config", {"quant_method": "bitsandbytes"}), True,
+                                r"quantization_config selects code to run")
+    c["class_of_other_type"] = (lambda m, t: m["model"].update({"class": "BertModel"}), True,
+                                r"model class 'BertModel' is not one of transformers' model classes for 'llama'")
+    c["layers_not_object"] = (lambda m, t: m.update(layers=list(m["layers"])), True,
+                              r"metadata field 'layers' is missing or not an object")
     c["truncated"] = (None, False, r"truncated or corrupt")
     c["metadata_not_json"] = (None, False, r"not valid JSON")
     return c
