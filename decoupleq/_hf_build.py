@@ -114,13 +114,15 @@ def check_config(cfg: dict, attn, file_dims: dict, what: str) -> None:
 
 
 def file_dims(shapes: dict) -> dict:
-    """The sizes a file's tensors back: the largest dimension, the largest layer index + 1."""
+    """The sizes a file's tensors back: the largest dimension, and the most distinct indices
+    under one prefix (``model.layers.0.``, ``model.layers.1.``... count 2). Distinct indices,
+    not the largest: one tensor named ``model.layers.99999.x`` backs one layer, not 100000."""
     max_dim = max((d for s in shapes.values() for d in s), default=0)
-    max_count = 0
+    indices = {}
     for key in shapes:
-        for idx in re.findall(r"\.(\d+)(?=\.)", key):
-            max_count = max(max_count, int(idx) + 1)
-    return {"max_dim": max_dim, "max_count": max_count}
+        for m in re.finditer(r"\.(\d+)(?=\.)", key):
+            indices.setdefault(key[: m.start()], set()).add(m.group(1))
+    return {"max_dim": max_dim, "max_count": max((len(v) for v in indices.values()), default=0)}
 
 
 def _auto_class_names(model_type: str) -> set:

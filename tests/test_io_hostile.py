@@ -88,7 +88,9 @@ def test_the_corpus_base_file_loads(tmp_path):
     _assert_unchanged(into, _snapshot(model))
 
 
-@pytest.mark.parametrize("name", ["vocab_2_pow_33.safetensors", "layers_100000.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["vocab_2_pow_33.safetensors", "layers_100000.safetensors", "layers_100000_with_bait.safetensors"]
+)
 def test_lying_sizes_fail_fast_without_allocating(name):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     t0 = time.perf_counter()

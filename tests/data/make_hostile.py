@@ -132,6 +132,9 @@ def cases():
     c["vocab_2_pow_33"] = (hf("vocab_size", 2**33), True, r"vocab_size = 8589934592 exceeds every tensor dimension")
     c["layers_100000"] = (hf("num_hidden_layers", 100000), True,
                           r"num_hidden_layers = 100000 but the file's tensors hold at most 1")
+    c["layers_100000_with_bait"] = (
+        lambda m, t: (hf("num_hidden_layers", 100000)(m, t), t.update({"model.layers.99999.bait": torch.zeros(1)})),
+        True, r"num_hidden_layers = 100000 but the file's tensors hold at most 2")
     c["hidden_size_lie"] = (hf("hidden_size", 16), True, r"down_proj.*file has \(out, in\) = \(32, 80\) but the model has \(16, 80\)")
     c["class_not_allowed"] = (lambda m, t: m["model"].update({"class": "Trainer"}), True,
                               r"model class 'Trainer' is not one of transformers' model classes")
