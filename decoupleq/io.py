@@ -432,11 +432,14 @@ def _plan(model: nn.Module, meta: dict, shapes: dict, dtypes: dict, what: str) -
         if f"{name}.codes" in provided and info["bits"] in PACKED_BITS:  # version 1: packed while loading
             provided.pop(f"{name}.codes")
             provided[f"{name}.packed"] = ((expected[f"{name}.packed"][0]), "U32")
+    layer_keys = {k for name, info in layers.items() for k in _file_shapes(name, info, version)}
     for dup, kept in aliases.items():
         if dup in shapes:
             raise ValueError(f"{what}: {dup!r} is both a stored tensor and an alias")
         if kept not in shapes:
             raise ValueError(f"{what}: alias {dup!r} points to missing tensor {kept!r}")
+        if kept in layer_keys or dup in quant_keys:  # save never shares a quantized layer's tensors
+            raise ValueError(f"{what}: alias {dup!r} -> {kept!r} involves a quantized layer's tensor")
         provided[dup] = provided[kept]
 
     missing = sorted(set(expected) - set(provided))

@@ -120,6 +120,8 @@ def cases():
                            r"'model\.\.x' is not a dotted")
     c["alias_to_nothing"] = (lambda m, t: m["aliases"].update({"lm_head.weight": "model.nothing"}), True,
                              r"alias 'lm_head\.weight' points to missing tensor")
+    c["alias_into_layer"] = (lambda m, t: m["aliases"].update({"lm_head.weight": f"{UP}.scale"}), True,
+                             r"alias 'lm_head\.weight' -> 'model\.layers\.0\.mlp\.up_proj\.scale' involves a quantized")
     c["nan_scale"] = (lambda m, t: t[f"{UP}.scale"].__setitem__((3, 1), float("nan")), True, r"up_proj.*scale holds NaN")
     c["packed_padding_bits"] = (lambda m, t: t.update({f"{UP}.packed": _set_word(t[f"{UP}.packed"], 0, 7, 0xFFFF0000)}),
                                 True,
