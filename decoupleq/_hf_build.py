@@ -198,10 +198,20 @@ def make_config(desc: dict, shapes: dict, what: str):
     return cfg, model_cls
 
 
-def build(model_cls, cfg, device) -> nn.Module:
-    """``model_cls(cfg)`` on ``device`` ("meta" costs no memory), with transformers' logging quiet."""
-    with torch.device(device):
-        return model_cls(cfg)
+def build(model_cls, cfg, device, what: str = "the file") -> nn.Module:
+    """``model_cls(cfg)`` on ``device`` ("meta" costs no memory).
+
+    Raises:
+        ValueError: the class's own code rejects the stored config (a value of the
+            wrong type, say); the message names the class and the error.
+    """
+    try:
+        with torch.device(device):
+            return model_cls(cfg)
+    except Exception as exc:
+        raise ValueError(
+            f"{what}: the stored config does not build a {model_cls.__name__}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def extra_buffer_elements(model: nn.Module) -> int:

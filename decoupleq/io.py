@@ -588,7 +588,7 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
         hf = _hf_build.make_config(meta["model"], shapes, what)
     tensors = _read_tensors(path, meta, verify)  # the file's own bytes first: cheap to refuse
     if hf is not None:
-        skeleton = _hf_build.build(hf[1], hf[0], "meta")  # no memory: a lying config costs nothing
+        skeleton = _hf_build.build(hf[1], hf[0], "meta", what)  # no memory: a lying config costs nothing
         _plan(skeleton, meta, shapes, dtypes, what)
         extra = _hf_build.extra_buffer_elements(skeleton)
         if extra > max(_hf_build.MAX_EXTRA_BUFFER_ELEMENTS, sum(int(np.prod(s)) for s in shapes.values())):
@@ -603,7 +603,7 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
         tensors[dup] = tensors[kept]
 
     if model is None:
-        model = _hf_build.build(hf[1], hf[0], "cpu")
+        model = _hf_build.build(hf[1], hf[0], "cpu", what)
     changes = _plan(model, meta, shapes, dtypes, what)  # cheap; on the very model to fill
     _fill(model, layers, tensors, changes)
     model.eval()

@@ -297,3 +297,61 @@ def test_builtin_gpu_attention_loads_with_sdpa(tmp_path, caplog):
     assert loaded.config._attn_implementation == "sdpa"
     assert "loading with 'sdpa'" in caplog.text
     _assert_unchanged(loaded, _snapshot(model))
+
+
+_ODD_VALUES = [None, True, False, 0, -1, 1, 2, 3, 9, 2**31, 2**63, 1.5, float("nan"), "", "x", "int8", "linear",
+               "conv2d", "decoupleq-lanes8-v1", [], [1, 2], {}, {"a": 1}, "float32", "__class__", "os.system", 16, 80]
+
+
+def _json_paths(o, p=()):
+    yield p
+    if isinstance(o, dict):
+        for k, v in o.items():
+            yield from _json_paths(v, p + (k,))
+    elif isinstance(o, list):
+        for i, v in enumerate(o):
+            yield from _json_paths(v, p + (i,))
+
+
+def test_mutated_metadata_raises_only_value_errors(tmp_path):
+    """A seeded fuzz of the metadata document (1-3 values replaced by odd ones or removed, the file
+    re-signed so the checks behind the checksums are what run): every load either succeeds or raises
+    ValueError, never another exception, and a model passed in is unchanged when it raises."""
+    from make_hostile import read, write
+
+    good = tmp_path / "good.safetensors"
+    save(_quantized_base(), good)
+    meta, tensors, _ = read(str(good))
+    paths = [p for p in _json_paths(meta) if p and p[0] != "checksums"]
+    rng = random.Random(20261202)
+    skeleton = base_model(seed=3)
+    snap = _snapshot(skeleton)
+    bad = tmp_path / "bad.safetensors"
+    refused = 0
+    for _ in range(60):
+        m = json.loads(json.dumps(meta))
+        for _ in range(rng.randint(1, 3)):
+            p = rng.choice(paths)
+            o = m
+            try:
+                for k in p[:-1]:
+                    o = o[k]
+                if rng.random() < 0.15 and isinstance(o, dict):
+                    o.pop(p[-1], None)
+                else:
+                    o[p[-1]] = rng.choice(_ODD_VALUES)
+            except (KeyError, IndexError, TypeError):  # an earlier edit removed the path
+                pass
+        write(str(bad), m, dict(tensors))
+        for model in (None, skeleton):
+            try:
+                load(bad, model=model)
+            except ValueError:
+                refused += 1
+                if model is not None:
+                    _assert_unchanged(skeleton, snap)
+                continue
+            if model is not None:  # it loaded: the model now holds the file, start afresh
+                skeleton = base_model(seed=3)
+                snap = _snapshot(skeleton)
+    assert refused >= 60  # most edits hit a checked field
