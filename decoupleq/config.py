@@ -36,10 +36,6 @@ class QuantConfig:
             matrix every error is measured with.
         rounding_rule: ``"half_up"`` (decoupleQ's floor(x + 1/2)) or ``"half_even"``.
         blocksize: columns per lazy block of the GPTQ sweep (a speed knob).
-
-    Upper bounds (a clear error naming the field past them): ``iterations``
-    <= 1000, ``blocksize`` <= 2**20, ``group_size`` <= 2**24, each PGD step
-    count <= 10**6.
     """
 
     method: str = "decoupleq"
@@ -94,7 +90,8 @@ class QuantConfig:
         return in_features // self.group_size
 
 
-#: Upper bounds of QuantConfig's integer knobs (see its docstring).
+#: Upper bounds of QuantConfig's integer knobs: far past any useful setting; a value past
+#: one is a ValueError naming the field, not an overflow or MemoryError in the solver.
 MAX_ITERATIONS = 1000
 MAX_BLOCKSIZE = 1 << 20
 MAX_GROUP_SIZE = 1 << 24
