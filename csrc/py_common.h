@@ -49,6 +49,8 @@ extern PyMethodDef dq_py_round_gptq_methods[];
 extern PyMethodDef dq_py_round_pgd_methods[];
 extern PyMethodDef dq_py_solver_methods[];
 extern PyMethodDef dq_py_kernels_methods[];
+extern PyMethodDef dq_py_neuqi_methods[];
+extern PyMethodDef dq_py_start_methods[];
 
 /* Extra entries for backend_info(); kernels fill in their choice here. */
 int dq_py_kernels_info(PyObject *dict);
@@ -67,6 +69,9 @@ typedef struct {
 int dq_py_layer_args(PyObject *W, PyObject *H, long group_size, int bits, int symmetric,
                      const char *rule, dq_py_layer_args_t *out);
 void dq_py_layer_args_release(dq_py_layer_args_t *a);
+
+/* "minmax" / "shrink" / "neuqi" / "neuqi_int" -> DQ_INIT_*; else ValueError naming init. */
+int dq_py_parse_init(const char *init, int *out);
 
 /* "half_up" -> DQ_ROUND_HALF_UP, "half_even" -> DQ_ROUND_HALF_EVEN; else ValueError. */
 int dq_py_parse_rule(const char *rule, int *out);

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 METHODS = ("rtn", "gptq", "decoupleq")
+INITS = ("minmax", "shrink", "neuqi", "neuqi_int")
+#: The init each method gets when ``QuantConfig.init`` is None (see its docstring).
+DEFAULT_INITS = {"rtn": "neuqi", "gptq": "neuqi", "decoupleq": "neuqi"}
 ROUNDINGS = ("gptq", "pgd")
 ROUNDING_RULES = ("half_up", "half_even")
 
@@ -36,6 +39,25 @@ class QuantConfig:
             matrix every error is measured with.
         rounding_rule: ``"half_up"`` (decoupleQ's floor(x + 1/2)) or ``"half_even"``.
         blocksize: columns per lazy block of the GPTQ sweep (a speed knob).
+        init: where each group's scale and zero start. ``"minmax"``: the
+            group's range (ALGORITHM 1.2); ``"shrink"``: min-max, then each
+            row's range shrunk by the factor (1.0 down to 0.205) with the
+            lowest Hessian-weighted error (3.3; decoupleQ's reference start);
+            ``"neuqi"``: NeUQI (7), a continuous zero and a scale searched
+            coarse-to-fine on the error weighted by the Hessian diagonal;
+            ``"neuqi_int"``: NeUQI with an integer zero point. How each method
+            uses it: RTN rounds with these parameters; GPTQ with ``"minmax"``
+            is the reference GPTQ (ranges recomputed along the sweep), with
+            any other init it holds the parameters fixed through the sweep
+            (static groups, act-order allowed); decoupleQ starts its
+            alternation from them (``"shrink"`` runs the search in iteration
+            0, as the reference). ``symmetric`` means a zero of 0 for every
+            init: min-max and shrink use the range +-max|w|, NeUQI searches
+            the scale alone. RTN without a Hessian (data-free) weighs every
+            weight equally and cannot use ``"shrink"``. ``None`` (default)
+            takes the method's default from ``DEFAULT_INITS``: NeUQI for
+            every method (see the docstring of ``DEFAULT_INITS``' choice in
+            benchmarks/bench_solver.py and the README's tables).
     """
 
     method: str = "decoupleq"
@@ -51,9 +73,13 @@ class QuantConfig:
     damping: float = 0.01
     rounding_rule: str = "half_up"
     blocksize: int = 128
+    init: str | None = None
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
+        if self.init is None:
+            object.__setattr__(self, "init", DEFAULT_INITS[self.method])
+        _choice("init", self.init, INITS)
         _choice("rounding", self.rounding, ROUNDINGS)
         _choice("rounding_rule", self.rounding_rule, ROUNDING_RULES)
         _integer("bits", self.bits, low=2, high=8)
