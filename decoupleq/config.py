@@ -181,10 +181,13 @@ class QuantConfig:
         _integer("group_size", self.group_size, low=-1)
         if self.group_size == 0 or self.group_size < -1:
             raise ValueError(f"group_size must be -1 (per-channel) or a positive integer, got {self.group_size}")
-        _integer("iterations", self.iterations, low=1)
-        _integer("pgd_steps_before_round", self.pgd_steps_before_round, low=0)
-        _integer("pgd_steps_per_column", self.pgd_steps_per_column, low=0)
-        _integer("blocksize", self.blocksize, low=1)
+        # Upper bounds: far past any useful setting, low enough that a typo fails here,
+        # naming the field, instead of as an overflow or MemoryError deep in the solver.
+        _integer("group_size", self.group_size, high=MAX_GROUP_SIZE)
+        _integer("iterations", self.iterations, low=1, high=MAX_ITERATIONS)
+        _integer("pgd_steps_before_round", self.pgd_steps_before_round, low=0, high=MAX_PGD_STEPS)
+        _integer("pgd_steps_per_column", self.pgd_steps_per_column, low=0, high=MAX_PGD_STEPS)
+        _integer("blocksize", self.blocksize, low=1, high=MAX_BLOCKSIZE)
         _flag("symmetric", self.symmetric)
         _flag("act_order", self.act_order)
         _positive_float("pgd_lr", self.pgd_lr, allow_zero=False)
@@ -206,6 +209,14 @@ class QuantConfig:
                 f"group_size {self.group_size} does not divide in_features {in_features}"
             )
         return in_features // self.group_size
+
+
+#: Upper bounds of QuantConfig's integer knobs: far past any useful setting; a value past
+#: one is a ValueError naming the field, not an overflow or MemoryError in the solver.
+MAX_ITERATIONS = 1000
+MAX_BLOCKSIZE = 1 << 20
+MAX_GROUP_SIZE = 1 << 24
+MAX_PGD_STEPS = 10**6
 
 
 def _choice(name, value, allowed):

@@ -232,7 +232,10 @@ class BCQLinear(nn.Module):
     @classmethod
     def from_info(cls, info: dict) -> "BCQLinear":
         """An empty shell from ``quant_info()`` (used by ``decoupleq.load``)."""
-        bias_dtype = getattr(torch, info["bias_dtype"]) if info.get("bias_dtype") else torch.float32
+        from ._io_schema import BIAS_DTYPES
+
+        # A fixed table, never getattr(torch, <name from a file>).
+        bias_dtype = BIAS_DTYPES[info["bias_dtype"]] if info.get("bias_dtype") else torch.float32
         return cls(int(info["in_features"]), int(info["out_features"]), bits=int(info["bits"]),
                    group_size=int(info["group_size"]), bias=bool(info["bias"]),
                    origin=info.get("origin", "linear"), method=info.get("method"), bias_dtype=bias_dtype)
