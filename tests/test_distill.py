@@ -237,6 +237,33 @@ def test_bad_arguments_raise_before_any_change(corpus, tmp_path):
         assert_same(snapshot(fp), states["fp"])
 
 
+def mlp(seed, width=32, out=16):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(24, width), nn.GELU(), nn.Linear(width, out)).eval()
+
+
+def test_plain_module_is_distilled_on_its_output():
+    torch.manual_seed(0)
+    x = torch.randn(40, 6, 24)
+    teacher = mlp(1)
+    model = copy.deepcopy(teacher)
+    decoupleq.quantize(model, x[:8], QuantConfig(method="rtn", bits=2, group_size=8, init="minmax"),
+                       blockwise=False, verbose=False)
+    held = x[32:]
+    with torch.no_grad():
+        before = float((model(held) - teacher(held)).square().mean())
+    report = decoupleq.distill(model, teacher, x[:32], steps=64, lr=1e-2, verbose=False)
+    with torch.no_grad():
+        after = float((model(held) - teacher(held)).square().mean())
+    assert report.steps == 64 and after < 0.9 * before, (before, after)
+
+    # A teacher whose output differs in shape fails at the first step, before any update.
+    state = snapshot(model)
+    with pytest.raises(ValueError, match="differ in shape"):
+        decoupleq.distill(model, mlp(2, out=12), x[:4], verbose=False)
+    assert_same(snapshot(model), state)
+
+
 def test_public_name_is_the_function_in_a_fresh_process():
     code = ("import inspect, decoupleq; f = decoupleq.distill; import decoupleq.distill; "
             "assert inspect.isfunction(f) and decoupleq.distill is f, decoupleq.distill")
