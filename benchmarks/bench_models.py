@@ -5,6 +5,7 @@
     python benchmarks/bench_models.py --configs 3:128 --methods rtn,gptq   # a part of the grid
     python benchmarks/bench_models.py --configs 4:-1 --methods decoupleq+bt --bt-epochs 2   # longer block tuning
     python benchmarks/bench_models.py --configs 4:-1 --methods decoupleq+bt --bt-target fp_inputs
+    python benchmarks/bench_models.py --configs 2:64 --methods rtn --distill 32   # then distill the scales/zeros
 
 For each of FP, RTN, GPTQ, decoupleQ and decoupleQ + block tuning, at W2 per-channel, W2 g64,
 W3 g128 and W4 per-channel: WikiText-2 test perplexity (calibrated on the validation split),
@@ -18,7 +19,9 @@ stored 4-bit in blocks of 32, so W4 results (g32 most of all) flatter any method
 
 ``--json PATH`` writes one record per run: model, method, bits, group_size, blockwise, ppl,
 seconds (wall), cpu_seconds (all threads), peak_rss_mb, file_mb, packed_mb, eval and calibration
-budgets, block-tuning settings (bt_lr, bt_epochs, bt_target), threads.
+budgets, block-tuning settings (bt_lr, bt_epochs, bt_target), distill_steps (``--distill``: steps of
+``decoupleq.distill`` on the calibration windows after quantizing, teacher = the model loaded again; 0 = none)
+and distill_seconds (also counted in seconds), threads.
 """
 import argparse
 import json
@@ -105,6 +108,11 @@ def run_one(spec: dict, data: Path) -> dict:
             blockwise=tune if spec["blockwise"] else False,
             verbose=False)
         decoupleq.quantize(lm.model, calib, config)
+        if spec["distill_steps"]:
+            t1 = time.perf_counter()
+            decoupleq.distill(lm.model, load_model(spec["model"]).model, calib, steps=spec["distill_steps"],
+                              verbose=False)
+            spec = dict(spec, distill_seconds=time.perf_counter() - t1)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     ppl = perplexity(lm.model, test_ids, seq_len=spec["eval_seq_len"], max_windows=spec["eval_windows"],
                      full=spec["full_eval"])
@@ -143,9 +151,13 @@ def main(argv=None):
                    help="block tuning learning rate (default BlockTuneConfig's)")
     p.add_argument("--bt-epochs", type=int, default=None, help="block tuning epochs (default BlockTuneConfig's)")
     p.add_argument("--bt-target", default=None, help="block tuning target: quantized_inputs (default) or fp_inputs")
+    p.add_argument("--distill", type=int, default=0, metavar="STEPS",
+                   help="after quantizing, distill the scales/zeros for STEPS steps (default 0: none)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run, in a child process
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.distill < 0:
+        p.error(f"--distill must be >= 0, got {args.distill}")
 
     if args.data is not None:
         os.environ["DECOUPLEQ_DATA"] = str(args.data)
@@ -169,10 +181,10 @@ def main(argv=None):
     tune = BlockTuneConfig(**{k: v for k, v in given if v is not None})
     base = dict(model=MODEL, num_samples=num_samples, seq_len=args.seq_len, eval_windows=eval_windows,
                 eval_seq_len=args.eval_seq_len, full_eval=args.full_eval, bt_lr=tune.lr, bt_epochs=tune.epochs,
-                bt_target=tune.target)
+                bt_target=tune.target, distill_steps=args.distill)
     specs = []
     if wanted is None or "fp" in wanted:
-        specs.append(dict(base, method="fp", bits=None, group_size=None, blockwise=False))
+        specs.append(dict(base, method="fp", bits=None, group_size=None, blockwise=False, distill_steps=0))
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.configs is not None:
         configs = [parse_config(c) for c in args.configs.split(",")]
@@ -209,7 +221,8 @@ def main(argv=None):
     budget = "whole test split" if args.full_eval else f"first {eval_windows} windows x {args.eval_seq_len} tokens"
     print(f"\nSmolLM2-135M, WikiText-2 test perplexity ({budget}); calibrated on {num_samples} x {args.seq_len} "
           f"tokens of WikiText-2 valid; block tuning lr {tune.lr:g} x {tune.epochs} epoch(s), "
-          f"target {tune.target}\n")
+          f"target {tune.target}" + (f"; distilled {args.distill} steps after quantizing" if args.distill > 0 else "")
+          + "\n")
     print("| config | method | init | ppl | bits/weight | time (s) | CPU (s) | peak RSS (MB) | file (MB) | packed (MB) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in records:

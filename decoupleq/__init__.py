@@ -31,6 +31,7 @@ _LAZY = {
     "save": "io",
     "load": "io",
     "prepare_for_sft": "sft",
+    "distill": "distill",
     "PackedWeight": "packing",
     "packed_linear": "kernels",
     "BCQWeight": "bcq",
@@ -43,7 +44,11 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        obj = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        # Importing decoupleq.distill binds the submodule to this package's "distill";
+        # the function of the same name must win for ``decoupleq.distill(...)``.
+        globals()[name] = obj
+        return obj
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -79,16 +79,20 @@ def trainable_parameters(block: nn.Module, cfg: BlockTuneConfig) -> list:
 
 
 class _Adam:
-    """Adam with L2-style weight decay, the update of ``torch.optim.Adam``.
+    """Adam with L2-style weight decay, the update of ``torch.optim.Adam``;
+    with ``decoupled=True`` the decay is AdamW's (``p -= lr * wd * p`` before
+    the step), the update of ``torch.optim.AdamW``.
 
     Written out because constructing ``torch.optim.Adam`` imports
     ``torch._dynamo`` (several seconds on first use), a cost every CLI run and
-    test process would pay for a dozen lines of arithmetic.
+    test process would pay for a dozen lines of arithmetic. ``lr`` may be
+    changed between steps (a schedule).
     """
 
-    def __init__(self, params, lr, betas, eps, weight_decay):
+    def __init__(self, params, lr, betas, eps, weight_decay, decoupled=False):
         self.params = list(params)
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
+        self.decoupled = decoupled
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
         self.t = 0
@@ -102,7 +106,9 @@ class _Adam:
             if p.grad is None:
                 continue
             g = p.grad
-            if self.wd:
+            if self.wd and self.decoupled:
+                p.mul_(1.0 - self.lr * self.wd)
+            elif self.wd:
                 g = g.add(p, alpha=self.wd)
             m.mul_(self.b1).add_(g, alpha=1.0 - self.b1)
             v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)

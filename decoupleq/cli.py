@@ -1,6 +1,6 @@
 """Command line: ``decoupleq quantize | eval | info | models`` (also ``python -m decoupleq``).
 
-    decoupleq quantize MODEL --bits 2 --group-size 64 --out DIR [--calib self|FILE|hf:NAME...]
+    decoupleq quantize MODEL --bits 2 --group-size 64 --out DIR [--calib self|FILE|hf:NAME...] [--distill STEPS]
     decoupleq eval DIR --text FILE [--max-windows 64 | --full] [--compare]
     decoupleq info DIR
     decoupleq models
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--skip", action="append", default=[],
                    help="leave layers matching this name pattern in full precision (repeatable; 're:' for a regex)")
+    q.add_argument("--distill", type=_positive(int), default=None, metavar="STEPS",
+                   help="after quantizing, train the scales and zeros for STEPS steps (one calibration window "
+                        "each) on the MSE to the full-precision model's final hidden states (decoupleq.distill); "
+                        "the full-precision teacher is MODEL loaded again after quantization")
     q.add_argument("--eval-text", type=Path, default=None,
                    help="also report perplexity before and after on this text file")
     q.add_argument("--eval-windows", type=_positive(int), default=DEFAULT_MAX_WINDOWS)
@@ -334,6 +338,15 @@ def cmd_quantize(args) -> int:
     t_calib = time.perf_counter() - t0
     quantize(lm.model, calib, mcfg)
     seconds = time.perf_counter() - t0
+    distilled = None
+    if args.distill is not None:
+        from .distill import distill
+
+        # Loaded again rather than copied before quantizing: no second model in memory while quantizing.
+        distilled = distill(lm.model, load_model(args.model).model, calib, steps=args.distill, seed=args.seed,
+                            verbose=not args.quiet).to_dict()
+        print(f"distilled {args.distill} steps in {distilled['seconds']:.1f} s: "
+              f"loss {distilled['loss_start']:.4g} -> {distilled['loss_end']:.4g}")
 
     if args.eval_text is not None and lm.kind == CAUSAL_LM:
         r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows)
@@ -355,6 +368,7 @@ def cmd_quantize(args) -> int:
                         "seed": args.seed, "seconds": t_calib},
         "config": mcfg.to_dict(),
         "seconds": seconds,
+        "distill": distilled,
         "layers": len(report.layers) if report is not None else None,
         "skipped": list(getattr(report, "skipped", []) or []),
         "fp_mb": fp_mb,
