@@ -85,24 +85,7 @@ def test_bad_arguments_name_what_is_wrong():
 # ------------------------------------------------------ optimality of the zero
 
 
-def exhaustive_best_zero(x, h, n):
-    """The global minimum over z of sum h (x - z - k)^2, k = clamp(round(x - z), 0, n - 1),
-    from every breakpoint on the real line (not only NeUQI's window): as z rises past
-    x - k + 1/2 an element drops from level k to k - 1."""
-    k = np.arange(1, n)
-    bps = (x[:, None] - k[None, :] + 0.5).ravel()
-    dh = np.repeat(h, n - 1)
-    order = np.argsort(bps, kind="stable")
-    bps, dh = bps[order], dh[order]
-    y0 = x - (n - 1)  # every element at the top level left of all breakpoints
-    H = h.sum()
-    a1 = np.concatenate([[np.sum(h * y0)], np.sum(h * y0) + np.cumsum(dh)])
-    a2 = np.concatenate([[np.sum(h * y0 * y0)], np.sum(h * y0 * y0) + np.cumsum(2 * dh * bps)])
-    lo = np.concatenate([[-np.inf], bps])
-    hi = np.concatenate([bps, [np.inf]])
-    z = np.clip(a1 / H, lo, hi)
-    v = H * z * z - 2 * a1 * z + a2
-    return float(max(v.min(), 0.0))
+exhaustive_best_zero = RN.exhaustive_zero
 
 
 def random_group(rng):

@@ -123,6 +123,31 @@ def best_zero(w, h, s, n):
     return obj * s * s, z
 
 
+def exhaustive_zero(x, h, n):
+    """The global minimum over z of Σ h (x − z − k)², k = clamp(round(x − z), 0, n − 1),
+    in units of x, from every breakpoint on the real line (not only NeUQI's window).
+
+    A check on NeUQI's two phases, independent of them: left of all breakpoints every
+    element sits at the top level; as z rises past x − k + ½ an element drops from level
+    k to k − 1 (y = x − k rises by 1), and on each of the n·(n−1) + 1 intervals the
+    objective is H z² − 2 α1 z + α2, minimised at clamp(α1 / H).
+    """
+    k = np.arange(1, n)
+    bps = (x[:, None] - k[None, :] + 0.5).ravel()
+    dh = np.repeat(h, n - 1)
+    order = np.argsort(bps, kind="stable")
+    bps, dh = bps[order], dh[order]
+    y0 = x - (n - 1)
+    H = h.sum()
+    a1 = np.concatenate([[np.sum(h * y0)], np.sum(h * y0) + np.cumsum(dh)])
+    a2 = np.concatenate([[np.sum(h * y0 * y0)], np.sum(h * y0 * y0) + np.cumsum(2 * dh * bps)])
+    lo = np.concatenate([[-np.inf], bps])
+    hi = np.concatenate([bps, [np.inf]])
+    z = np.clip(a1 / H, lo, hi)
+    v = H * z * z - 2 * a1 * z + a2
+    return float(max(v.min(), 0.0))
+
+
 def best_integer_zero(w, h, s, n):
     """NeUQI_int: the best z in {−(n−1), …, 0} by enumeration. Returns (objective, z)."""
     x = w / s
