@@ -93,6 +93,10 @@ PyMODINIT_FUNC PyInit__C(void)
         }
     }
     Py_DECREF(modname);
+    if (dq_py_install_interrupt_hook() < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     /* The batch size up to which packed_matmul reads the codes directly (above
      * it: dequantize, then GEMM); QuantLinear picks its own path by it. */
     if (PyModule_AddIntConstant(m, "SMALL_BATCH_MAX", DQ_SMALL_BATCH_MAX) < 0) {
