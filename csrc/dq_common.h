@@ -70,9 +70,11 @@ static inline double dq_round_d(double x, int rule)
     return (x - f >= 0.5) ? f + 1.0 : f;
 }
 
+/* NaN goes to lo, so a clamped value always converts to an integer type
+ * without undefined behaviour. */
 static inline float dq_clampf(float x, float lo, float hi)
 {
-    return x < lo ? lo : (x > hi ? hi : x);
+    return x > hi ? hi : (x >= lo ? x : lo);
 }
 
 /* Safe division of ALGORITHM 1.4: y's magnitude is floored at 1e-15 and

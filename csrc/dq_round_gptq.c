@@ -525,6 +525,10 @@ static dq_status sweep(sweep_t *x, dq_range_fn fn, int cut_at_groups, double *er
     x->gcol = gcol;
     dq_parallel_for(m, SWEEP_MIN_ROWS, nt, permute_range, x);
     for (int64_t i1 = 0; i1 < n;) {
+        if (dq_interrupted()) {
+            st = DQ_EINTR;
+            goto done;
+        }
         const int64_t i2 = block_end(i1, x->B, n, L->g, cut_at_groups);
         x->i1 = i1;
         x->cnt = i2 - i1;

@@ -226,6 +226,10 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
     keep_best(L, NULL, m, cand.A, S, Z, cand.err, A, S, Z, err, changed);
     record(trace, max_trace, n_trace, err, m);
     if (opts->iterations < 2) goto done;
+    if (dq_interrupted()) {
+        st = DQ_EINTR;
+        goto done;
+    }
 
     /* 3.3: per-row shrink search, then the float solve of its RTN codes gives
      * iteration 0's candidate (S', Z'); the errors of both are not used. */
@@ -247,6 +251,10 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
      * whose inputs the previous step changed (see rowset_t). */
     const size_t sz_row = sizeof(float) * (size_t)L->G;
     for (int it = 0; it < opts->iterations - 1; it++) {
+        if (dq_interrupted()) {
+            st = DQ_EINTR;
+            goto done;
+        }
         const float *Sc = it == 0 ? shrunk.S : S;
         const float *Zc = it == 0 ? shrunk.Z : Z;
         if ((st = rowset_make(L, it == 0 ? NULL : changed, &set)) != DQ_OK) goto done;
