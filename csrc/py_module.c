@@ -44,8 +44,8 @@ static PyObject *py_set_blas_threads(PyObject *self, PyObject *arg)
     (void)self;
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 1) {
-        PyErr_Format(PyExc_ValueError, "threads must be >= 1, got %ld", n);
+    if (n < 1 || n > 1024) {
+        PyErr_Format(PyExc_ValueError, "threads must be in [1, 1024], got %ld", n);
         return NULL;
     }
     dq_openblas_set_num_threads((int)n);
