@@ -33,7 +33,10 @@ COMPILE_ARGS = [
 SANITIZE_FLAGS = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
 SANITIZE = os.environ.get("DECOUPLEQ_SANITIZE", "") == "1"
 if SANITIZE:
-    COMPILE_ARGS = [a for a in COMPILE_ARGS if a != "-O3"] + ["-O1", "-g", "-fno-omit-frame-pointer", *SANITIZE_FLAGS]
+    # -fno-wrapv: CPython's own CFLAGS carry -fwrapv, which defines signed
+    # overflow and so hides it from UBSan.
+    COMPILE_ARGS = [a for a in COMPILE_ARGS if a != "-O3"] + [
+        "-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv", *SANITIZE_FLAGS]
 
 
 def _pkg_config(*args):
