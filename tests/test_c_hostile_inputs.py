@@ -47,6 +47,15 @@ def test_hessian_beyond_float32_is_refused(impl, method):
         _solve(impl, method, W, H00 * 1e300)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_issue_repro_gptq_baseline_with_huge_hessian(impl):
+    # Before the checks: NaN losses, and a NaN cast to int at
+    # dq_round_gptq.c:438 (UBSan: float-cast-overflow, then signed overflow).
+    W, H00 = problem()
+    with pytest.raises(ValueError, match="beyond float32"):
+        impl.gptq(W, H00 * 1e300, 2, 8, False, False, "half_up")
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "dq-gptq"])
 def test_large_hessian_within_float32_gives_scaled_losses_and_the_same_codes(method):
     # 2^100 (~1.3e30): every float operation of these solvers scales exactly.
