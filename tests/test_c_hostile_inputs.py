@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import decoupleq
+import decoupleq.packing
 from decoupleq import _C as C
 from decoupleq import reference as R
 from decoupleq.reference.synthetic import synthetic_problem
