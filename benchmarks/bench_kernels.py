@@ -5,7 +5,11 @@ and its fp32 multiply-add throughput (FMA chains in registers, every thread at
 once), then times y = x @ W^T for each weight shape (out x in), bit width, group
 size and batch: the packed kernels (decoupleq.kernels.packed_linear), fp32
 OpenBLAS sgemv/sgemm on the same library decoupleq links (the dequantized
-weight), and torch F.linear in fp32 and bf16.
+weight), and torch F.linear in fp32 and bf16. Beside every packed uniform
+weight, the same codes written as BCQ (decoupleq.bcq.bcq_from_uniform: the
+same levels, float32 alpha and offset) through the BCQ kernels ("bcq" rows,
+decoupleq.bcq.bcq_linear), so the two formats are compared on identical
+weights; the summary prints their ratio at batch 1.
 
 Effective bandwidth = bytes of the weight as stored (packed codes + scales +
 zeros; 4 or 2 bytes per weight for fp32 / bf16) divided by the time: at
@@ -61,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     ap.add_argument("--shapes", help="comma-separated OUTxIN weight shapes (default: the five of the issue)")
     ap.add_argument("--batches", help="comma-separated batch sizes (default 1,8,128)")
+    ap.add_argument("--no-bcq", action="store_true", help="skip the BCQ kernels")
     ap.add_argument("--bandwidth-mib", type=int, default=512, help="buffer of the read-bandwidth test")
     args = ap.parse_args(argv)
     if args.threads < 1:
@@ -74,6 +79,7 @@ def main(argv=None) -> int:
         import decoupleq
     from decoupleq import _C
     from decoupleq.kernels import packed_linear
+    from decoupleq.bcq import bcq_from_uniform, bcq_linear
     from decoupleq.packing import PackedWeight
 
     torch = None
@@ -107,7 +113,7 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     # Timings on a shared machine mean little without the load next to them.
     print(f"load average at start: {load0:.2f} on {os.cpu_count()} CPUs")
-    print(f"kernel: {info['kernel']} ({info['kernel_reason']})")
+    print(f"kernel: {info['kernel']} ({info['kernel_reason']}); BCQ kernel: {_C.bcq_default_kernel()}")
     print(f"BLAS: {info['blas_config']}; threads: {args.threads}")
     bw = _C.read_bandwidth(nbytes=args.bandwidth_mib << 20, threads=args.threads, repeats=5)
     print(f"read bandwidth ({args.threads} threads, {args.bandwidth_mib} MiB): {bw:.2f} GB/s\n")
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     for out_f, in_f in shapes:
         w32 = rng.standard_normal((out_f, in_f), dtype=np.float32) * 0.02
-        packs = {}
+        packs, bcqs = {}, {}
         for bits in BITS:
             codes = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), size=(out_f, in_f)).astype(np.int8)
             for gs in GROUPS:
@@ -132,6 +138,9 @@ def main(argv=None) -> int:
                 s = (rng.random((out_f, G), dtype=np.float32) * 0.01 + 0.001)
                 z = rng.standard_normal((out_f, G), dtype=np.float32) * 0.01
                 packs[(bits, gs)] = PackedWeight.from_codes(codes, s, z, bits, gs)
+                if not args.no_bcq:
+                    bw_ = bcq_from_uniform(codes, s, z, bits, gs)
+                    bcqs[(bits, gs)] = (bw_.pack(), bw_.alpha, bw_.offset)
             del codes
         tw32 = tw16 = None
         if torch is not None:
@@ -163,6 +172,12 @@ def main(argv=None) -> int:
                 add("decoupleq", bits, gs,
                     timeit(lambda: packed_linear(x, pw, threads=args.threads), min_reps, budget),
                     pw.nbytes)
+                if (bits, gs) in bcqs:
+                    planes, alpha, offset = bcqs[(bits, gs)]
+                    add("bcq", bits, gs,
+                        timeit(lambda: bcq_linear(x, planes, alpha, offset, bits, gs, threads=args.threads),
+                               min_reps, budget),
+                        planes.nbytes + alpha.nbytes + offset.nbytes)
 
             base = rows[0]["seconds"]
             print(f"{out_f}x{in_f}  batch {batch}")
@@ -170,11 +185,11 @@ def main(argv=None) -> int:
                   f"{'vs fp32 BLAS':>13}{'cpu ms':>10}")
             for r in rows:
                 g = "chan" if r["group_size"] == -1 else f"g{r['group_size']}"
-                g = "-" if r["impl"] != "decoupleq" else g
+                g = "-" if r["impl"] not in ("decoupleq", "bcq") else g
                 print(f"  {r['impl']:<14}{r['bits']:>5}{g:>7}{r['seconds'] * 1e3:>10.3f}{r['gbps']:>8.2f}"
                       f"{100 * r['gbps'] / bw:>9.0f}%{base / r['seconds']:>12.2f}x{r['cpu_seconds'] * 1e3:>10.3f}")
             print()
-        del w32, tw32, tw16, packs
+        del w32, tw32, tw16, packs, bcqs
 
     load1 = os.getloadavg()[0]
     print(f"load average at end: {load1:.2f}\n")
@@ -209,6 +224,14 @@ def summarize(records, bw, macs):
                           f"{r['gbps']:.2f} GB/s = {100 * frac:.0f}% of read bw (target >= 70%): "
                           f"{'met' if frac >= 0.7 else 'MISSED'}; {100 * of_macs:.0f}% of the multiply-add "
                           f"ceiling")
+    for bits in BITS:
+        for gs in GROUPS:
+            u, b = find((4096, 4096), 1, "decoupleq", bits, gs), find((4096, 4096), 1, "bcq", bits, gs)
+            if u and b:
+                ratio = b["seconds"] / u["seconds"]
+                print(f"  BCQ W{bits} {'chan' if gs == -1 else 'g%d' % gs:>5} 4096x4096 batch 1: "
+                      f"{b['seconds'] * 1e3:.3f} ms vs uniform {u['seconds'] * 1e3:.3f} ms = {ratio:.2f}x its time"
+                      + (f" (target <= 1.0x: {'met' if ratio <= 1.0 else 'MISSED'})" if bits == 2 else ""))
     base = find((4096, 4096), 1, "openblas_fp32")
     for bits, want in ((2, 8.0), (4, 5.0)):
         for gs in GROUPS:

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
 
 # (method, blockwise): the rows of each configuration's block in the table.
-METHODS = [("rtn", False), ("gptq", False), ("decoupleq", False), ("decoupleq", True)]
+METHODS = [("rtn", False), ("gptq", False), ("decoupleq", False), ("decoupleq", True), ("uniquanf", False)]
 CONFIGS = [(2, -1), (2, 64), (3, 128), (4, -1)]
 QUICK_CONFIGS = [(2, 64)]
 
@@ -43,7 +43,8 @@ QUICK_CONFIGS = [(2, 64)]
 def method_label(method, blockwise):
     if method == "fp":
         return "FP32"
-    return {"rtn": "RTN", "gptq": "GPTQ", "decoupleq": "decoupleQ"}[method] + (" + block tuning" if blockwise else "")
+    return {"rtn": "RTN", "gptq": "GPTQ", "decoupleq": "decoupleQ", "uniquanf": "UniQuanF"}[method] + (
+        " + block tuning" if blockwise else "")
 
 
 def config_label(bits, group_size):
@@ -57,6 +58,28 @@ def parse_config(text: str) -> tuple:
     except ValueError:
         raise SystemExit(f"--configs: {text!r} is not BITS:GROUP, e.g. 2:64 or 4:-1") from None
     return bits, group
+
+
+def quantized_bits_per_weight(model) -> float:
+    """Bits per quantized weight with the float parts counted (float16, as ``packed`` stores
+    them): codes (or BCQ sign slots) plus scale/zero (or alpha/offset)."""
+    from decoupleq.bcq import bits_per_weight
+    from decoupleq.nn import QUANT_MODULES
+    from decoupleq.nn_bcq import BCQLinear
+
+    bits = weights = 0.0
+    for m in model.modules():
+        if isinstance(m, QUANT_MODULES + (BCQLinear,)):
+            info = m.quant_info()
+            out, n = int(info["out_features"]), int(info["in_features"])
+            if isinstance(m, BCQLinear):
+                bits += bits_per_weight(m.bits, n, m.group_size, param_bits=16) * out * n
+            else:
+                g = 1 if int(info["group_size"]) == -1 else n // int(info["group_size"])
+                floats = out * g * (1 if info.get("symmetric") else 2)
+                bits += int(info["bits"]) * out * n + 16 * floats
+            weights += out * n
+    return bits / weights if weights else float("nan")
 
 
 def run_one(spec: dict, data: Path) -> dict:
@@ -78,7 +101,8 @@ def run_one(spec: dict, data: Path) -> dict:
                                  num_samples=spec["num_samples"], seq_len=spec["seq_len"], seed=0)
         tune = decoupleq.BlockTuneConfig(lr=spec["bt_lr"], epochs=spec["bt_epochs"], target=spec["bt_target"])
         config = decoupleq.ModelQuantConfig(
-            quant=decoupleq.QuantConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"]),
+            quant=decoupleq.QuantConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"],
+                                        init=spec.get("init")),
             blockwise=tune if spec["blockwise"] else False,
             verbose=False)
         decoupleq.quantize(lm.model, calib, config)
@@ -89,8 +113,9 @@ def run_one(spec: dict, data: Path) -> dict:
         path = Path(tmp) / "model.safetensors"
         decoupleq.save(lm.model, str(path))
         file_mb = path.stat().st_size / 1e6
+    bpw = None if spec["method"] == "fp" else quantized_bits_per_weight(lm.model)
     return dict(
-        spec, ppl=ppl.ppl, seconds=seconds, cpu_seconds=cpu, file_mb=file_mb, packed_mb=packed_mb(lm.model),
+        spec, ppl=ppl.ppl, bits_per_weight=bpw, init=(None if spec["method"] == "fp" else config.quant.init), seconds=seconds, cpu_seconds=cpu, file_mb=file_mb, packed_mb=packed_mb(lm.model),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         eval={"windows": ppl.budget.windows, "seq_len": ppl.budget.seq_len, "tokens": ppl.budget.tokens,
               "full": ppl.budget.full},
@@ -109,7 +134,10 @@ def main(argv=None):
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--full-eval", action="store_true", help="score the whole test split")
     p.add_argument("--methods", default=None,
-                   help="comma list among fp,rtn,gptq,decoupleq,decoupleq+bt (default all)")
+                   help="comma list among fp,rtn,gptq,decoupleq,decoupleq+bt,uniquanf (default all)")
+    p.add_argument("--inits", default=None,
+                   help="comma list of QuantConfig.init values (minmax,shrink,neuqi,neuqi_int): every method "
+                        "but uniquanf runs once per init (default: each method's default)")
     p.add_argument("--configs", default=None,
                    help="comma list of BITS:GROUP (group -1 = per-channel), e.g. 2:-1,3:128 (default the four above)")
     p.add_argument("--bt-lr", type=float, default=None,
@@ -149,15 +177,18 @@ def main(argv=None):
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.configs is not None:
         configs = [parse_config(c) for c in args.configs.split(",")]
+    inits = [None] if args.inits is None else args.inits.split(",")
     for bits, gs in configs:
         for method, bt in METHODS:
             key = method + ("+bt" if bt else "")
             if wanted is None or key in wanted:
-                specs.append(dict(base, method=method, bits=bits, group_size=gs, blockwise=bt))
+                for init in ([None] if method == "uniquanf" else inits):
+                    specs.append(dict(base, method=method, bits=bits, group_size=gs, blockwise=bt, init=init))
 
     records = []
     for spec in specs:
         name = f"{config_label(spec['bits'], spec['group_size'])} {method_label(spec['method'], spec['blockwise'])}"
+        name += f" ({spec['init']})" if spec.get("init") else ""
         print(f"running {name} ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "r.json"
@@ -180,19 +211,21 @@ def main(argv=None):
     print(f"\nSmolLM2-135M, WikiText-2 test perplexity ({budget}); calibrated on {num_samples} x {args.seq_len} "
           f"tokens of WikiText-2 valid; block tuning lr {tune.lr:g} x {tune.epochs} epoch(s), "
           f"target {tune.target}\n")
-    print("| config | method | ppl | time (s) | CPU (s) | peak RSS (MB) | file (MB) | packed (MB) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| config | method | init | ppl | bits/weight | time (s) | CPU (s) | peak RSS (MB) | file (MB) | packed (MB) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in records:
-        cells = [config_label(r["bits"], r["group_size"]), method_label(r["method"], r["blockwise"])]
+        cells = [config_label(r["bits"], r["group_size"]), method_label(r["method"], r["blockwise"]),
+                 r.get("init") or ""]
         if r.get("ppl") is None:
-            cells += ["failed", "", "", "", "", ""]
+            cells += ["failed", "", "", "", "", "", ""]
         else:
-            cells += [f"{r['ppl']:.2f}", f"{r['seconds']:.0f}", f"{r['cpu_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}",
-                      f"{r['file_mb']:.0f}",
+            bpw = r.get("bits_per_weight")
+            cells += [f"{r['ppl']:.2f}", "" if bpw is None else f"{bpw:.2f}", f"{r['seconds']:.0f}",
+                      f"{r['cpu_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['file_mb']:.0f}",
                       f"{r['packed_mb']:.0f}"]
         print("| " + " | ".join(cells) + " |")
     print("\nfile = decoupleq.save output (2-4-bit codes packed, scale/zero float32); packed = codes at their "
-          "bit width, scale/zero in float16.")
+          "bit width, scale/zero in float16; bits/weight = packed bits per quantized weight, float parts included.")
     print("Note: SmolLM2's weights were stored 4-bit (GGUF Q4_1, blocks of 32): W4 results flatter any method.")
 
 

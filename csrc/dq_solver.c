@@ -185,19 +185,29 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
     const int prof = dq_profile_on();
     double t0 = dq_wall_seconds();
 
+    const int shrink = opts->init == DQ_INIT_SHRINK;
     /* The min-max error product doubles as the shrink search's anchor
      * (saving it one GEMM), when the search will run. */
-    if (opts->iterations >= 2) {
+    if (shrink && opts->iterations >= 2) {
         DH = dq_malloc(sizeof(float) * (size_t)(m * L->n));
         if (!DH) return DQ_ENOMEM;
     }
-    /* 3.2 step 1: min-max RTN is the first best. */
-    st = solve_rtn(L, A, S, Z, err, DH);
+    /* 3.2 step 1: RTN with the starting parameters is the first best
+     * (min-max for the reference's start, which shrinks them later). */
+    if (shrink || opts->init == DQ_INIT_MINMAX) {
+        st = solve_rtn(L, A, S, Z, err, DH);
+    } else {
+        st = dq_start_params(L, opts->init, S, Z);
+        if (st == DQ_OK) {
+            dq_rtn_codes(L, S, Z, A);
+            st = dq_row_errors(L, A, S, Z, err);
+        }
+    }
     if (st != DQ_OK) {
         dq_free(DH);
         return st;
     }
-    dq_profile_lap(prof, &t0, "minmax rtn", -1);
+    dq_profile_lap(prof, &t0, shrink || opts->init == DQ_INIT_MINMAX ? "minmax rtn" : "init rtn", -1);
     record(trace, max_trace, n_trace, err, m);
 
     if ((st = candidate_alloc(&cand, L)) != DQ_OK) goto done;
@@ -219,7 +229,7 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
     if ((st = dq_gptq_factor(L, opts->act_order, 1, &F)) != DQ_OK) goto done;
     dq_profile_lap(prof, &t0, "factor", -1);
 
-    /* 3.2 step 2: a GPTQ pass with the min-max parameters. */
+    /* 3.2 step 2: a GPTQ pass with the starting parameters. */
     if ((st = dq_round_gptq_vs(L, &F, S, Z, opts->blocksize, err, cand.A, cand.err)) != DQ_OK)
         goto done;
     dq_profile_lap(prof, &t0, "initial gptq", -1);
@@ -231,20 +241,27 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
         goto done;
     }
 
-    /* 3.3: per-row shrink search, then the float solve of its RTN codes gives
-     * iteration 0's candidate (S', Z'); the errors of both are not used. */
-    if ((st = dq_shrink_search_choose(L, err_minmax, DH, shrunk.S, shrunk.Z, p_row, NULL)) !=
-        DQ_OK)
-        goto done;
-    dq_free(DH);
-    DH = NULL;
-    dq_profile_lap(prof, &t0, "shrink search", -1);
+    /* Iteration 0's candidate (S', Z') is the float solve of RTN codes: with
+     * the reference's start (3.3) under each row's best shrunk range, else
+     * under the starting parameters themselves (still in S, Z: the GPTQ
+     * pass only took codes).  The errors of both are not used. */
+    if (shrink) {
+        if ((st = dq_shrink_search_choose(L, err_minmax, DH, shrunk.S, shrunk.Z, p_row, NULL)) !=
+            DQ_OK)
+            goto done;
+        dq_free(DH);
+        DH = NULL;
+        dq_profile_lap(prof, &t0, "shrink search", -1);
+    } else {
+        memcpy(shrunk.S, S, sizeof(float) * (size_t)(m * L->G));
+        memcpy(shrunk.Z, Z, sizeof(float) * (size_t)(m * L->G));
+    }
     dq_rtn_codes(L, shrunk.S, shrunk.Z, shrunk.A);
     /* Its errors are never read: none are computed. */
     if ((st = dq_float_step_update(L, shrunk.A, NULL, NULL, NULL, shrunk.S, shrunk.Z, NULL)) !=
         DQ_OK)
         goto done;
-    dq_profile_lap(prof, &t0, "shrink float step", -1);
+    dq_profile_lap(prof, &t0, "start float step", -1);
 
     /* 3.4: alternate integer and float steps, keeping the best per row.
      * Iteration 0 runs both steps on every row; later steps only on the rows

@@ -75,6 +75,27 @@ dq_status dq_shrink_search(const dq_layer_t *L, const double *err_start, float *
 dq_status dq_shrink_search_choose(const dq_layer_t *L, const double *err_start, const float *DH,
                                   float *S, float *Z, float *p_row, double *err);
 
+/* ---- NeUQI initialisation (dq_neuqi.c) ------------------------------ */
+/* NeUQI's (S, Z) of every row and group (ALGORITHM 7), in this library's
+ * convention (a code q dequantises to S q + Z).  hdiag: n per-column weights
+ * (the damped Hessian diagonal), or NULL for equal weights; each group's
+ * weights are normalised to sum 1.  integer_zero: NeUQI_int (integer z,
+ * 2048 scale steps).  Symmetric layers keep Z = 0 and search s only.
+ * obj (m x G, may be NULL): each group's objective sum h (w - w^)^2 at the
+ * chosen float64 (s, z).  Deterministic, threads over rows. */
+dq_status dq_neuqi_params(const dq_layer_t *L, const double *hdiag, int integer_zero, float *S,
+                          float *Z, double *obj);
+/* The same with hdiag = diag(L->H) (NULL H: equal weights). */
+dq_status dq_neuqi_params_damped(const dq_layer_t *L, int integer_zero, float *S, float *Z,
+                                 double *obj);
+
+/* ---- the starting parameters (dq_start.c) --------------------------- */
+enum { DQ_INIT_MINMAX = 0, DQ_INIT_SHRINK = 1, DQ_INIT_NEUQI = 2, DQ_INIT_NEUQI_INT = 3 };
+/* (S, Z) by initialisation: min-max (ALGORITHM 1.2), min-max with each
+ * row's shrink search (3.3; needs the full layer: H, V and c), NeUQI or
+ * NeUQI_int (7; weights diag H, or equal weights when L->H is NULL). */
+dq_status dq_start_params(const dq_layer_t *L, int init, float *S, float *Z);
+
 /* ---- float step (dq_float_step.c) ------------------------------------ */
 /* Closed-form least squares for (S, Z) given A, per row; writes S, Z and the
  * new row errors (dq_row_errors of the float32 result).  A parameter that a
@@ -163,6 +184,7 @@ enum { DQ_ROUNDING_GPTQ = 0, DQ_ROUNDING_PGD = 1 };
 
 typedef struct {
     int method, rounding, act_order, iterations;
+    int init;            /* DQ_INIT_*: decoupleQ's start (DQ_INIT_SHRINK: the reference's) */
     int64_t blocksize;
     dq_pgd_opts_t pgd;
 } dq_solve_opts_t;

@@ -49,6 +49,10 @@ extern PyMethodDef dq_py_round_gptq_methods[];
 extern PyMethodDef dq_py_round_pgd_methods[];
 extern PyMethodDef dq_py_solver_methods[];
 extern PyMethodDef dq_py_kernels_methods[];
+extern PyMethodDef dq_py_neuqi_methods[];
+extern PyMethodDef dq_py_start_methods[];
+extern PyMethodDef dq_py_bcq_kernels_methods[];
+extern PyMethodDef dq_py_bcq_init_methods[];
 
 /* Extra entries for backend_info(); kernels fill in their choice here. */
 int dq_py_kernels_info(PyObject *dict);
@@ -83,6 +87,9 @@ int dq_py_install_interrupt_hook(void);
 
 /* "%.6g" of x into buf: PyErr_Format has no %g. */
 void dq_py_format_double(double x, char *buf, size_t size);
+
+/* "minmax" / "shrink" / "neuqi" / "neuqi_int" -> DQ_INIT_*; else ValueError naming init. */
+int dq_py_parse_init(const char *init, int *out);
 
 /* "half_up" -> DQ_ROUND_HALF_UP, "half_even" -> DQ_ROUND_HALF_EVEN; else ValueError. */
 int dq_py_parse_rule(const char *rule, int *out);

@@ -3,6 +3,7 @@
 #include "py_common.h"
 #include "dq_blas.h"
 #include "dq_kernels.h"
+#include "dq_kernels_bcq.h"
 
 static PyObject *py_backend_info(PyObject *self, PyObject *noargs)
 {
@@ -29,6 +30,7 @@ static PyObject *py_backend_info(PyObject *self, PyObject *noargs)
     SET("blas_core", PyUnicode_FromString(core ? core : "unknown"));
     SET("blas_threads", PyLong_FromLong(dq_openblas_get_num_threads()));
     SET("core_threads", PyLong_FromLong(dq_num_threads()));
+    SET("bcq_kernel", PyUnicode_FromString(dq_bcq_kernel_default()->name));
 #undef SET
     if (dq_py_kernels_info(d) < 0) goto fail2;
     return d;
@@ -64,6 +66,8 @@ static PyMethodDef *all_tables[] = {
     module_methods,          dq_py_hessian_methods,     dq_py_init_methods,
     dq_py_float_step_methods, dq_py_round_gptq_methods, dq_py_round_pgd_methods,
     dq_py_solver_methods,    dq_py_kernels_methods,
+    dq_py_neuqi_methods,     dq_py_start_methods,
+    dq_py_bcq_kernels_methods, dq_py_bcq_init_methods,
 };
 
 static struct PyModuleDef moduledef = {

@@ -15,21 +15,23 @@ static int check_blocksize(long long blocksize)
 /* ---- round_gptq --------------------------------------------------------- */
 
 PyDoc_STRVAR(round_gptq_doc,
-"round_gptq(W, S, Z, H00, bits, group_size, symmetric, act_order, rule, blocksize=128)\n"
-"    -> (A, err)\n\n"
+"round_gptq(W, S, Z, H00, bits, group_size, symmetric, act_order, rule, blocksize=128,\n"
+"           baseline_damping=False) -> (A, err)\n\n"
 "decoupleQ's GPTQ integer step (ALGORITHM 2.2): every element keeps its group's fixed\n"
 "(S, Z) (through the act-order permutation, each column keeps its natural group);\n"
 "the column sweep starts from W and factors H00 + t*mean(diag H00)*I with t the first\n"
 "of 0.01, 0.1, 1, 10, 100 that succeeds. W float32 (m, n); S, Z float32 (m, G);\n"
 "H00 float64 (n, n), damped. Returns A int8 (m, n) and err float64 (m,) measured\n"
-"with H00. Cost: 2n^3/3 (factor, float64) + about m*n^2 (float32 GEMM).");
+"with H00. Cost: 2n^3/3 (factor, float64) + about m*n^2 (float32 GEMM).\n"
+"baseline_damping: factor as the GPTQ baseline does (H00 itself first, then the same\n"
+"ladder), for GPTQ with static groups from a given initialisation.");
 
 static PyObject *py_round_gptq(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"W", "S", "Z", "H00", "bits", "group_size", "symmetric",
-                             "act_order", "rule", "blocksize", NULL};
+                             "act_order", "rule", "blocksize", "baseline_damping", NULL};
     PyObject *W_obj, *S_obj, *Z_obj, *H_obj;
-    int bits, symmetric, act_order;
+    int bits, symmetric, act_order, baseline_damping = 0;
     long group_size;
     long long blocksize = 128;
     const char *rule;
@@ -37,9 +39,9 @@ static PyObject *py_round_gptq(PyObject *self, PyObject *args, PyObject *kwargs)
     PyArrayObject *S = NULL, *Z = NULL, *A = NULL, *err = NULL;
     PyObject *result = NULL;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOilpps|L", kwlist, &W_obj, &S_obj, &Z_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOilpps|Lp", kwlist, &W_obj, &S_obj, &Z_obj,
                                      &H_obj, &bits, &group_size, &symmetric, &act_order, &rule,
-                                     &blocksize))
+                                     &blocksize, &baseline_damping))
         return NULL;
     if (check_blocksize(blocksize) < 0) return NULL;
     if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
@@ -55,7 +57,7 @@ static PyObject *py_round_gptq(PyObject *self, PyObject *args, PyObject *kwargs)
     st = dq_layer_init_basic(&L, PyArray_DATA(a.W), PyArray_DATA(a.H), m, n, a.group_size, a.bits,
                              a.symmetric, a.rule);
     if (st == DQ_OK) {
-        st = dq_gptq_factor(&L, act_order, 1, &F);
+        st = dq_gptq_factor(&L, act_order, !baseline_damping, &F);
         if (st == DQ_OK) {
             st = dq_round_gptq(&L, &F, PyArray_DATA(S), PyArray_DATA(Z), (int64_t)blocksize,
                                PyArray_DATA(A), PyArray_DATA(err));

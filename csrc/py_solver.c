@@ -7,24 +7,26 @@
 
 PyDoc_STRVAR(decoupleq_doc,
 "decoupleq(W, H00, bits, group_size, symmetric, act_order, rule, iterations, rounding,\n"
-"          blocksize=128, steps_before_round=0, steps_per_column=5, lr=1e-3)\n"
+"          blocksize=128, steps_before_round=0, steps_per_column=5, lr=1e-3, init='shrink')\n"
 "    -> (A, S, Z, err, trace)\n\n"
 "Quantize one layer with decoupleQ (ALGORITHM 3.2-3.4). W float32 (m, n); H00\n"
 "float64 (n, n), already damped. Returns codes A int8 (m, n), scales S and zeros Z\n"
 "float32 (m, G), per-row errors err float64 (m,) measured with H00, and trace\n"
 "float64 (k, m): the per-row best error after min-max, after the first GPTQ pass,\n"
 "then after each integer and each float step (shorter on early stop).\n"
-"rounding='pgd' costs O(steps_per_column * m * n^3 / 3).");
+"rounding='pgd' costs O(steps_per_column * m * n^3 / 3).\n"
+"init: the start, 'shrink' (the reference's: min-max, then each row's shrink search\n"
+"in iteration 0), 'minmax', 'neuqi' or 'neuqi_int' (ALGORITHM 7; weights diag H00).");
 
 static PyObject *py_decoupleq(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"W", "H00", "bits", "group_size", "symmetric", "act_order", "rule",
                              "iterations", "rounding", "blocksize", "steps_before_round",
-                             "steps_per_column", "lr", NULL};
+                             "steps_per_column", "lr", "init", NULL};
     PyObject *W_obj, *H_obj;
     int bits, symmetric, act_order, iterations;
     long group_size;
-    const char *rule, *rounding;
+    const char *rule, *rounding, *init = "shrink";
     long long blocksize = 128, k1 = 0, k2 = 5;
     double lr = 1e-3;
     dq_py_layer_args_t a = {0};
@@ -34,12 +36,13 @@ static PyObject *py_decoupleq(PyObject *self, PyObject *args, PyObject *kwargs)
     PyObject *result = NULL;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOilppsis|LLLd", kwlist, &W_obj, &H_obj, &bits,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOilppsis|LLLds", kwlist, &W_obj, &H_obj, &bits,
                                      &group_size, &symmetric, &act_order, &rule, &iterations,
-                                     &rounding, &blocksize, &k1, &k2, &lr))
+                                     &rounding, &blocksize, &k1, &k2, &lr, &init))
         return NULL;
     dq_solve_opts_t opts = {0};
     opts.method = DQ_METHOD_DECOUPLEQ;
+    if (dq_py_parse_init(init, &opts.init) < 0) return NULL;
     if (strcmp(rounding, "gptq") == 0) {
         opts.rounding = DQ_ROUNDING_GPTQ;
     } else if (strcmp(rounding, "pgd") == 0) {

@@ -17,7 +17,7 @@ finally:
     del _TIMEOUT, _user_timeout
 
 from . import reference  # noqa: E402  (after _C: the environment above must come first)
-from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
+from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig, UniQuanFConfig
 from .hessian import HessianAccumulator, damp
 from .solver import QuantizedWeight, quantize_weight
 
@@ -33,6 +33,9 @@ _LAZY = {
     "prepare_for_sft": "sft",
     "PackedWeight": "packing",
     "packed_linear": "kernels",
+    "BCQWeight": "bcq",
+    "bcq_from_uniform": "bcq",
+    "BCQLinear": "nn_bcq",
 }
 
 
@@ -50,6 +53,7 @@ __all__ = [
     "ModelQuantConfig",
     "QuantConfig",
     "QuantizedWeight",
+    "UniQuanFConfig",
     "backend_info",
     "damp",
     "quantize_weight",

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", parents=[common], help="quantize a model and save it to a folder",
                        description="Quantize MODEL's linear layers block by block and save the result to --out.")
     q.add_argument("model", help="packaged model name, local Hugging Face folder, or .gguf file")
-    q.add_argument("--out", required=True, type=Path, help="output folder (created; files in it are replaced)")
+    q.add_argument("--out", required=True, type=Path,
+                   help="output folder: created, or an earlier quantized folder replaced as a whole")
     q.add_argument("--method", choices=METHODS, default="decoupleq")
     q.add_argument("--bits", type=int, default=2, help="code width, 2..8 (default 2)")
     q.add_argument("--group-size", type=_group_size, default=64,
@@ -146,18 +147,24 @@ def state_dict_mb(model) -> float:
 
 def packed_mb(model) -> float:
     """What the model would weigh with every quantized layer's codes packed at its bit width
-    (``bits * out * in / 8`` bytes) and its scale and zero in float16; other tensors as they are."""
+    (``bits * out * in / 8`` bytes) and its scale and zero in float16 (a BCQ layer: its packed
+    words and its alpha and offset in float16); other tensors as they are."""
+    from .bcq import bits_per_weight
     from .nn import QUANT_MODULES
+    from .nn_bcq import BCQLinear
 
     quantized = set()
     total = 0.0
     for _, m in model.named_modules():
-        if isinstance(m, QUANT_MODULES):
+        if isinstance(m, QUANT_MODULES + (BCQLinear,)):
             info = m.quant_info()
             out, n = int(info["out_features"]), int(info["in_features"])
             g = 1 if int(info["group_size"]) == -1 else n // int(info["group_size"])
-            zeros = 0 if info.get("symmetric") else out * g
-            total += int(info["bits"]) * out * n / 8 + 2 * (out * g + zeros)
+            if isinstance(m, BCQLinear):
+                total += bits_per_weight(m.bits, n, m.group_size, param_bits=16) * out * n / 8
+            else:
+                zeros = 0 if info.get("symmetric") else out * g
+                total += int(info["bits"]) * out * n / 8 + 2 * (out * g + zeros)
             for t in m.buffers(recurse=False):
                 quantized.add(t.untyped_storage().data_ptr())
             for t in m.parameters(recurse=False):
@@ -173,18 +180,64 @@ def packed_mb(model) -> float:
     return total / 1e6
 
 
+def check_out_folder(out) -> None:
+    """``out`` may be created or replaced as a whole: it is absent, an empty folder, or a
+    quantized folder (a folder with anything else in it is refused, not deleted).
+
+    Raises:
+        ValueError naming ``--out``.
+    """
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_quantized_folder(out):
+        raise ValueError(
+            f"--out {out} is a folder with other files in it (not a quantized folder): "
+            "it would be replaced as a whole; give a new or empty folder"
+        )
+
+
 def save_folder(out, model, tokenizer, summary: dict) -> dict:
     """Write a quantized folder: ``model.safetensors`` (``decoupleq.save``), the tokenizer, and
     ``decoupleq.json`` (``summary`` plus ``file_mb``, the model file's size). Returns what was
-    written to ``decoupleq.json``."""
-    from .io import save
+    written to ``decoupleq.json``.
+
+    The folder is written as a hidden temporary folder beside ``out`` and renamed into place
+    whole, so ``out`` never holds a new model beside an old ``decoupleq.json``: an interrupted
+    run leaves the previous folder (or none). A previous ``out`` must pass ``check_out_folder``.
+    """
+    import shutil
+    import tempfile
+
+    from .io import _umask, save
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save(model, str(out / MODEL_FILE))
-    tokenizer.save_pretrained(str(out))
-    summary = dict(summary, file_mb=(out / MODEL_FILE).stat().st_size / 1e6)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    check_out_folder(out)
+    parent = out.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    old = None
+    try:
+        save(model, str(tmp / MODEL_FILE))
+        tokenizer.save_pretrained(str(tmp))
+        summary = dict(summary, file_mb=(tmp / MODEL_FILE).stat().st_size / 1e6)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            os.replace(out, old / "previous")  # moves the old folder aside, whole
+            os.replace(tmp, out)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        if old is not None and (old / "previous").exists() and not out.exists():
+            os.replace(old / "previous", out)  # put the previous folder back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return summary
 
 
@@ -261,8 +314,7 @@ def cmd_quantize(args) -> int:
     mcfg = ModelQuantConfig(quant=quant, blockwise=tune, skip=tuple(args.skip), verbose=not args.quiet)
     if args.eval_text is not None and not args.eval_text.is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} does not exist")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} exists and is not a folder")
+    check_out_folder(args.out)
 
     lm = load_model(args.model)
     if lm.note:
@@ -359,6 +411,38 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _stored_bits(info: dict) -> tuple:
+    """(weights, bits per weight as stored in the file) of one layer description: codes or
+    indices with their layout padding, plus every float32 scale/zero or alpha/offset."""
+    from .bcq import bits_per_weight
+    from .packing import row_words
+
+    out, n, bits = int(info["out_features"]), int(info["in_features"]), int(info["bits"])
+    gs = int(info["group_size"])
+    G = 1 if gs == -1 else n // gs
+    if info.get("type") == "bcq_linear":
+        return out * n, bits_per_weight(bits, n, gs)
+    code_bits = 32 * row_words(bits, n) if info.get("codes", "int8") != "int8" else 8 * n
+    return out * n, (code_bits + 2 * 32 * G) / n
+
+
+def _layer_kind_lines(layers: dict) -> list:
+    """One line per layer kind (uniform, BCQ): count, bits, group sizes, true bits per weight."""
+    kinds = {}
+    for info in layers.values():
+        kinds.setdefault("bcq" if info.get("type") == "bcq_linear" else "uniform", []).append(info)
+    lines = []
+    for kind, infos in sorted(kinds.items()):
+        sized = [_stored_bits(i) for i in infos]
+        weights = sum(w for w, _ in sized)
+        bpw = sum(w * b for w, b in sized) / max(weights, 1)
+        what = "indices + alpha/offset" if kind == "bcq" else "codes + scale/zero"
+        lines.append(f"  {kind:8s} {len(infos)} layers, bits {sorted({int(i['bits']) for i in infos})}, "
+                     f"group sizes {sorted({int(i['group_size']) for i in infos})}: "
+                     f"{bpw:.3f} bits per weight as stored ({what}, float32)")
+    return lines
+
+
 def cmd_info(args) -> int:
     from .io import read_metadata
 
@@ -381,6 +465,8 @@ def cmd_info(args) -> int:
     bits = sorted({int(v.get("bits", 0)) for v in layers.values()})
     groups = sorted({int(v.get("group_size", 0)) for v in layers.values()})
     print(f"layers:    {len(layers)} quantized (bits {bits}, group sizes {groups})")
+    for line in _layer_kind_lines(layers):
+        print(line)
     if summary:
         cal = summary.get("calibration", {})
         print(f"calib:     {cal.get('source')} ({cal.get('num_samples')} x {cal.get('seq_len')} tokens, seed {cal.get('seed')})")

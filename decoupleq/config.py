@@ -1,11 +1,93 @@
 """Quantization settings, validated when they are created."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-METHODS = ("rtn", "gptq", "decoupleq")
+METHODS = ("rtn", "gptq", "decoupleq", "uniquanf")
+INITS = ("minmax", "shrink", "neuqi", "neuqi_int")
+#: The init each method gets when ``QuantConfig.init`` is None (see its docstring).
+#: UniQuanF always starts from min-max UQ (ALGORITHM 8) and takes no other init.
+DEFAULT_INITS = {"rtn": "neuqi", "gptq": "neuqi", "decoupleq": "neuqi", "uniquanf": "minmax"}
 ROUNDINGS = ("gptq", "pgd")
 ROUNDING_RULES = ("half_up", "half_even")
+INIT_WEIGHTINGS = ("hessian_diag", "none")
+
+
+@dataclass(frozen=True)
+class UniQuanFConfig:
+    """UniQuanF's settings (ALGORITHM 8), used when ``QuantConfig.method == "uniquanf"``.
+
+    The paper's recipe trains on 128 x 2048 C4 tokens for 20 epochs (2,560
+    Adam steps per block at batch 1). The defaults here keep its learning
+    rates, mapping and mixing, and cut the epochs for a CPU: with the
+    pipeline's usual 32 windows of 256 tokens, ``epochs=2`` is 64 steps per
+    block. Chosen by time, not yet by an end-to-end quality sweep: a training
+    step on a SmolLM2-135M block (256 tokens, W2 g64) took about 0.6 s of a
+    loaded 2-core machine, so 64 steps x 30 blocks is about 20-30 minutes.
+    One epoch over 16 WikiText-2 windows lowered block 0's output MSE from
+    0.485 (the initialisation) to 0.323 (from 0.770 to 0.441 with the
+    paper's unweighted initialisation, ``init_weighting="none"``); decoupleQ
+    with block tuning reached 0.144 (0.175 before tuning) on the same
+    windows, so at this budget UniQuanF trails decoupleQ on that block.
+
+    Attributes:
+        clip_steps: clipping ratios ``k/clip_steps`` (k = 1..clip_steps) tried
+            by the initialisation; 1 (the reference script) tries ratio 1
+            only; 0 tries ratio 1 and fits the BCQ shift instead.
+        init_iters: alternating refinements of the BCQ fit (T, 15 in the reference).
+        epochs: passes over the calibration batches when training a block.
+        lr_delta: Adam learning rate of delta1, delta2, delta3 (5e-3).
+        lr_alpha: Adam learning rate of alpha (5e-4).
+        input_prob: probability that an element of the block input comes from
+            the quantized path rather than the full-precision one (QDrop, 0.5).
+        period: indices are reassigned every ``period`` forward passes (p = 2).
+        local_mapping: a reassignment only considers idx-1, idx, idx+1.
+        grad_filter: block both gradient paths where |u - level| > min|alpha|.
+        seed: seeds the QDrop masks and the order of the batches.
+        init_weighting: ``"hessian_diag"`` (beyond the paper): the
+            initialisation's BCQ fit and its candidate choice weigh each
+            input column's error by the diagonal of the layer's damped
+            Hessian (``mean x_j^2`` over the calibration tokens, plus
+            ``damping`` times its mean), gathered on the same pass that
+            computes the block's targets. ``"none"``: the paper's unweighted
+            fit. On SmolLM2-135M's block 0 (4 x 256 WikiText-2 tokens, W2
+            g64) the unweighted fit's Hessian-weighted layer error was 2.6x
+            (q_proj), 1.6x (k_proj) and 3.6x (o_proj) that of min-max UQ,
+            the weighted fit's 0.50x, 0.43x and 0.21x; on every layer of
+            blocks 0, 15 and 29 the weighted fit was below min-max UQ at 2
+            and 3 bits (``benchmarks/bench_uniquanf_init.py``).
+    """
+
+    clip_steps: int = 1
+    init_iters: int = 15
+    epochs: int = 2
+    lr_delta: float = 5e-3
+    lr_alpha: float = 5e-4
+    input_prob: float = 0.5
+    period: int = 2
+    local_mapping: bool = True
+    grad_filter: bool = True
+    seed: int = 0
+    init_weighting: str = "hessian_diag"
+
+    def __post_init__(self):
+        _integer("clip_steps", self.clip_steps, low=0)
+        _integer("init_iters", self.init_iters, low=0)
+        _integer("epochs", self.epochs, low=0)
+        _positive_float("lr_delta", self.lr_delta, allow_zero=True)
+        _positive_float("lr_alpha", self.lr_alpha, allow_zero=True)
+        _positive_float("input_prob", self.input_prob, allow_zero=True)
+        if self.input_prob > 1:
+            raise ValueError(f"input_prob must be in [0, 1], got {self.input_prob}")
+        _integer("period", self.period, low=1)
+        _flag("local_mapping", self.local_mapping)
+        _flag("grad_filter", self.grad_filter)
+        _integer("seed", self.seed, low=0)
+        _choice("init_weighting", self.init_weighting, INIT_WEIGHTINGS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 
 @dataclass(frozen=True)
@@ -36,6 +118,29 @@ class QuantConfig:
             matrix every error is measured with.
         rounding_rule: ``"half_up"`` (decoupleQ's floor(x + 1/2)) or ``"half_even"``.
         blocksize: columns per lazy block of the GPTQ sweep (a speed knob).
+        init: where each group's scale and zero start. ``"minmax"``: the
+            group's range (ALGORITHM 1.2); ``"shrink"``: min-max, then each
+            row's range shrunk by the factor (1.0 down to 0.205) with the
+            lowest Hessian-weighted error (3.3; decoupleQ's reference start);
+            ``"neuqi"``: NeUQI (7), a continuous zero and a scale searched
+            coarse-to-fine on the error weighted by the Hessian diagonal;
+            ``"neuqi_int"``: NeUQI with an integer zero point. How each method
+            uses it: RTN rounds with these parameters; GPTQ with ``"minmax"``
+            is the reference GPTQ (ranges recomputed along the sweep), with
+            any other init it holds the parameters fixed through the sweep
+            (static groups, act-order allowed); decoupleQ starts its
+            alternation from them (``"shrink"`` runs the search in iteration
+            0, as the reference). ``symmetric`` means a zero of 0 for every
+            init: min-max and shrink use the range +-max|w|, NeUQI searches
+            the scale alone. RTN without a Hessian (data-free) weighs every
+            weight equally and cannot use ``"shrink"``. ``None`` (default)
+            takes the method's default from ``DEFAULT_INITS``: NeUQI for
+            every method (see the docstring of ``DEFAULT_INITS``' choice in
+            benchmarks/bench_solver.py and the README's tables).
+        uniquanf: UniQuanF's settings (a ``UniQuanFConfig``, or a dict of its
+            fields), used by ``method="uniquanf"``: binary-coding levels with
+            flexible mapping, trained block by block (``decoupleq.quantize``
+            only; bits 2 to 4, asymmetric).
     """
 
     method: str = "decoupleq"
@@ -51,19 +156,38 @@ class QuantConfig:
     damping: float = 0.01
     rounding_rule: str = "half_up"
     blocksize: int = 128
+    init: str | None = None
+    uniquanf: UniQuanFConfig = field(default_factory=UniQuanFConfig)
 
     def __post_init__(self):
+        if isinstance(self.uniquanf, dict):
+            object.__setattr__(self, "uniquanf", UniQuanFConfig(**self.uniquanf))
+        if not isinstance(self.uniquanf, UniQuanFConfig):
+            raise TypeError(f"uniquanf must be a UniQuanFConfig or a dict, got {type(self.uniquanf).__name__}")
+        if self.method == "uniquanf":
+            if isinstance(self.bits, int) and not 2 <= self.bits <= 4:
+                raise ValueError(f"bits must be 2, 3 or 4 with method 'uniquanf', got {self.bits}")
+            if self.symmetric is True:
+                raise ValueError("method 'uniquanf' is asymmetric only: symmetric must be False")
         _choice("method", self.method, METHODS)
+        if self.init is None:
+            object.__setattr__(self, "init", DEFAULT_INITS[self.method])
+        _choice("init", self.init, INITS)
+        if self.method == "uniquanf" and self.init != "minmax":
+            raise ValueError(f"method 'uniquanf' starts from min-max UQ: init must be 'minmax', got {self.init!r}")
         _choice("rounding", self.rounding, ROUNDINGS)
         _choice("rounding_rule", self.rounding_rule, ROUNDING_RULES)
         _integer("bits", self.bits, low=2, high=8)
         _integer("group_size", self.group_size, low=-1)
         if self.group_size == 0 or self.group_size < -1:
             raise ValueError(f"group_size must be -1 (per-channel) or a positive integer, got {self.group_size}")
-        _integer("iterations", self.iterations, low=1)
-        _integer("pgd_steps_before_round", self.pgd_steps_before_round, low=0)
-        _integer("pgd_steps_per_column", self.pgd_steps_per_column, low=0)
-        _integer("blocksize", self.blocksize, low=1)
+        # Upper bounds: far past any useful setting, low enough that a typo fails here,
+        # naming the field, instead of as an overflow or MemoryError deep in the solver.
+        _integer("group_size", self.group_size, high=MAX_GROUP_SIZE)
+        _integer("iterations", self.iterations, low=1, high=MAX_ITERATIONS)
+        _integer("pgd_steps_before_round", self.pgd_steps_before_round, low=0, high=MAX_PGD_STEPS)
+        _integer("pgd_steps_per_column", self.pgd_steps_per_column, low=0, high=MAX_PGD_STEPS)
+        _integer("blocksize", self.blocksize, low=1, high=MAX_BLOCKSIZE)
         _flag("symmetric", self.symmetric)
         _flag("act_order", self.act_order)
         _positive_float("pgd_lr", self.pgd_lr, allow_zero=False)
@@ -85,6 +209,14 @@ class QuantConfig:
                 f"group_size {self.group_size} does not divide in_features {in_features}"
             )
         return in_features // self.group_size
+
+
+#: Upper bounds of QuantConfig's integer knobs: far past any useful setting; a value past
+#: one is a ValueError naming the field, not an overflow or MemoryError in the solver.
+MAX_ITERATIONS = 1000
+MAX_BLOCKSIZE = 1 << 20
+MAX_GROUP_SIZE = 1 << 24
+MAX_PGD_STEPS = 10**6
 
 
 def _choice(name, value, allowed):

@@ -552,7 +552,12 @@ def quant_module_from_info(info: dict) -> nn.Module:
     """
     try:
         kind = info["type"]
-        bias_dtype = getattr(torch, info["bias_dtype"]) if info.get("bias_dtype") else torch.float32
+        # By name from a fixed table: a file's string is never looked up as a torch attribute.
+        dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "float64": torch.float64}
+        if info.get("bias_dtype") and info["bias_dtype"] not in dtypes:
+            raise ValueError(f"bias_dtype must be one of {sorted(dtypes)}, got {info['bias_dtype']!r}")
+        bias_dtype = dtypes[info["bias_dtype"]] if info.get("bias_dtype") else torch.float32
         common = dict(
             bits=int(info["bits"]),
             group_size=int(info["group_size"]),

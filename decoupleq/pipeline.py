@@ -39,6 +39,7 @@ windows of 256 tokens is a good start on a CPU (``decoupleq.data``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -66,6 +67,7 @@ from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
 from .hessian import HessianAccumulator
 from .models import BlockSpec, adapter_groups, find_blocks, is_quantizable, quantizable_layers
 from .nn import QuantConv2d, QuantLinear
+from .rollback import Journal
 from .solver import quantize_weight
 
 log = logging.getLogger(__name__)
@@ -340,18 +342,13 @@ def _groups(order, keys, adapter_names, true_sequential):
     return groups
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module):
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def _swap_in_quantized(model, spec: BlockSpec, i: int, name: str, module: nn.Module, qw) -> nn.Module:
+def _swap_in_quantized(journal: Journal, spec: BlockSpec, i: int, name: str, module: nn.Module, qw) -> nn.Module:
     """Replace layer ``name`` of block i by its QuantLinear / QuantConv2d; returns the new module
-    (a block that is itself the layer, ``name == ""``, is replaced in ``spec.blocks`` too)."""
+    (a block that is itself the layer, ``name == ""``, is replaced in ``spec.blocks`` too).
+    The swap is recorded in ``journal`` so a later failure can undo it."""
     cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
     new = cls.from_quantized(module, qw)
-    _set_module(model, spec.full_name(i, name), new)
+    journal.swap(spec.full_name(i, name), new)
     if name == "":
         spec.blocks[i] = new
     return new
@@ -368,7 +365,7 @@ def _relative_loss(W: torch.Tensor, H: torch.Tensor, damping: float, loss: float
 
 
 def _quantize_block(
-    model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output, fp_inputs=None
+    journal, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output, fp_inputs=None
 ):
     """Quantize (and tune) block i; returns (tuning result, block, next inputs, next fp inputs).
 
@@ -416,8 +413,11 @@ def _quantize_block(
             stop_early = not record and not reused
 
             def make(name, module, acc):
+                full = spec.full_name(i, name)
+
                 def hook(mod, inp, out):
-                    acc.add(layer_tokens(module, inp[0], state["mask"]))
+                    with _naming(full):  # a bad activation is this layer's Hessian's problem
+                        acc.add(layer_tokens(module, inp[0], state["mask"]))
                     fired.add(name)
                     if stop_early and len(fired) == len(rep_names):
                         raise _StopForward
@@ -453,8 +453,9 @@ def _quantize_block(
                     hessians[owner[name]] = acc.hessian()
                 H = hessians[owner[name]]
                 W = layer_weight_matrix(module)
-                qw = quantize_weight(W, H, lcfg)
-                new = _swap_in_quantized(model, spec, i, name, module, qw)
+                with _naming(full):
+                    qw = quantize_weight(W, H, lcfg)
+                    new = _swap_in_quantized(journal, spec, i, name, module, qw)
                 if name == "":
                     block = new
                 loss = float(qw.loss.sum())
@@ -506,6 +507,64 @@ def _quantize_block(
     return result, block, inputs, fp_outputs
 
 
+def _check_uniquanf_layers(spec: BlockSpec, plans: list) -> None:
+    """UniQuanF trains nn.Linear weights only: refuse other planned layers before any work."""
+    for i, plan in enumerate(plans):
+        for name, (module, _) in plan.layers.items():
+            if name == "":
+                raise ValueError(f"method 'uniquanf' trains transformer blocks; block {spec.block_name(i)!r} is a "
+                                 "single layer")
+            if type(module) is not nn.Linear:
+                raise ValueError(
+                    f"method 'uniquanf' quantizes nn.Linear layers only; {spec.full_name(i, name)} is a "
+                    f"{type(module).__name__} (leave it out with skip=...)"
+                )
+
+
+def _quantize_block_uniquanf(
+    model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output, fp_inputs=None
+):
+    """UniQuanF on block i (decoupleq.uniquanf_train): returns what ``_quantize_block`` returns.
+
+    Layers are reported with NaN losses: no Hessian is built (the block is
+    trained on its output instead)."""
+    from .uniquanf_train import quantize_block
+
+    t_block = time.perf_counter()
+    layers = {name: (m, lcfg.group_size) for name, (m, lcfg) in plan.layers.items()}
+    progress = None
+    if bars is not None:
+        bars[0].set_postfix_str(f"uniquanf {spec.block_name(i)}")
+
+        def progress(step, total, loss):
+            if step == 1 or step == total or step % max(1, total // 20) == 0:
+                bars[0].set_postfix_str(f"training {step}/{total} mse {loss:.3g}")
+
+    res, fp_outputs, bcq = quantize_block(
+        block, layers, inputs, fp_inputs, calls, budget, mcfg.tmpdir, mcfg.quant.bits, mcfg.quant.uniquanf,
+        progress=progress, damping=mcfg.quant.damping,
+    )
+    if fp_inputs is not None:
+        fp_inputs.close()
+        next_fp = fp_outputs
+    else:
+        fp_outputs.close()
+        next_fp = None
+    seconds = time.perf_counter() - t_block
+    for name, (m, gs) in layers.items():
+        shape = tuple(bcq[name].shape)
+        report.layers.append(LayerReport(spec.full_name(i, name), shape, gs, float("nan"), float("nan"), 0,
+                                         seconds / len(layers)))
+        if bars is not None:
+            bars[1].update(1)
+    if need_output:
+        with torch.no_grad():
+            for j in range(len(inputs)):
+                inputs[j] = run_block(block, calls[j], inputs[j])
+    report.blocks.append(BlockReport(i, spec.block_name(i), time.perf_counter() - t_block, [list(layers)], res))
+    return res, block, inputs, next_fp
+
+
 def _needs_no_data(plans: list, mcfg: ModelQuantConfig) -> bool:
     """RTN everywhere and no block tuning: nothing depends on activations."""
     return not mcfg.blockwise.enabled and all(
@@ -513,7 +572,7 @@ def _needs_no_data(plans: list, mcfg: ModelQuantConfig) -> bool:
     )
 
 
-def _quantize_without_data(model, spec: BlockSpec, plans: list, report: QuantReport, bars) -> None:
+def _quantize_without_data(journal: Journal, spec: BlockSpec, plans: list, report: QuantReport, bars) -> None:
     """Round every planned layer to its min-max grid in place (RTN needs no Hessian)."""
     for i, plan in enumerate(plans):
         t_block = time.perf_counter()
@@ -521,8 +580,9 @@ def _quantize_without_data(model, spec: BlockSpec, plans: list, report: QuantRep
             full = spec.full_name(i, name)
             t0 = time.perf_counter()
             W = layer_weight_matrix(module)
-            qw = quantize_weight(W, None, lcfg)
-            _swap_in_quantized(model, spec, i, name, module, qw)
+            with _naming(full):
+                qw = quantize_weight(W, None, lcfg)
+                _swap_in_quantized(journal, spec, i, name, module, qw)
             dt = time.perf_counter() - t0
             report.layers.append(LayerReport(full, tuple(W.shape), lcfg.group_size, float("nan"), float("nan"), 0, dt))
             if bars is not None:
@@ -575,7 +635,13 @@ def quantize(
         the settings) and ``model.decoupleq_report`` (a ``QuantReport``).
 
     Raises:
-        TypeError / ValueError: bad arguments, named, before any work starts.
+        TypeError / ValueError: bad arguments, named, before any work starts;
+            among them a NaN or Inf in any planned layer's weight (the layer
+            is named).
+        Any error part-way (a layer whose Hessian or solve fails, an
+        interrupt): the model is first restored as it was given (original
+        layers, float parts, dtypes), and the message starts with the layer
+        (``"layer NAME: ..."``) or block that failed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -593,10 +659,13 @@ def quantize(
     spec = find_blocks(model, blocks)
     report = QuantReport()
     plans = _plan(spec, mcfg, report)
+    if mcfg.quant.method == "uniquanf":
+        _check_uniquanf_layers(spec, plans)
     total_layers = sum(len(p.layers) for p in plans)
     if total_layers == 0:
         log.warning("no layer to quantize (all skipped or none found); the model is unchanged")
         return model
+    _check_finite_weights(spec, plans)
 
     info = log.info if mcfg.verbose else log.debug
     info(
@@ -611,6 +680,7 @@ def quantize(
     inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
     fp_inputs = None
     bars = None
+    journal = Journal(model)
     try:
         if mcfg.verbose:
             from tqdm.auto import tqdm
@@ -621,7 +691,7 @@ def quantize(
             )
         if _needs_no_data(plans, mcfg):
             info("RTN without block tuning needs no data: the calibration batches are not run")
-            _quantize_without_data(model, spec, plans, report, bars)
+            _quantize_without_data(journal, spec, plans, report, bars)
             return _finish(model, mcfg, report, t_start, info)
         caught = catch_block_inputs(model, spec.blocks, batches, inputs)
         last = max(i for i, p in enumerate(plans) if p.layers)
@@ -637,10 +707,23 @@ def quantize(
                 inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
                 calls = catch_block_inputs(model, [block], batches, inputs).calls[0]
             if plan.layers:
-                res, block, inputs, fp_inputs = _quantize_block(
-                    model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars,
-                    caught.chained and i < last, fp_inputs,
-                )
+                # Tuning changes the block's float parts in place: keep a copy to restore.
+                journal.snapshot(block, exclude=[m for m, _ in plan.layers.values()])
+                with _naming(f"block {spec.block_name(i) or i}", layer=False):
+                    if mcfg.quant.method == "uniquanf":
+                        # Its trainer swaps the block's layers itself: the originals are
+                        # remembered first, so a failure puts them back.
+                        for name, (m, _) in plan.layers.items():
+                            journal.swap(spec.full_name(i, name), m)
+                        res, block, inputs, fp_inputs = _quantize_block_uniquanf(
+                            model, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars,
+                            caught.chained and i < last, fp_inputs,
+                        )
+                    else:
+                        res, block, inputs, fp_inputs = _quantize_block(
+                            journal, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars,
+                            caught.chained and i < last, fp_inputs,
+                        )
                 if res is not None:
                     info(
                         "block %s: tuning loss %.6g -> %.6g%s", spec.block_name(i) or "model",
@@ -654,6 +737,10 @@ def quantize(
                             fp_inputs[j] = run_block(block, calls[j], fp_inputs[j])
             if bars is not None:
                 bars[0].update(1)
+    except BaseException:
+        # Give the caller back the model it passed: original layers and float parts.
+        journal.restore()
+        raise
     finally:
         if bars is not None:
             for b in reversed(bars):
@@ -665,11 +752,50 @@ def quantize(
     return _finish(model, mcfg, report, t_start, info)
 
 
+def _check_finite_weights(spec: BlockSpec, plans: list) -> None:
+    """Every planned layer's weight is finite, checked before any work (the error names the layer)."""
+    for i, plan in enumerate(plans):
+        for name, (module, _) in plan.layers.items():
+            w = module.weight
+            if not bool(torch.isfinite(w).all()):
+                bad = int((~torch.isfinite(w)).sum())
+                raise ValueError(
+                    f"layer {spec.full_name(i, name)}: weight {tuple(w.shape)} has {bad} NaN or Inf "
+                    "value(s); nothing was quantized"
+                )
+
+
+@contextlib.contextmanager
+def _naming(where: str, layer: bool = True):
+    """Prefix an exception's message with the layer (or block) it came from, keeping its type.
+
+    An exception already naming a layer is left alone (a block's error from one of its layers)."""
+    try:
+        yield
+    except Exception as exc:
+        label = f"layer {where}" if layer else where
+        if getattr(exc, "_decoupleq_where", None) is None:
+            try:
+                exc._decoupleq_where = label
+            except AttributeError:  # an exception type without a __dict__
+                pass
+            if exc.args and isinstance(exc.args[0], str):
+                exc.args = (f"{label}: {exc.args[0]}",) + exc.args[1:]
+            elif hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"while quantizing {label}")
+        raise
+
+
 def _start_fp_path(mcfg: ModelQuantConfig, chained: bool, inputs: ActivationCache, budget):
     """A copy of block 0's inputs, the start of the full-precision path, when tuning targets it."""
-    if not (mcfg.blockwise.enabled and mcfg.blockwise.target == "fp_inputs"):
+    uniquanf = mcfg.quant.method == "uniquanf"
+    if not uniquanf and not (mcfg.blockwise.enabled and mcfg.blockwise.target == "fp_inputs"):
         return None
     if not chained:
+        if uniquanf:
+            log.warning("UniQuanF mixes full-precision and quantized block inputs, which needs blocks that "
+                        "feed each other; these do not, so each block trains on its quantized-path inputs only")
+            return None
         log.warning(
             "block tuning target 'fp_inputs' needs blocks that feed each other; these do not, "
             "so each block is tuned to its full-precision outputs on its quantized-path inputs"

@@ -37,6 +37,7 @@ from torch import nn
 
 from .blockwise import is_norm
 from .nn import QUANT_MODULES, QuantLinear
+from .nn_bcq import BCQLinear
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +249,11 @@ def prepare_for_sft(model: nn.Module, scales: bool = True, zeros: bool = True, n
     """Freeze ``model`` except the chosen float parts, and return those parameters.
 
     Args:
-        model: a module holding ``QuantLinear`` / ``QuantConv2d`` layers
-            (after ``decoupleq.quantize`` or ``decoupleq.load``).
-        scales: train every quantized layer's ``scale``.
+        model: a module holding ``QuantLinear`` / ``QuantConv2d`` / ``BCQLinear``
+            layers (after ``decoupleq.quantize`` or ``decoupleq.load``).
+        scales: train every quantized layer's ``scale`` (a ``BCQLinear``'s ``alpha``).
         zeros: train every asymmetric quantized layer's ``zero`` (a
-            symmetric layer's zero stays fixed at 0).
+            symmetric layer's zero stays fixed at 0; a ``BCQLinear``'s ``offset``).
         norms: train the parameters of normalization modules (LayerNorm,
             GroupNorm, BatchNorm, RMSNorm and any module whose class name
             contains "Norm").
@@ -273,9 +274,10 @@ def prepare_for_sft(model: nn.Module, scales: bool = True, zeros: bool = True, n
     for name, flag in (("scales", scales), ("zeros", zeros), ("norms", norms), ("biases", biases)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
-    quant = [m for m in model.modules() if isinstance(m, QUANT_MODULES)]
+    quant = [m for m in model.modules() if isinstance(m, QUANT_MODULES + (BCQLinear,))]
     if not quant:
-        raise ValueError("model has no QuantLinear / QuantConv2d layer: quantize it (or decoupleq.load it) first")
+        raise ValueError("model has no QuantLinear / QuantConv2d / BCQLinear layer: quantize it "
+                         "(or decoupleq.load it) first")
 
     chosen, seen = [], set()
 
@@ -290,6 +292,13 @@ def prepare_for_sft(model: nn.Module, scales: bool = True, zeros: bool = True, n
                 pick(m.scale)
             if zeros and not m.symmetric:
                 pick(m.zero)
+            if biases:
+                pick(m.bias)
+        elif isinstance(m, BCQLinear):
+            if scales:
+                pick(m.alpha)
+            if zeros:
+                pick(m.offset)
             if biases:
                 pick(m.bias)
         elif norms and is_norm(m):
@@ -320,7 +329,8 @@ def sft_parameter_count(model: nn.Module) -> dict:
         and ``codes`` (integer codes alone).
     """
     params = {id(p): p for p in model.parameters()}
-    codes = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QUANT_MODULES))
+    codes = sum(m.out_features * m.in_features for m in model.modules()
+                if isinstance(m, QUANT_MODULES + (BCQLinear,)))
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     total = sum(p.numel() for p in params.values()) + codes
     return {"trainable": trainable, "model": total, "codes": codes}

@@ -65,6 +65,18 @@ def _backend(impl: str):
     raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
+def _data_free_params(backend, W32, config):
+    """(S, Z) without a Hessian: min-max, or NeUQI with every weight counted equally."""
+    if config.init == "minmax":
+        return backend.minmax_params(W32, config.bits, config.group_size, config.symmetric)
+    if config.init == "shrink":
+        raise ValueError("init 'shrink' needs a Hessian (H is None); use 'minmax' or 'neuqi'")
+    S, Z, _ = backend.neuqi_params(
+        W32, config.bits, config.group_size, config.symmetric, None, config.init == "neuqi_int"
+    )
+    return S, Z
+
+
 def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c") -> QuantizedWeight:
     """Quantize the weight ``W`` given the Hessian ``H`` of its layer's inputs.
 
@@ -106,18 +118,31 @@ def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c")
         rule=config.rounding_rule,
     )
     if H64 is None:
-        S, Z = backend.minmax_params(W32, config.bits, config.group_size, config.symmetric)
+        S, Z = _data_free_params(backend, W32, config)
         A = backend.rtn_codes(W32, S, Z, config.bits, config.symmetric, config.rounding_rule)
         err = np.full(m, np.nan)
         return QuantizedWeight(codes=A, scale=S, zero=Z, loss=err, config=config, trace=err[None, :].copy())
     H00 = backend.damp(H64, config.damping)
     if config.method == "rtn":
-        A, S, Z, err = backend.rtn(W32, H00, **common)
+        if config.init == "minmax":
+            A, S, Z, err = backend.rtn(W32, H00, **common)
+        else:
+            S, Z = backend.start_params(W32, H00, init=config.init, **common)
+            A = backend.rtn_codes(W32, S, Z, config.bits, config.symmetric, config.rounding_rule)
+            err = backend.row_errors(W32, A, S, Z, H00)
         trace = err[None, :].copy()
     elif config.method == "gptq":
-        A, S, Z, err = backend.gptq(
-            W32, H00, act_order=config.act_order, blocksize=config.blocksize, **common
-        )
+        if config.init == "minmax":
+            A, S, Z, err = backend.gptq(
+                W32, H00, act_order=config.act_order, blocksize=config.blocksize, **common
+            )
+        else:
+            # Static groups: the initialisation's parameters, held fixed.
+            S, Z = backend.start_params(W32, H00, init=config.init, **common)
+            A, err = backend.round_gptq(
+                W32, S, Z, H00, act_order=config.act_order, blocksize=config.blocksize,
+                baseline_damping=True, **common,
+            )
         trace = err[None, :].copy()
     else:
         A, S, Z, err, trace = backend.decoupleq(
@@ -130,6 +155,7 @@ def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c")
             steps_before_round=config.pgd_steps_before_round,
             steps_per_column=config.pgd_steps_per_column,
             lr=config.pgd_lr,
+            init=config.init,
             **common,
         )
     log.debug("quantized %dx%d with %s: mean loss %.6g", m, n, config.method, float(err.mean()))

@@ -88,7 +88,7 @@ def test_profile_prints_every_phase_to_stderr():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     for phase in ("layer init", "minmax rtn", "factor", "initial gptq", "shrink search",
-                  "shrink float step", "integer step", "float step", "total"):
+                  "start float step", "integer step", "float step", "total"):
         assert f"] {phase}" in out.stderr, phase
     quiet = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DECOUPLEQ_PROFILE="0"),
                            capture_output=True, text=True, check=True)

@@ -120,3 +120,34 @@ def test_quantize_self_calibrated_with_block_tuning(llama_dir, tmp_path):
     model, _, _ = cli.load_quantized(out)
     codes = torch.cat([m.codes.flatten() for m in model.modules() if isinstance(m, decoupleq.QuantLinear)])
     assert int(codes.min()) >= -2 and int(codes.max()) <= 1
+
+
+@needs_solver
+def test_out_folder_is_replaced_whole_and_foreign_folders_refused(llama_dir, texts, tmp_path):
+    out = tmp_path / "q"
+    base = ["quantize", str(llama_dir), "--method", "rtn", "--group-size", "16", "--calib", str(texts[0]),
+            "--num-samples", "2", "--seq-len", "16", "--out", str(out), "-q"]
+    assert cli.main(base + ["--bits", "4"]) == 0
+    (out / "stale-extra.txt").write_text("from the first run")
+    assert cli.main(base + ["--bits", "3"]) == 0
+    # The second run's folder replaced the first one as a whole: its summary and its model agree,
+    # nothing of the first run is left, and no hidden temporary folder stays beside it.
+    summary = json.loads((out / cli.SUMMARY_FILE).read_text())
+    model, _, _ = cli.load_quantized(out)
+    assert summary["config"]["quant"]["bits"] == 3
+    assert {m.bits for m in model.modules() if isinstance(m, decoupleq.QuantLinear)} == {3}
+    assert not (out / "stale-extra.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+    # A failing save leaves the previous folder as it was, and no temporary folder.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(TypeError, match="model must be"):
+        cli.save_folder(out, "not a model", None, {})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert cli.main(base[:-3] + ["--out", str(foreign), "-q", "--bits", "4"]) == 2
+    assert (foreign / "notes.txt").read_text() == "keep me"

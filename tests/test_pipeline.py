@@ -85,8 +85,9 @@ def test_llama_end_to_end():
 
 
 def test_rtn_without_block_tuning_runs_no_calibration_batch():
-    # RTN rounds each weight on its own min-max grid: quantize() must not run the
-    # model at all, and must give exactly the codes of the layer-level RTN.
+    # RTN rounds each weight on its own grid (min-max or NeUQI with every weight
+    # counted equally): quantize() must not run the model at all, and must give
+    # exactly the codes of the layer-level RTN without a Hessian.
     model = tiny_llama(seed=0)
     fp = copy.deepcopy(model)
     calls = []
@@ -98,7 +99,7 @@ def test_rtn_without_block_tuning_runs_no_calibration_batch():
     assert all(l.loss != l.loss and l.rel_loss != l.rel_loss for l in report.layers)  # NaN: no Hessian
     for name, q in _quant_linears(model).items():
         W = fp.get_submodule(name).weight.detach().float().numpy()
-        expected = decoupleq.quantize_weight(W, np.eye(W.shape[1]), RTN4)
+        expected = decoupleq.quantize_weight(W, None, RTN4)
         np.testing.assert_array_equal(q.codes.numpy(), expected.codes)
         np.testing.assert_array_equal(q.scale.detach().numpy(), expected.scale)
         np.testing.assert_array_equal(q.zero.detach().numpy(), expected.zero)

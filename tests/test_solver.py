@@ -51,14 +51,31 @@ def test_reported_loss_is_the_h00_error_of_the_returned_weight(m, n, bits, group
 
 @pytest.mark.parametrize("impl", ["c", "reference"])
 def test_rtn_without_a_hessian_gives_the_same_codes_and_no_loss(impl):
+    # Min-max rounding never reads H, so the codes cannot depend on it.
     W, H = problem(24, 32, seed=4)
-    config = QuantConfig(method="rtn", bits=3, group_size=8)
+    config = QuantConfig(method="rtn", bits=3, group_size=8, init="minmax")
     with_h = quantize_weight(W, H, config, impl=impl)
     without = quantize_weight(W, None, config, impl=impl)
     np.testing.assert_array_equal(without.codes, with_h.codes)
     np.testing.assert_array_equal(without.scale, with_h.scale)
     np.testing.assert_array_equal(without.zero, with_h.zero)
     assert np.all(np.isnan(without.loss)) and without.loss.shape == (24,)
+
+
+@pytest.mark.parametrize("impl", ["c", "reference"])
+def test_rtn_without_a_hessian_weighs_every_weight_equally_in_neuqi(impl):
+    W, H = problem(24, 32, seed=4)
+    config = QuantConfig(method="rtn", bits=3, group_size=8, init="neuqi")
+    backend = decoupleq._C if impl == "c" else decoupleq.reference
+    S, Z, _ = backend.neuqi_params(W, 3, 8, False, None, False)
+    without = quantize_weight(W, None, config, impl=impl)
+    np.testing.assert_array_equal(without.scale, S)
+    np.testing.assert_array_equal(without.zero, Z)
+    with_h = quantize_weight(W, H, config, impl=impl)
+    # With a Hessian the diagonal weighs the groups' errors: other parameters.
+    assert not np.array_equal(with_h.scale, S)
+    with pytest.raises(ValueError, match="init 'shrink' needs a Hessian"):
+        quantize_weight(W, None, QuantConfig(method="rtn", init="shrink", bits=3, group_size=8), impl=impl)
 
 
 @pytest.mark.parametrize("method", ["gptq", "decoupleq"])

@@ -132,7 +132,8 @@ def gptq_sweep(W, U, blocksize, quantize):
 # ------------------------------------------------ decoupleQ's step (2.2)
 
 
-def _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize):
+def _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize,
+                baseline_damping=False):
     m, n = W.shape
     qmin, qmax = qrange(bits)
     if symmetric:
@@ -141,7 +142,14 @@ def _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize):
     # Each column keeps its natural group's (s, z): static groups, no g_idx.
     Sp = expand(S, g)[:, perm]
     Zp = expand(Z, g)[:, perm]
-    U, _ = inverse_upper_factor(H00[np.ix_(perm, perm)], DECOUPLEQ_LADDER)
+    if baseline_damping:
+        # As the baseline factors: H00 itself first, a zero diagonal counted as 1.
+        H = H00.copy()
+        dead = np.diag(H) == 0
+        H[dead, dead] = 1
+        U, _ = inverse_upper_factor(H[np.ix_(perm, perm)], BASELINE_LADDER)
+    else:
+        U, _ = inverse_upper_factor(H00[np.ix_(perm, perm)], DECOUPLEQ_LADDER)
     U = U.astype(F32)
 
     def quantize(j, w, sweep):
@@ -157,7 +165,8 @@ def _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize):
     return A, _row_errors(W, A, S, Z, H00)
 
 
-def round_gptq(W, S, Z, H00, bits, group_size, symmetric, act_order, rule, blocksize=128):
+def round_gptq(W, S, Z, H00, bits, group_size, symmetric, act_order, rule, blocksize=128,
+               baseline_damping=False):
     """decoupleQ's GPTQ integer step with fixed (S, Z) (ALGORITHM 2.2).
 
     - π = argsort(diag H00, descending, stable) if act_order, else identity;
@@ -169,11 +178,13 @@ def round_gptq(W, S, Z, H00, bits, group_size, symmetric, act_order, rule, block
       q = s·clamp(R((w - z) ⊘ s)) + z, and its error fed forward (gptq_sweep).
     - Unpermute Q; A = clamp(R((Q - z) ⊘ s)); err = row_errors with H00.
     Symmetric: z = 0 throughout (Z is ignored).
+    baseline_damping: factor H00 as the GPTQ baseline does (t from 0, a zero
+    diagonal counted as 1): GPTQ with static groups from an initialisation.
 
     Args:
         W: float32 (m, n). S, Z: float32 (m, G). H00: float64 (n, n).
         bits: 2..8. group_size: -1 or divisor of n. symmetric, act_order: bool.
-        rule: "half_up" | "half_even". blocksize: int >= 1.
+        rule: "half_up" | "half_even". blocksize: int >= 1. baseline_damping: bool.
     Returns:
         A: int8 (m, n); err: float64 (m,).
     Raises:
@@ -188,7 +199,9 @@ def round_gptq(W, S, Z, H00, bits, group_size, symmetric, act_order, rule, block
     act_order = _checks.flag("act_order", act_order)
     rule = _checks.choice("rule", rule, _checks.ROUNDING_RULES)
     blocksize = _checks.integer("blocksize", blocksize, low=1)
-    return _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize)
+    baseline_damping = _checks.flag("baseline_damping", baseline_damping)
+    return _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize,
+                       baseline_damping)
 
 
 # ------------------------------------------------ the GPTQ baseline (2.1)

@@ -11,6 +11,7 @@ from .gptq import _round_gptq
 from .grid import _minmax_params, _row_errors, _rtn_codes
 from .pgd import _round_pgd
 from .shrink import _shrink_search
+from .start import INITS, _start_params
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,21 @@ def _keep_better(err_new, err):
 
 
 def _decoupleq(W, H00, bits, g, symmetric, act_order, rule, iterations, rounding,
-               blocksize, k1, k2, lr):
+               blocksize, k1, k2, lr, init="shrink"):
     def integer_step(S, Z):
         if rounding == "gptq":
             return _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize)
         return _round_pgd(W, S, Z, H00, bits, g, symmetric, act_order, rule, k1, k2, lr)
 
     m = W.shape[0]
-    # 3.2: min-max RTN, then a GPTQ pass from the min-max parameters.
-    A, S, Z, err = _rtn(W, H00, bits, g, symmetric, rule)
+    # 3.2: RTN with the starting parameters (min-max for the reference's
+    # start, which shrinks them in iteration 0), then a GPTQ pass from them.
+    if init in ("shrink", "minmax"):
+        A, S, Z, err = _rtn(W, H00, bits, g, symmetric, rule)
+    else:
+        S, Z = _start_params(W, H00, bits, g, symmetric, rule, init)
+        A = _rtn_codes(W, S, Z, bits, symmetric, rule)
+        err = _row_errors(W, A, S, Z, H00)
     trace = [err.copy()]
     Ag, eg = _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize)
     better = _keep_better(eg, err)
@@ -65,9 +72,14 @@ def _decoupleq(W, H00, bits, g, symmetric, act_order, rule, iterations, rounding
 
     for it in range(iterations - 1):
         if it == 0:
-            # 3.3: the shrunk RTN codes' float solve is iteration 0's candidate;
-            # the search's and the solve's errors are not used.
-            Ss, Zs, _, _ = _shrink_search(W, H00, bits, g, symmetric, rule)
+            # 3.3: the float solve of RTN codes is iteration 0's candidate:
+            # under each row's best shrunk range for the reference's start,
+            # else under the starting parameters (still S, Z: the GPTQ pass
+            # only took codes). The search's and the solve's errors are not used.
+            if init == "shrink":
+                Ss, Zs, _, _ = _shrink_search(W, H00, bits, g, symmetric, rule)
+            else:
+                Ss, Zs = S.copy(), Z.copy()
             As = _rtn_codes(W, Ss, Zs, bits, symmetric, rule)
             try:
                 Sc, Zc, _ = _float_step(W, As, H00, g, symmetric)
@@ -107,15 +119,17 @@ def _decoupleq(W, H00, bits, g, symmetric, act_order, rule, iterations, rounding
 
 
 def decoupleq(W, H00, bits, group_size, symmetric, act_order, rule, iterations, rounding,
-              blocksize, steps_before_round, steps_per_column, lr):
+              blocksize, steps_before_round, steps_per_column, lr, init="shrink"):
     """decoupleQ on one layer: alternate integer and float steps, keeping the best per row.
 
-    1. Min-max RTN (S, Z, A, err).
-    2. decoupleQ's GPTQ step from the min-max (S, Z) (always "gptq", as in
+    1. RTN with the starting (S, Z) of ``init`` (S, Z, A, err): min-max for
+       "shrink" (the reference) and "minmax", NeUQI's for "neuqi"/"neuqi_int".
+    2. decoupleQ's GPTQ step from those (S, Z) (always "gptq", as in
        the reference); rows whose error drops take its codes.
     3. For it = 0 .. iterations-2:
          candidate (Sc, Zc) = it == 0: float solve of the RTN codes under the
-           per-row best shrunk range (shrink_search then float_step);
+           per-row best shrunk range (init "shrink": shrink_search then
+           float_step), or under the starting (S, Z) (other inits);
            otherwise the current best (S, Z);
          integer step ("gptq": round_gptq, "pgd": round_pgd) with (Sc, Zc);
            rows with a strictly lower error take (A, S, Z, err) from it;
@@ -136,6 +150,7 @@ def decoupleq(W, H00, bits, group_size, symmetric, act_order, rule, iterations, 
         rule: "half_up" | "half_even". iterations: int >= 1 (max_iter_num).
         rounding: "gptq" | "pgd". blocksize: int >= 1 (GPTQ lazy blocks).
         steps_before_round, steps_per_column: int >= 0, lr: float > 0 (PGD).
+        init: "shrink" | "minmax" | "neuqi" | "neuqi_int".
     Returns:
         A: int8 (m, n); S, Z: float32 (m, G); err: float64 (m,);
         trace: float64 (k, m): row 0 the min-max error, row 1 after the
@@ -156,5 +171,6 @@ def decoupleq(W, H00, bits, group_size, symmetric, act_order, rule, iterations, 
     k1 = _checks.integer("steps_before_round", steps_before_round, low=0)
     k2 = _checks.integer("steps_per_column", steps_per_column, low=0)
     lr = _checks.positive_float("lr", lr)
+    init = _checks.choice("init", init, INITS)
     return _decoupleq(W, H00, bits, g, symmetric, act_order, rule, iterations, rounding,
-                      blocksize, k1, k2, lr)
+                      blocksize, k1, k2, lr, init)

@@ -1,0 +1,540 @@
+/* NeUQI: near-optimal initial scale and zero of every group (ALGORITHM 7).
+ *
+ * Per group, with x = w / s and n = 2^b levels, the quantizer is
+ *     w^ = s * (clamp(round(x - z), 0, n - 1) + z),   z a real number,
+ * and the objective is L(s, z) = sum_c h_c (w_c - w^_c)^2, h the damped
+ * Hessian diagonal normalised to sum 1 over the group (all equal without a
+ * Hessian).  For a fixed s the best z is found in two sweeps over sorted
+ * breakpoints (phase 1: a convex piecewise-quadratic bound; phase 2: the
+ * exact objective on [z1 - 1, z1 + 1]), and s by a coarse-to-fine grid
+ * around the min-max scale s0.  The result is written in this library's
+ * signed convention: S = s and Z = s * (z - qmin), so that a code q in
+ * [qmin, qmax] dequantises to S q + Z.
+ *
+ * Variants:
+ *  - integer zero (NeUQI_int): z in {-(n-1), ..., 0}, all enumerated, on a
+ *    finer scale grid of 2048 steps;
+ *  - symmetric: Z stays 0, i.e. z is fixed at qmin and only s is searched.
+ *
+ * Sorting a group once (w ascending) makes both sweeps linear per scale:
+ * x keeps its order for every s > 0, and sums over any run of elements come
+ * from prefix sums of h, h w and h w^2.  Everything is float64.
+ */
+#include "dq_solver.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define COARSE_STEPS 64  /* s0 * k / 64, k = 1..64 */
+#define FINE_STEPS 16    /* s_best + j * s0 / 2048, |j| = 1..16 */
+#define FINE_DENOM 2048
+#define INT_STEPS 2048   /* NeUQI_int: s0 * k / 2048 */
+
+typedef struct {
+    double w, h;
+} elem_t;
+
+typedef struct {
+    double z, h;
+} brk_t;
+
+/* One group's sorted elements and prefix sums, and the scratch of phase 2. */
+typedef struct {
+    int64_t g;
+    elem_t *e;       /* g, ascending w */
+    double *P0, *P1, *P2; /* g + 1: prefix sums of h, h w, h w^2 */
+    /* Phase 2's scratch, one entry per middle element: */
+    brk_t *keys, *merge; /* (frac(u), element) and the merge buffer */
+    double *drop0, *drop1; /* weight of its drop at d = frac(u), d = 1 + frac(u) (0: none) */
+    int64_t *run;        /* g + 1: starts of the runs of equal floor(u) */
+} group_ws_t;
+
+static int cmp_elem(const void *a, const void *b)
+{
+    const double x = ((const elem_t *)a)->w, y = ((const elem_t *)b)->w;
+    return (x > y) - (x < y);
+}
+
+static void ws_free(group_ws_t *ws)
+{
+    dq_free(ws->e);
+    dq_free(ws->P0);
+    dq_free(ws->P1);
+    dq_free(ws->P2);
+    dq_free(ws->keys);
+    dq_free(ws->merge);
+    dq_free(ws->drop0);
+    dq_free(ws->drop1);
+    dq_free(ws->run);
+    memset(ws, 0, sizeof(*ws));
+}
+
+static int ws_alloc(group_ws_t *ws, int64_t g)
+{
+    memset(ws, 0, sizeof(*ws));
+    ws->g = g;
+    ws->e = dq_malloc(sizeof(elem_t) * (size_t)g);
+    ws->P0 = dq_malloc(sizeof(double) * (size_t)(g + 1));
+    ws->P1 = dq_malloc(sizeof(double) * (size_t)(g + 1));
+    ws->P2 = dq_malloc(sizeof(double) * (size_t)(g + 1));
+    ws->keys = dq_malloc(sizeof(brk_t) * (size_t)g);
+    ws->merge = dq_malloc(sizeof(brk_t) * (size_t)g);
+    ws->drop0 = dq_malloc(sizeof(double) * (size_t)g);
+    ws->drop1 = dq_malloc(sizeof(double) * (size_t)g);
+    ws->run = dq_malloc(sizeof(int64_t) * (size_t)(g + 1));
+    if (!ws->e || !ws->P0 || !ws->P1 || !ws->P2 || !ws->keys || !ws->merge || !ws->drop0 ||
+        !ws->drop1 || !ws->run) {
+        ws_free(ws);
+        return -1;
+    }
+    return 0;
+}
+
+/* Load one group: w (g floats) and its weights hd (g doubles, or NULL for
+ * equal weights), sorted by w, h normalised to sum 1. */
+static void ws_load(group_ws_t *ws, const float *w, const double *hd)
+{
+    const int64_t g = ws->g;
+    double hsum = 0.0;
+    for (int64_t c = 0; c < g; c++) {
+        const double h = hd ? hd[c] : 1.0;
+        ws->e[c].w = (double)w[c];
+        ws->e[c].h = h > 0.0 ? h : 0.0;
+        hsum += ws->e[c].h;
+    }
+    /* A group whose weights are all zero (dead inputs, no damping) counts
+     * every element equally rather than not at all. */
+    for (int64_t c = 0; c < g; c++) ws->e[c].h = hsum > 0.0 ? ws->e[c].h / hsum : 1.0 / (double)g;
+    qsort(ws->e, (size_t)g, sizeof(elem_t), cmp_elem);
+    ws->P0[0] = ws->P1[0] = ws->P2[0] = 0.0;
+    for (int64_t c = 0; c < g; c++) {
+        const double h = ws->e[c].h, v = ws->e[c].w;
+        ws->P0[c + 1] = ws->P0[c] + h;
+        ws->P1[c + 1] = ws->P1[c] + h * v;
+        ws->P2[c + 1] = ws->P2[c] + h * v * v;
+    }
+}
+
+/* The exact objective sum h (x - z - k)^2, k = clamp(floor(x - z + 1/2), 0, nl - 1),
+ * in units of x (multiply by s^2 for units of w). */
+static double exact_objective(const group_ws_t *ws, double inv, double z, int nl)
+{
+    double acc = 0.0;
+    for (int64_t c = 0; c < ws->g; c++) {
+        const double x = ws->e[c].w * inv;
+        double k = floor(x - z + 0.5);
+        if (k < 0.0) k = 0.0;
+        if (k > nl - 1) k = nl - 1;
+        const double r = x - z - k;
+        acc += ws->e[c].h * r * r;
+    }
+    return acc;
+}
+
+/* floor() for |v| < 2^62 without a libm call (x86-64's baseline has no
+ * SSE4.1 round instruction). */
+static inline double fast_floor(double v)
+{
+    const double t = (double)(int64_t)v;
+    return t > v ? t - 1.0 : t;
+}
+
+/* Phase 1: the minimiser of the convex bound where an element clamped at
+ * the top costs (x - (nl-1) - z)^2, one clamped at the bottom (x - z)^2 and
+ * one in range 1/4.  Element c is clamped at the top for
+ * z < A_c = x_c - nl + 1/2 and at the bottom for z > B_c = x_c + 1/2; with x
+ * ascending, after the first i breakpoints of the merged order the top set
+ * is a suffix [p, g) and the bottom set a prefix [0, q), p + q = i.  On
+ * interval i the bound is a0 z^2 - 2 a1 z + a2; its stationary point
+ * z* = a1 / a0 lies at or before the interval's right end from the
+ * minimum's interval on, and after it before (convexity), so the minimum's
+ * interval is found by binary search over i, each probe locating its
+ * merge position (p, q) by a binary search of its own: O(log^2 g). */
+typedef struct {
+    const group_ws_t *ws;
+    double inv, c1;
+} bound_t;
+
+static inline double A_at(const bound_t *b, int64_t c)
+{
+    return c < b->ws->g ? b->ws->e[c].w * b->inv - b->c1 - 0.5 : INFINITY;
+}
+
+static inline double B_at(const bound_t *b, int64_t c)
+{
+    return c < b->ws->g ? b->ws->e[c].w * b->inv + 0.5 : INFINITY;
+}
+
+/* The split p + q = i of the first i merged breakpoints (A first on ties,
+ * as a left-to-right merge takes them): the largest p with
+ * A[p-1] <= B[i-p]. */
+static int64_t merge_split(const bound_t *b, int64_t i)
+{
+    const int64_t g = b->ws->g;
+    int64_t lo = i > g ? i - g : 0, hi = i < g ? i : g;
+    while (lo < hi) {
+        const int64_t p = (lo + hi + 1) / 2;
+        if (A_at(b, p - 1) <= B_at(b, i - p)) lo = p;
+        else hi = p - 1;
+    }
+    return lo;
+}
+
+/* On interval i (state p, q): 1 and *z the minimiser if the bound's
+ * minimum is at or before the interval's right end, else 0. */
+static int bound_probe(const bound_t *b, int64_t i, double *z)
+{
+    const group_ws_t *ws = b->ws;
+    const int64_t g = ws->g;
+    const int64_t p = merge_split(b, i), q = i - p;
+    const double an = A_at(b, p), bn = B_at(b, q);
+    const double r = an <= bn ? an : bn;
+    const double ap = p > 0 ? A_at(b, p - 1) : -INFINITY, bp = q > 0 ? B_at(b, q - 1) : -INFINITY;
+    const double l = i == 0 ? -INFINITY : (ap >= bp ? ap : bp);
+    const double Htop = ws->P0[g] - ws->P0[p], Hbot = ws->P0[q];
+    const double a0 = Htop + Hbot;
+    /* sum h = 1: a weight below 1e-12 of it is rounding noise. */
+    if (a0 > 1e-12) {
+        const double a1 = b->inv * (ws->P1[g] - ws->P1[p]) - b->c1 * Htop + b->inv * ws->P1[q];
+        const double zs = a1 / a0;
+        if (zs > r) return 0;
+        *z = zs < l ? l : zs;
+        return 1;
+    }
+    /* Every element in range (or weightless): the bound is flat here, so
+     * this interval is the minimum; phase 2 looks at the exact objective
+     * around its middle. */
+    if (isinf(l)) *z = r - 0.5;
+    else if (isinf(r)) *z = l + 0.5;
+    else *z = 0.5 * (l + r);
+    return 1;
+}
+
+static double phase1_zbar(const group_ws_t *ws, double inv, int nl)
+{
+    const bound_t b = {ws, inv, (double)(nl - 1)};
+    int64_t lo = 0, hi = 2 * ws->g; /* the last interval always holds it */
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        double z;
+        if (bound_probe(&b, mid, &z)) hi = mid;
+        else lo = mid + 1;
+    }
+    double z = 0.0;
+    bound_probe(&b, lo, &z);
+    return z;
+}
+
+/* Merge the sorted runs run[0..nruns) (boundaries: start offsets, the
+ * last = total) of src by key, bottom-up in pairs; returns the buffer that
+ * holds the sorted result (src or tmp). */
+static brk_t *merge_runs(brk_t *src, brk_t *tmp, int64_t *run, int64_t nruns)
+{
+    while (nruns > 1) {
+        int64_t out = 0;
+        for (int64_t r = 0; r < nruns; r += 2) {
+            const int64_t a0 = run[r], a1 = run[r + 1];
+            const int64_t b1 = r + 2 <= nruns ? run[r + 2] : a1;
+            int64_t i = a0, j = a1, k = a0;
+            while (i < a1 && j < b1) tmp[k++] = src[j].z < src[i].z ? src[j++] : src[i++];
+            while (i < a1) tmp[k++] = src[i++];
+            while (j < b1) tmp[k++] = src[j++];
+            run[out++] = a0;
+        }
+        run[out] = run[nruns];
+        nruns = out;
+        brk_t *t = src;
+        src = tmp;
+        tmp = t;
+    }
+    return src;
+}
+
+/* Phase 2: the exact minimum over z in [zl, zl + 2].  Between breakpoints
+ * every element keeps its level k, so with y = x - k the objective is
+ * H z^2 - 2 a1 z + a2 (a1 = sum h y, a2 = sum h y^2).  As z rises past a
+ * breakpoint an element drops a level: y rises by 1, a1 by h and a2 by
+ * 2 h z_break.
+ *
+ * With u = x - zl + 1/2 (ascending) and d = z - zl, an element's level is
+ * clamp(floor(u - d), 0, nl - 1).  Elements with floor(u) <= 0 stay at
+ * level 0 and those with floor(u) >= nl + 1 at nl - 1 for every d in
+ * [0, 2]: their sums come from the prefix sums.  The others drop a level at
+ * d = frac(u) (when 1 <= floor(u) <= nl - 1) and at d = 1 + frac(u) (when
+ * 2 <= floor(u) <= nl), so both unit halves of the window see their
+ * breakpoints in the order of frac(u).  Sorting by frac(u) merges the runs
+ * of equal floor(u), each already in order: at most nl runs.  Returns the
+ * objective (units of x) and writes the minimiser to *zbest. */
+static double phase2_exact(group_ws_t *ws, double inv, int nl, double zl, double *zbest)
+{
+    const int64_t g = ws->g;
+    const double c1 = (double)(nl - 1);
+    /* cb: first element with u >= 1; ct: first with u >= nl + 1. */
+    int64_t cb, ct;
+    {
+        int64_t lo = 0, hi = g;
+        while (lo < hi) {
+            const int64_t mid = (lo + hi) / 2;
+            if (ws->e[mid].w * inv - zl + 0.5 >= 1.0) hi = mid;
+            else lo = mid + 1;
+        }
+        cb = lo;
+        hi = g;
+        while (lo < hi) {
+            const int64_t mid = (lo + hi) / 2;
+            if (ws->e[mid].w * inv - zl + 0.5 >= (double)nl + 1.0) hi = mid;
+            else lo = mid + 1;
+        }
+        ct = lo;
+    }
+    const double *P0 = ws->P0, *P1 = ws->P1, *P2 = ws->P2;
+    const double Ht = P0[g] - P0[ct], Xt = inv * (P1[g] - P1[ct]),
+                 X2t = inv * inv * (P2[g] - P2[ct]);
+    double H = P0[g];
+    double a1 = inv * P1[cb] + (Xt - c1 * Ht);
+    double a2 = inv * inv * P2[cb] + (X2t - 2.0 * c1 * Xt + c1 * c1 * Ht);
+    /* The middle elements: their own sums, and runs of equal floor(u). */
+    int64_t *run = ws->run, nruns = 0, k = 0;
+    double prev_fl = -1.0;
+    for (int64_t c = cb; c < ct; c++) {
+        const double x = ws->e[c].w * inv, h = ws->e[c].h;
+        const double u = x - zl + 0.5;
+        const double fl = fast_floor(u);
+        const double lev = fl < c1 ? fl : c1; /* fl >= 1 here */
+        const double y = x - lev;
+        a1 += h * y;
+        a2 += h * y * y;
+        if (fl != prev_fl) {
+            run[nruns++] = k;
+            prev_fl = fl;
+        }
+        ws->keys[k].z = u - fl;
+        ws->keys[k].h = (double)k; /* the element, carried through the sort */
+        ws->drop0[k] = fl <= c1 ? h : 0.0;
+        ws->drop1[k] = fl >= 2.0 ? h : 0.0;
+        k++;
+    }
+    run[nruns] = k;
+    const brk_t *sorted = merge_runs(ws->keys, ws->merge, run, nruns);
+    /* The objective is a parabola of leading coefficient H on every
+     * interval and has a concave kink at every breakpoint, so its minimum is
+     * a window end or a stationary point a1 / H inside its own interval:
+     * only those are evaluated. */
+    double best = H * zl * zl - 2.0 * a1 * zl + a2, zb_best = zl, cur = zl;
+    for (int half = 0; half < 2; half++) {
+        const double base = zl + (double)half;
+        const double *drop = half == 0 ? ws->drop0 : ws->drop1;
+        for (int64_t i = 0; i < k; i++) {
+            const double dh = drop[(int64_t)sorted[i].h];
+            if (dh == 0.0) continue;
+            const double next = base + sorted[i].z;
+            if (a1 >= cur * H && a1 <= next * H) {
+                const double zs = a1 / H;
+                const double v = H * zs * zs - 2.0 * a1 * zs + a2;
+                if (v < best) best = v, zb_best = zs;
+            }
+            a1 += dh;
+            a2 += 2.0 * dh * next;
+            cur = next;
+        }
+    }
+    {
+        const double next = zl + 2.0;
+        double zs = a1 / H;
+        if (zs < cur) zs = cur;
+        if (zs > next) zs = next;
+        const double v = H * zs * zs - 2.0 * a1 * zs + a2;
+        if (v < best) best = v, zb_best = zs;
+    }
+    *zbest = zb_best;
+    return best < 0.0 ? 0.0 : best;
+}
+
+/* Best z for scale s (continuous zero): phase 1 then phase 2.  Returns the
+ * objective in units of w. */
+static double best_zero(group_ws_t *ws, double s, int nl, double *z)
+{
+    const double inv = 1.0 / s;
+    const double zbar = phase1_zbar(ws, inv, nl);
+    const double obj = phase2_exact(ws, inv, nl, zbar - 1.0, z);
+    return obj * s * s;
+}
+
+/* Best integer z in {-(nl-1), ..., 0} for scale s, by enumeration.  With
+ * z integer, k = clamp(round(x) - z): an element is in range for
+ * z <= round(x) <= z + nl - 1 and then costs (x - round(x))^2, whatever z.
+ * round(x) is ascending with x, so the bottom-clamped set (round(x) < z)
+ * is a prefix and the top-clamped set (round(x) > z + nl - 1) a suffix,
+ * their costs from the prefix sums.  R: scratch of g + 1 doubles. */
+static double best_integer_zero(group_ws_t *ws, double s, int nl, double *R, double *z)
+{
+    const int64_t g = ws->g;
+    const double inv = 1.0 / s, c1 = (double)(nl - 1);
+    R[0] = 0.0;
+    for (int64_t c = 0; c < g; c++) {
+        const double x = ws->e[c].w * inv;
+        const double r = x - floor(x + 0.5);
+        R[c + 1] = R[c] + ws->e[c].h * r * r;
+    }
+    const double *P0 = ws->P0, *P1 = ws->P1, *P2 = ws->P2;
+    double best = INFINITY, zb = 0.0;
+    int64_t q = 0, p = 0; /* bottom [0, q), top [p, g) */
+    for (int zi = -(nl - 1); zi <= 0; zi++) {
+        const double zz = (double)zi;
+        while (q < g && floor(ws->e[q].w * inv + 0.5) < zz) q++;
+        if (p < q) p = q;
+        while (p < g && floor(ws->e[p].w * inv + 0.5) <= zz + c1) p++;
+        /* sum over a run of h (x - t)^2 = X2 - 2 t X + t^2 H */
+        const double Hb = P0[q], Xb = inv * P1[q], X2b = inv * inv * P2[q];
+        const double Ht = P0[g] - P0[p], Xt = inv * (P1[g] - P1[p]),
+                     X2t = inv * inv * (P2[g] - P2[p]);
+        const double tt = zz + c1;
+        double v = (X2b - 2.0 * zz * Xb + zz * zz * Hb) + (R[p] - R[q]) +
+                   (X2t - 2.0 * tt * Xt + tt * tt * Ht);
+        if (v < 0.0) v = 0.0;
+        if (v < best) {
+            best = v;
+            zb = zz;
+        }
+    }
+    *z = zb;
+    return best * s * s;
+}
+
+typedef struct {
+    const dq_layer_t *L;
+    const double *hdiag;
+    int integer_zero;
+    float *S, *Z;
+    double *obj;
+    int failed; /* set (no lock: any thread writes 1) when scratch ran out */
+} neuqi_ctx_t;
+
+/* The min-max range of ALGORITHM 1.2 (lo, hi), as dq_minmax_params. */
+static void minmax_range(const float *w, int64_t g, int symmetric, double *lo_out, double *hi_out)
+{
+    float lo = 0.0f, hi = 0.0f;
+    for (int64_t c = 0; c < g; c++) {
+        if (w[c] < lo) lo = w[c];
+        if (w[c] > hi) hi = w[c];
+    }
+    if (lo == 0.0f && hi == 0.0f) {
+        lo = -1.0f;
+        hi = 1.0f;
+    }
+    if (symmetric) {
+        if (-lo > hi) hi = -lo;
+        if (lo < 0.0f) lo = -hi;
+    }
+    *lo_out = lo;
+    *hi_out = hi;
+}
+
+/* The scale search of one group: returns the objective, writes (s, z). */
+static double search_group(group_ws_t *ws, double *R, double s0, double lo, int nl, int qmin,
+                           int symmetric, int integer_zero, double *s_out, double *z_out)
+{
+    double best = INFINITY, sb = s0, zb = 0.0, z;
+    if (symmetric) {
+        /* z is fixed at qmin: w^ = s * q, q in [qmin, qmax]. */
+        for (int k = 1; k <= COARSE_STEPS; k++) {
+            const double s = s0 * k / COARSE_STEPS;
+            const double v = exact_objective(ws, 1.0 / s, (double)qmin, nl) * s * s;
+            if (v < best) best = v, sb = s;
+        }
+        const double sc = sb;
+        for (int j = -FINE_STEPS; j <= FINE_STEPS; j++) {
+            const double s = sc + j * s0 / FINE_DENOM;
+            if (j == 0 || !(s > 0.0)) continue;
+            const double v = exact_objective(ws, 1.0 / s, (double)qmin, nl) * s * s;
+            if (v < best) best = v, sb = s;
+        }
+        *s_out = sb;
+        *z_out = (double)qmin;
+        return best;
+    }
+    if (integer_zero) {
+        for (int k = 1; k <= INT_STEPS; k++) {
+            const double s = s0 * k / INT_STEPS;
+            const double v = best_integer_zero(ws, s, nl, R, &z);
+            if (v < best) best = v, sb = s, zb = z;
+        }
+        *s_out = sb;
+        *z_out = zb;
+        return best;
+    }
+    for (int k = 1; k <= COARSE_STEPS; k++) {
+        const double s = s0 * k / COARSE_STEPS;
+        const double v = best_zero(ws, s, nl, &z);
+        if (v < best) best = v, sb = s, zb = z;
+    }
+    const double sc = sb;
+    for (int j = -FINE_STEPS; j <= FINE_STEPS; j++) {
+        const double s = sc + j * s0 / FINE_DENOM;
+        if (j == 0 || !(s > 0.0)) continue;
+        const double v = best_zero(ws, s, nl, &z);
+        if (v < best) best = v, sb = s, zb = z;
+    }
+    /* Min-max itself (z = lo / s0) is a candidate too, so NeUQI is never
+     * worse than the start it replaces. */
+    const double zmm = lo / s0;
+    const double vmm = exact_objective(ws, 1.0 / s0, zmm, nl) * s0 * s0;
+    if (vmm < best) best = vmm, sb = s0, zb = zmm;
+    *s_out = sb;
+    *z_out = zb;
+    return best;
+}
+
+static void neuqi_range(void *vctx, int64_t begin, int64_t end)
+{
+    neuqi_ctx_t *x = (neuqi_ctx_t *)vctx;
+    const dq_layer_t *L = x->L;
+    const int64_t g = L->g, G = L->G;
+    const int nl = 1 << L->bits, qmin = L->qmin;
+    group_ws_t ws;
+    double *R = dq_malloc(sizeof(double) * (size_t)(g + 1));
+    if (!R || ws_alloc(&ws, g) < 0) {
+        dq_free(R);
+        x->failed = 1;
+        return;
+    }
+    for (int64_t r = begin; r < end; r++) {
+        for (int64_t j = 0; j < G; j++) {
+            const float *w = L->W + r * L->n + j * g;
+            double lo, hi;
+            minmax_range(w, g, L->symmetric, &lo, &hi);
+            const double s0 = (hi - lo) / (double)(nl - 1);
+            ws_load(&ws, w, x->hdiag ? x->hdiag + j * g : NULL);
+            double s, z;
+            const double v = search_group(&ws, R, s0, lo, nl, qmin, L->symmetric, x->integer_zero,
+                                          &s, &z);
+            x->S[r * G + j] = (float)s;
+            x->Z[r * G + j] = L->symmetric ? 0.0f : (float)(s * (z - (double)qmin));
+            if (x->obj) x->obj[r * G + j] = v;
+        }
+    }
+    ws_free(&ws);
+    dq_free(R);
+}
+
+dq_status dq_neuqi_params(const dq_layer_t *L, const double *hdiag, int integer_zero, float *S,
+                          float *Z, double *obj)
+{
+    neuqi_ctx_t ctx = {L, hdiag, integer_zero, S, Z, obj, 0};
+    /* A row's groups cost O(96 n) sweeps: a few rows per chunk suffice. */
+    dq_parallel_for(L->m, 4, dq_num_threads(), neuqi_range, &ctx);
+    return ctx.failed ? DQ_ENOMEM : DQ_OK;
+}
+
+dq_status dq_neuqi_params_damped(const dq_layer_t *L, int integer_zero, float *S, float *Z,
+                                 double *obj)
+{
+    if (!L->H) return dq_neuqi_params(L, NULL, integer_zero, S, Z, obj);
+    double *hd = dq_malloc(sizeof(double) * (size_t)L->n);
+    if (!hd) return DQ_ENOMEM;
+    for (int64_t c = 0; c < L->n; c++) hd[c] = L->H[c * L->n + c];
+    dq_status st = dq_neuqi_params(L, hd, integer_zero, S, Z, obj);
+    dq_free(hd);
+    return st;
+}
