@@ -25,7 +25,7 @@ from decoupleq import _C
 LONG = os.environ.get("DECOUPLEQ_FUZZ") == "1"
 # Examples per test in the long run, sized for ~100,000 calls in all (about
 # 10, 6, 6 and 5 calls per example); DECOUPLEQ_FUZZ_SCALE multiplies them.
-LONG_EXAMPLES = {"layer": 5000, "hessian": 3000, "packed": 5000, "small": 1000}
+LONG_EXAMPLES = {"layer": 5000, "hessian": 3000, "packed": 5000, "small": 1000, "init": 2000, "bcq": 2000}
 SCALE = float(os.environ.get("DECOUPLEQ_FUZZ_SCALE", "1"))
 
 
@@ -309,3 +309,50 @@ def test_small_entry_points(data):
     call(_C.fma_throughput, d.pick([-1, 0, 1, 2]), d.pick([-1, 0, 1]))
     call(_C.set_blas_threads, d.pick([-1, 0, 1, 2, 2**31 - 1, 2**31, "2", None]))
     _C.set_blas_threads(1)
+
+
+@given(st.data())
+@fuzz("init")
+def test_initialisation_entry_points(data):
+    d = Draw(data)
+    m, n, group, bits, W, H, rule = layer(d)
+    sym = d.flag()
+    hdiag = d.array((n,), np.float64, "hdiag") if d.flag(0.5) else None
+    if isinstance(hdiag, np.ndarray) and hdiag.dtype.kind == "f" and hdiag.flags.writeable and d.flag(0.7):
+        np.abs(hdiag, out=hdiag)
+    call(_C.neuqi_params, W, bits, group, sym, hdiag=hdiag, integer_zero=d.flag())
+    init = d.pick(["minmax", "shrink", "neuqi", "neuqi_int", "other"])
+    call(_C.start_params, W, H, bits, group, sym, rule, init)
+    clip = d.pick([1, 2, 4, 0, -1])
+    iters = d.pick([0, 1, 3, -1])
+    call(_C.bcq_init, W, d.integer([2, 3, 4], "bits"), group, clip, iters, hdiag=hdiag)
+
+
+@given(st.data())
+@fuzz("bcq")
+def test_bcq_format_entry_points(data):
+    d = Draw(data)
+    call(_C.bcq_default_kernel)
+    call(_C.bcq_kernel_names)
+    bits = d.integer([2, 3, 4], "bits")
+    out, n = d.pick([1, 2, 5, 16], "out"), d.pick([1, 7, 8, 31, 64, 200], "in")
+    b = bits if isinstance(bits, int) and 1 <= bits <= 8 else 2
+    idx = d.rng.integers(0, 1 << b, size=(out, n)).astype(np.uint8)
+    if d.flag(0.2):
+        idx = d.array((out, n), np.uint8, "indices")
+    packed = call(_C.bcq_pack, idx, bits)
+    if packed is None or d.flag(0.3):
+        packed = d.array((out, max(1, -(-n // 8) * 8)), np.uint32, "packed")
+    in_features = d.integer([n, n, n, n + 1, max(1, n - 1)], "in_features")
+    call(_C.bcq_unpack, packed, bits, in_features)
+    divisors = [g for g in (1, 2, 4, 8, 32, 64) if n % g == 0]
+    group = d.integer(divisors + [-1], "group_size")
+    G = n // group if isinstance(group, int) and group > 0 and n % group == 0 else 1
+    alpha = d.array((out, G, b), np.float32, "alpha")
+    offset = d.array((out, G), np.float32, "offset")
+    threads = d.pick([0, 1, 2, -1, 300])
+    kernel = d.pick([None, None, "auto", "ref", "avx2", "nope"])
+    call(_C.bcq_dequantize_packed, packed, alpha, offset, bits, in_features, group, threads, kernel)
+    x = d.array((d.pick([1, 2, 17]), n), np.float32, "x")
+    tile = d.pick([0, 1, 7, -1, 2**40])
+    call(_C.bcq_packed_matmul, x, packed, alpha, offset, bits, in_features, group, None, threads, kernel, tile)
