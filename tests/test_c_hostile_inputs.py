@@ -186,6 +186,14 @@ def test_unpack_with_huge_in_features_is_refused():
                             2, big, -1)
 
 
+def test_bcq_unpack_with_huge_in_features_is_refused():
+    # Found by the fuzz run under UBSan: (in + 7) overflowed int64 in dq_bcq_row_words.
+    packed = C.bcq_pack(np.zeros((2, 16), np.uint8), 2)
+    for big in (2**31, 2**63 - 1):
+        with pytest.raises(ValueError, match=r"in_features must be in \[1, 2147483647\]"):
+            C.bcq_unpack(packed, 2, big)
+
+
 def test_huge_iteration_count_names_iterations():
     W, H00 = problem(4096, 8)
     with pytest.raises(MemoryError, match="iterations 2147483647 is too large"):
