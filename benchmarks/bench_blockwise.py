@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from provenance import dump_json  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = [(1e-4, 1), (1e-4, 2), (2e-4, 1), (4e-4, 1)]
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         print(f"tuning at lr {lr:g} x {epochs} epoch(s) ...", file=sys.stderr, flush=True)
         records.append(run(lr, epochs, args, data))
         if args.json is not None:  # after every setting, so a long run leaves partial results
-            args.json.write_text(json.dumps(records, indent=2) + "\n")
+            dump_json(args.json, records, args)
 
     print(f"\nSmolLM2-135M, first {args.blocks} blocks, {args.method} W{args.bits} "
           f"{'per-channel' if args.group_size == -1 else f'g{args.group_size}'}, "

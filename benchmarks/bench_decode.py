@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
+from provenance import dump_json  # benchmarks/ is sys.path[0] when run as a script
 
 PROMPT = "The history of the printing press begins"
 
@@ -131,9 +131,8 @@ def main(argv=None) -> int:
     for r in records:
         print(f"  {r['model']:8s} -> {r['text'][:70]!r}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"records": records, "threads": args.threads, "load_average": load,
-                       "torch": torch.__version__, "cpus": os.cpu_count()}, f, indent=2)
+        dump_json(args.json, {"records": records, "threads": args.threads, "load_average": load,
+                              "torch": torch.__version__, "cpus": os.cpu_count()}, args)
     return 0
 
 

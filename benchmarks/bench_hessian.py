@@ -12,7 +12,6 @@ the two and the best of ``--repeats`` is kept, which suits a busy machine.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -20,6 +19,7 @@ import numpy as np
 import decoupleq
 from decoupleq import _C
 from decoupleq.hessian import HessianAccumulator
+from provenance import dump_json  # benchmarks/ is sys.path[0] when run as a script
 
 
 def _bare(batches, n):
@@ -81,8 +81,7 @@ def main(argv=None):
               f"{r['add_s'] * 1e3:>8.2f}ms {r['add_plus_hessian_s'] * 1e3:>8.2f}ms "
               f"{r['ratio_add']:>9.3f} {r['ratio_total']:>9.3f}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(backend=info, repeats=args.repeats, results=results), f, indent=2)
+        dump_json(args.json, dict(backend=info, repeats=args.repeats, results=results), args)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ summary prints both ceilings next to each batch-1 figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import numpy as np
+from provenance import dump_json  # benchmarks/ is sys.path[0] when run as a script
 
 SHAPES = [(576, 576), (1536, 576), (4096, 4096), (11008, 4096), (4096, 11008)]
 QUICK_SHAPES = [(576, 576), (4096, 4096)]
@@ -197,8 +197,7 @@ def main(argv=None) -> int:
                     "cpus": os.cpu_count(), "kernel": info["kernel"], "threads": args.threads})
     summarize(records, bw, macs)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+        dump_json(args.json, records, args)
         print(f"wrote {len(records)} records to {args.json}")
     return 0
 

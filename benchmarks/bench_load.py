@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from provenance import dump_json  # benchmarks/ is sys.path[0] when run as a script
+
 
 def median_time(fn, repeats: int) -> float:
     times = []
@@ -92,8 +94,7 @@ def main(argv=None) -> int:
     for k, v in out.items():
         print(f"{k:26s} {v:8.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        dump_json(args.json, out, args)
     return 0
 
 

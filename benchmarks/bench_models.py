@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from provenance import dump_json  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -216,7 +217,7 @@ def main(argv=None):
               file=sys.stderr, flush=True)
         records.append(rec)
         if args.json is not None:  # written after every run so a long grid leaves partial results
-            args.json.write_text(json.dumps(records, indent=2) + "\n")
+            dump_json(args.json, records, args)
 
     budget = "whole test split" if args.full_eval else f"first {eval_windows} windows x {args.eval_seq_len} tokens"
     print(f"\nSmolLM2-135M, WikiText-2 test perplexity ({budget}); calibrated on {num_samples} x {args.seq_len} "

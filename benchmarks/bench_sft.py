@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from provenance import dump_json  # benchmarks/ is sys.path[0] when run as a script
 
 MODES = ("fp-full", "quant-sft")
 
@@ -213,8 +214,8 @@ def main(argv=None):
               f"peak RSS during steps x{(q['peak_rss_steps_mib'] or 0) / (fp['peak_rss_steps_mib'] or 1):.2f}, "
               f"trainable values x{q['trainable'] / fp['trainable']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
-                                               "results": results}, indent=2))
+        dump_json(args.json, {"args": {k: v for k, v in vars(args).items() if k != "worker"},
+                              "results": results}, args)
     return 0
 
 

@@ -28,7 +28,6 @@ model (smollm2-135m), with the Hessian of the inputs the full-precision model fe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import decoupleq
 from decoupleq import QuantConfig, quantize_weight
 from decoupleq.config import INITS
 from decoupleq.reference.synthetic import synthetic_problem
+from provenance import dump_json  # benchmarks/ is sys.path[0] when run as a script
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (4096, 4096)]
 SETTINGS = [(2, -1), (2, 64), (3, 128), (4, -1)]  # (bits, group_size)
@@ -202,8 +202,7 @@ def main(argv=None):
         print(f"peak memory of decoupleQ W2 g64 on 4096x4096: +{grew / 2**20:.0f} MiB "
               f"(bound 4x float64 W+H = {bound / 2**20:.0f} MiB): {'ok' if grew <= bound else 'OVER'}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+        dump_json(args.json, records, args)
         print(f"wrote {len(records)} records to {args.json}")
 
 

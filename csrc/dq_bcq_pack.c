@@ -7,7 +7,9 @@
 
 int64_t dq_bcq_row_words(int bits, int64_t in)
 {
-    if (bits < 1 || bits > DQ_BCQ_MAX_BITS || in < 1) return -1;
+    /* in <= INT32_MAX (the BLAS path's int) also keeps (in + 7) from
+     * overflowing int64. */
+    if (bits < 1 || bits > DQ_BCQ_MAX_BITS || in < 1 || in > INT32_MAX) return -1;
     int64_t slots = 32 / bits;
     int64_t steps = (in + 7) / 8;
     return 8 * ((steps + slots - 1) / slots);

@@ -18,7 +18,37 @@ typedef enum {
     DQ_EINVAL = 2,      /* an argument is out of its domain (checked again in C) */
     DQ_ENOTPD = 3,      /* a matrix that must be positive definite is not, even after damping */
     DQ_ENONFINITE = 4,  /* NaN or Inf met where it cannot be handled */
+    DQ_EINTR = 5,       /* stopped early: an interrupt (Ctrl-C) was reported */
+    DQ_ERANGE = 6,      /* a size or count does not fit the arithmetic that needs it */
 } dq_status;
+
+/* Checked size arithmetic: 0 and the exact result in *out, or 1 when it
+ * overflows (or an operand is negative: sizes never are). */
+static inline int dq_mul_overflow(int64_t a, int64_t b, int64_t *out)
+{
+    if (a < 0 || b < 0) return 1;
+    return __builtin_mul_overflow(a, b, out);
+}
+
+static inline int dq_add_overflow(int64_t a, int64_t b, int64_t *out)
+{
+    if (a < 0 || b < 0) return 1;
+    return __builtin_add_overflow(a, b, out);
+}
+
+/* Interrupts.  The core never sees Python: the boundary installs a hook that
+ * reports whether an interrupt (Ctrl-C) arrived, and long loops call
+ * dq_interrupted() between chunks.  It calls the hook at most every
+ * DQ_POLL_MS milliseconds (a clock read otherwise) and, once the hook
+ * reports an interrupt, keeps returning 1 until dq_interrupt_clear(): the
+ * loop then frees what it holds and returns DQ_EINTR, leaving its outputs to
+ * a boundary that throws them away. */
+#define DQ_POLL_MS 50
+typedef int (*dq_interrupt_hook_t)(void);
+void dq_set_interrupt_hook(dq_interrupt_hook_t hook);
+int dq_interrupted(void);
+/* 1 if an interrupt was reported since the last call, and clears it. */
+int dq_interrupt_take(void);
 
 /* Rounding rules for x -> integer.  HALF_UP is decoupleQ's floor(x + 1/2)
  * (ties toward +inf); HALF_EVEN is IEEE nearest-even (reference GPTQ). */
@@ -40,9 +70,11 @@ static inline double dq_round_d(double x, int rule)
     return (x - f >= 0.5) ? f + 1.0 : f;
 }
 
+/* NaN goes to lo, so a clamped value always converts to an integer type
+ * without undefined behaviour. */
 static inline float dq_clampf(float x, float lo, float hi)
 {
-    return x < lo ? lo : (x > hi ? hi : x);
+    return x > hi ? hi : (x >= lo ? x : lo);
 }
 
 /* Safe division of ALGORITHM 1.4: y's magnitude is floored at 1e-15 and

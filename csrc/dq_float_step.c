@@ -524,6 +524,10 @@ dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float
         for (int64_t i = 0; i < rows * n; i++) Af[i] = (float)A[r0 * n + i];
         memset(P11, 0, sizeof(double) * (size_t)(rows * npair));
         for (int64_t b0 = 0; b0 < n; b0 += bs) {
+            if (dq_interrupted()) {
+                st = DQ_EINTR;
+                goto done;
+            }
             int64_t b1 = b0 + bs < n ? b0 + bs : n;
             dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)rows, (int)(n - b0),
                            (int)(b1 - b0), 1.0f, Af + b0, (int)n, L->Hf + b0 * n + b0, (int)n,

@@ -101,7 +101,7 @@ static void rtn_range(void *vctx, int64_t begin, int64_t end)
             for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
                 const float t = safe_divf(L->symmetric ? w[c] : w[c] - z, s);
                 float q = dq_round(t, L->rule);
-                if (q < qmin) q = qmin;
+                if (!(q >= qmin)) q = qmin; /* NaN too: the cast stays defined */
                 if (q > qmax) q = qmax;
                 a[c] = (int8_t)q;
             }
@@ -216,7 +216,12 @@ static dq_status row_errors_impl(const dq_layer_t *L, const int64_t *rows, int64
         dq_free(P);
         return DQ_ENOMEM;
     }
+    dq_status st = DQ_OK;
     for (int64_t r0 = 0; r0 < k; r0 += chunk) {
+        if (dq_interrupted()) {
+            st = DQ_EINTR;
+            break;
+        }
         const int64_t cnt = (k - r0) < chunk ? (k - r0) : chunk;
         float *Pc = DH ? DH + r0 * n : P;
         err_ctx_t ctx = {L, rows, A, S, Z, r0, D, Pc, err};
@@ -241,7 +246,7 @@ static dq_status row_errors_impl(const dq_layer_t *L, const int64_t *rows, int64
     dq_free(acc);
     dq_free(D);
     dq_free(P);
-    return DQ_OK;
+    return st;
 }
 
 dq_status dq_row_errors_rows(const dq_layer_t *L, const int64_t *rows, int64_t k, const int8_t *A,

@@ -42,6 +42,9 @@ typedef struct {
 } dq_packed_t;
 
 /* ---- layout (dq_pack.c) ------------------------------------------------ */
+/* Largest in_features (and out_features, batch) of the packed format: the
+ * GEMM path hands them to BLAS as int. */
+#define DQ_PACK_MAX_IN INT32_MAX
 /* uint32 words per packed row for `in` columns, or -1 for bad bits / in. */
 int64_t dq_pack_row_words(int bits, int64_t in);
 /* Stored value u (0 .. 2^bits - 1) of column c of one packed row. */

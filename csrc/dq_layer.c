@@ -9,6 +9,8 @@
 /* Row chunk for the elementwise loops: big enough that a thread's share
  * outweighs the cost of starting it. */
 #define ROW_CHUNK_ELEMS 65536
+/* Rows of V = W Hf per GEMM (between two interrupt polls). */
+#define V_BLOCK_ROWS 512
 
 typedef struct {
     const float *V, *W;
@@ -83,9 +85,18 @@ dq_status dq_layer_init(dq_layer_t *L, const float *W, const double *H, int64_t 
         st = DQ_ENOMEM;
         goto fail;
     }
-    /* Hf is symmetric, so W Hf is V without a transpose. */
-    dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)m, (int)n, (int)n, 1.0f, W, (int)n, L->Hf,
-                   (int)n, 0.0f, L->V, (int)n);
+    /* Hf is symmetric, so W Hf is V without a transpose.  In row blocks, so
+     * a long product can be interrupted between them (each row of V is its
+     * own dot products: the blocks do not change the result). */
+    for (int64_t r0 = 0; r0 < m; r0 += V_BLOCK_ROWS) {
+        if (dq_interrupted()) {
+            st = DQ_EINTR;
+            goto fail;
+        }
+        const int64_t rows = m - r0 < V_BLOCK_ROWS ? m - r0 : V_BLOCK_ROWS;
+        dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)rows, (int)n, (int)n, 1.0f,
+                       W + r0 * n, (int)n, L->Hf, (int)n, 0.0f, L->V + r0 * n, (int)n);
+    }
     rowdot_ctx_t ctx = {L->V, W, n, L->c};
     st = dq_parallel_for(m, min_rows(n), dq_num_threads(), rowdot_range, &ctx);
     if (st != DQ_OK) goto fail;

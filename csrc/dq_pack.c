@@ -36,7 +36,8 @@ static int64_t lane_words(int bits, int64_t steps)
 
 int64_t dq_pack_row_words(int bits, int64_t in)
 {
-    if (in < 1) return -1;
+    /* Above this, (in + 7) and 8 * lane-words could overflow int64. */
+    if (in < 1 || in > DQ_PACK_MAX_IN) return -1;
     int64_t lw = lane_words(bits, (in + 7) / 8);
     return lw < 0 ? -1 : 8 * lw;
 }

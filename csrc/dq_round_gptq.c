@@ -118,7 +118,7 @@ static int factor_rung(const double *H, int64_t n, const int64_t *perm, int dead
      * instead. */
     for (int64_t i = 0; i < n; i++) {
         const double p = M[(n - 1 - i) * n + (n - 1 - i)];
-        if (!(p > 0.0) || !(p * p > tol) || !isfinite(p)) return -1;
+        if (!(p > 0.0) || !(p * p > tol) || !isfinite(p) || !isfinite((float)p)) return -1;
         d[i] = p;
         rdiag[i] = (float)p;
     }
@@ -318,7 +318,9 @@ static inline __attribute__((always_inline)) void round_tile(const sweep_t *x, i
             const float s = x->S[r * G + gi], z = sym ? 0.0f : x->Z[r * G + gi];
             const float w = x->Wp[r * n + c], w0 = x->W0[r * n + c];
             float q = dq_round(safe_divf(sym ? w : w - z, s), rule);
-            if (q < qmin) q = qmin;
+            /* Written so a NaN lands on qmin: the int8 cast below is then
+             * defined for every input (the boundary reports the NaN). */
+            if (!(q >= qmin)) q = qmin;
             if (q > qmax) q = qmax;
             const float Q = s * q + z;
             const float dj = Q - w0;
@@ -384,7 +386,7 @@ static void baseline_params(const float *w, int64_t len, const dq_layer_t *L, fl
         /* -lo/s lies in [0, maxq] up to rounding: the clamp never binds
          * on a normal scale and keeps the int cast defined on a tiny one. */
         zeta = dq_round(safe_divf(-lo, s), L->rule);
-        if (zeta < 0.0f) zeta = 0.0f;
+        if (!(zeta >= 0.0f)) zeta = 0.0f;
         if (zeta > maxq) zeta = maxq;
     }
     *s_out = s;
@@ -431,7 +433,8 @@ static inline __attribute__((always_inline)) void baseline_tile(const sweep_t *x
             const int32_t zi = x->zeta[r * G + gi];
             const float w = x->Wp[r * n + c], w0 = x->W0[r * n + c];
             float qu = dq_round(safe_divf(w, s), rule) + (float)zi;
-            if (qu < 0.0f) qu = 0.0f;
+            /* NaN-safe clamp: the int cast below is defined for every input. */
+            if (!(qu >= 0.0f)) qu = 0.0f;
             if (qu > maxq) qu = maxq;
             /* Dequantise in the output's own convention (signed code, float
              * zero) so the sweep feeds back exactly what the caller gets. */
@@ -522,6 +525,10 @@ static dq_status sweep(sweep_t *x, dq_range_fn fn, int cut_at_groups, double *er
     x->gcol = gcol;
     dq_parallel_for(m, SWEEP_MIN_ROWS, nt, permute_range, x);
     for (int64_t i1 = 0; i1 < n;) {
+        if (dq_interrupted()) {
+            st = DQ_EINTR;
+            goto done;
+        }
         const int64_t i2 = block_end(i1, x->B, n, L->g, cut_at_groups);
         x->i1 = i1;
         x->cnt = i2 - i1;

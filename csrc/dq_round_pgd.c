@@ -276,6 +276,10 @@ dq_status dq_round_pgd(const dq_layer_t *L, const int64_t *perm, const float *S,
     x.c0 = 0;
     x.phase_a = 1;
     for (int64_t k = 0; k < K1; k++) {
+        if (dq_interrupted()) {
+            st = DQ_EINTR;
+            goto done;
+        }
         set_adam(&x, ++t, opts->lr, PGD_EPS_A);
         if ((st = dq_parallel_for(m, rows_per_chunk(n), nth, adam_rows, &x)) != DQ_OK) goto done;
         if (k + 1 < K1)  /* G = (V - W) H */
@@ -287,6 +291,10 @@ dq_status dq_round_pgd(const dq_layer_t *L, const int64_t *perm, const float *S,
     /* Phase B: snap column c, then K2 steps on the columns [c+1, n). */
     x.phase_a = 0;
     for (int64_t c = 0; c + 1 < n; c++) {
+        if (dq_interrupted()) {
+            st = DQ_EINTR;
+            goto done;
+        }
         for (int64_t r = 0; r < m; r++) {
             const int64_t i = r * n + c;
             float nv = snap1(V[i], Sp[i], Zp[i], x.qmin, x.qmax, x.rule);

@@ -692,6 +692,10 @@ static dq_status eval_pairs(const dq_layer_t *L, const float *lo, const float *h
     }
     const int nth = dq_num_threads();
     for (int64_t p0 = 0; p0 < npairs; p0 += chunk) {
+        if (dq_interrupted()) {
+            st = DQ_EINTR;
+            goto done;
+        }
         const int64_t cnt = npairs - p0 < chunk ? npairs - p0 : chunk;
         E.p0 = p0;
         st = dq_parallel_for(cnt, 4, nth, eval_diff, &E);
@@ -821,6 +825,10 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
         int64_t sub = (int64_t)((double)(EVENT_BYTES / (int64_t)sizeof(flip_t)) / (per_row + 1.0));
         if (sub < 1) sub = 1;
         for (int64_t s0 = 0; s0 < rows;) {
+            if (dq_interrupted()) {
+                st = DQ_EINTR;
+                goto done;
+            }
             const int64_t s1 = rows - s0 < sub ? rows : s0 + sub;
             block_t Bs = B;
             Bs.r0 = r0 + s0;

@@ -236,6 +236,10 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
     keep_best(L, NULL, m, cand.A, S, Z, cand.err, A, S, Z, err, changed);
     record(trace, max_trace, n_trace, err, m);
     if (opts->iterations < 2) goto done;
+    if (dq_interrupted()) {
+        st = DQ_EINTR;
+        goto done;
+    }
 
     /* Iteration 0's candidate (S', Z') is the float solve of RTN codes: with
      * the reference's start (3.3) under each row's best shrunk range, else
@@ -264,6 +268,10 @@ static dq_status solve_decoupleq(const dq_layer_t *L, const dq_solve_opts_t *opt
      * whose inputs the previous step changed (see rowset_t). */
     const size_t sz_row = sizeof(float) * (size_t)L->G;
     for (int it = 0; it < opts->iterations - 1; it++) {
+        if (dq_interrupted()) {
+            st = DQ_EINTR;
+            goto done;
+        }
         const float *Sc = it == 0 ? shrunk.S : S;
         const float *Zc = it == 0 ? shrunk.Z : Z;
         if ((st = rowset_make(L, it == 0 ? NULL : changed, &set)) != DQ_OK) goto done;

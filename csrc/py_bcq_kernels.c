@@ -15,8 +15,8 @@ static int check_bcq_bits(int bits)
 
 static int check_in(Py_ssize_t in)
 {
-    if (in < 1) {
-        PyErr_Format(PyExc_ValueError, "in_features must be >= 1, got %zd", in);
+    if (in < 1 || (long long)in > (long long)INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "in_features must be in [1, %d], got %zd", INT32_MAX, in);
         return -1;
     }
     return 0;
@@ -116,6 +116,7 @@ static PyObject *py_bcq_pack(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "indices must have at least one column");
         goto fail;
     }
+    if (check_in(in) < 0) goto fail;
     npy_intp dims[2] = {out, (npy_intp)dq_bcq_row_words(bits, in)};
     if (!(P = dq_py_zeros(2, dims, NPY_UINT32))) goto fail;
     dq_status st;

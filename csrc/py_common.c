@@ -1,6 +1,9 @@
 /* Boundary helpers: array checks and dq_status -> Python exceptions. */
 #include "py_common.h"
+#include "dq_checks.h"
 
+#include <float.h>
+#include <stdio.h>
 #include <string.h>
 
 static const char *dtype_name(int typenum)
@@ -83,8 +86,84 @@ int dq_py_check_finite(PyArrayObject *a, const char *argname)
     return 0;
 }
 
+/* ---- interrupts ------------------------------------------------------- */
+
+/* Ident of the interpreter's main thread: the only one that runs Python
+ * signal handlers, so the only one whose polls can see Ctrl-C. */
+static unsigned long main_thread_ident = 0;
+/* The exception a signal handler raised during a core call (owned; only
+ * touched with the GIL held), re-raised once the call has unwound. */
+static PyObject *stashed_type = NULL, *stashed_value = NULL, *stashed_tb = NULL;
+
+/* Called by dq_interrupted() in the thread running a core call, with the GIL
+ * released.  Takes the GIL for the few microseconds PyErr_CheckSignals
+ * needs; a handler that raises (KeyboardInterrupt by default) stops the
+ * core call, a handler that returns lets it go on. */
+static int interrupt_hook(void)
+{
+    if (PyThread_get_thread_ident() != main_thread_ident) return 0;
+    PyGILState_STATE g = PyGILState_Ensure();
+    int stop = 0;
+    if (PyErr_CheckSignals() < 0) {
+        Py_CLEAR(stashed_type);
+        Py_CLEAR(stashed_value);
+        Py_CLEAR(stashed_tb);
+        PyErr_Fetch(&stashed_type, &stashed_value, &stashed_tb);
+        stop = 1;
+    }
+    PyGILState_Release(g);
+    return stop;
+}
+
+int dq_py_install_interrupt_hook(void)
+{
+    PyObject *threading = PyImport_ImportModule("threading");
+    if (!threading) return -1;
+    PyObject *main = PyObject_CallMethod(threading, "main_thread", NULL);
+    Py_DECREF(threading);
+    if (!main) return -1;
+    PyObject *ident = PyObject_GetAttrString(main, "ident");
+    Py_DECREF(main);
+    if (!ident) return -1;
+    main_thread_ident = PyLong_AsUnsignedLong(ident);
+    Py_DECREF(ident);
+    if (PyErr_Occurred()) return -1;
+    dq_set_interrupt_hook(interrupt_hook);
+    return 0;
+}
+
+/* Raise what stopped the call: the handler's own exception, else a plain
+ * KeyboardInterrupt. */
+static void raise_interrupt(void)
+{
+    dq_interrupt_take();
+    if (stashed_type) {
+        PyErr_Restore(stashed_type, stashed_value, stashed_tb);
+        stashed_type = stashed_value = stashed_tb = NULL;
+    } else {
+        PyErr_SetNone(PyExc_KeyboardInterrupt);
+    }
+}
+
+void dq_py_format_double(double x, char *buf, size_t size)
+{
+    /* PyErr_Format has no %g: numbers are formatted here first. */
+    snprintf(buf, size, "%.6g", x);
+}
+
 PyObject *dq_py_status_error(dq_status st, const char *what)
 {
+    if (st == DQ_EINTR) {
+        raise_interrupt();
+        return NULL;
+    }
+    /* An interrupt seen by a loop that then failed for another reason is
+     * dropped with it: the failure is what the caller needs to know. */
+    if (dq_interrupt_take()) {
+        Py_CLEAR(stashed_type);
+        Py_CLEAR(stashed_value);
+        Py_CLEAR(stashed_tb);
+    }
     switch (st) {
     case DQ_OK: break;
     case DQ_ENOMEM: PyErr_Format(PyExc_MemoryError, "%s: out of memory", what); break;
@@ -95,7 +174,14 @@ PyObject *dq_py_status_error(dq_status st, const char *what)
                      what);
         break;
     case DQ_ENONFINITE:
-        PyErr_Format(PyExc_ValueError, "%s: a NaN or Inf appeared in the solution", what);
+        PyErr_Format(PyExc_ValueError,
+                     "%s: a NaN or Inf appeared in the solution (the inputs are finite, but "
+                     "too large for float32 arithmetic; scale W or H00 down)",
+                     what);
+        break;
+    case DQ_ERANGE:
+        PyErr_Format(PyExc_OverflowError, "%s: the sizes are too large (a size computation "
+                     "overflows 64-bit integers or the address space)", what);
         break;
     default: PyErr_Format(PyExc_RuntimeError, "%s: failed with status %d", what, (int)st);
     }
@@ -165,7 +251,8 @@ int dq_py_layer_args(PyObject *W, PyObject *H, long group_size, int bits, int sy
     } else {
         out->group_size = group_size;
     }
-    if (dq_py_check_finite(out->W, "W") < 0 || dq_py_check_finite(out->H, "H00") < 0) goto fail;
+    if (dq_py_check_finite(out->W, "W") < 0 || dq_py_check_weight_range(out->W, "W") < 0) goto fail;
+    if (dq_py_check_hessian(out->H, "H00", out->W, "W") < 0) goto fail;
     out->bits = bits;
     out->symmetric = symmetric ? 1 : 0;
     return 0;
@@ -191,4 +278,90 @@ PyArrayObject *dq_py_take_params(PyObject *obj, const char *name, int64_t m, int
         return NULL;
     }
     return a;
+}
+
+int dq_py_check_weight_range(PyArrayObject *W, const char *name)
+{
+    const float big = dq_absmax_f32((const float *)PyArray_DATA(W), (int64_t)PyArray_SIZE(W));
+    /* max - min of a group must stay finite: |w| < FLT_MAX / 2. */
+    if (big >= FLT_MAX / 2) {
+        char v[32];
+        dq_py_format_double(big, v, sizeof v);
+        PyErr_Format(PyExc_ValueError,
+                     "%s has an entry of magnitude %s: weights must stay below 1.7e38 in "
+                     "magnitude (FLT_MAX / 2), or the min-max scale of their group "
+                     "overflows float32",
+                     name, v);
+        return -1;
+    }
+    return 0;
+}
+
+int dq_py_check_hessian(PyArrayObject *H, const char *name, PyArrayObject *W, const char *wname)
+{
+    if (dq_py_check_finite(H, name) < 0) return -1;
+    const int64_t n = PyArray_DIM(H, 0);
+    const double *h = (const double *)PyArray_DATA(H);
+    char v[32], t[32];
+    for (int64_t i = 0; i < n; i++) {
+        if (h[i * n + i] < 0.0) {
+            dq_py_format_double(h[i * n + i], v, sizeof v);
+            PyErr_Format(PyExc_ValueError,
+                         "%s is not positive semi-definite: %s[%lld, %lld] = %s < 0", name, name,
+                         (long long)i, (long long)i, v);
+            return -1;
+        }
+    }
+    double hmax = 0.0;
+    for (int64_t i = 0; i < n * n; i++)
+        if (fabs(h[i]) > hmax) hmax = fabs(h[i]);
+    /* The solver works on a float32 copy of H00. */
+    if (hmax > FLT_MAX) {
+        dq_py_format_double(hmax, v, sizeof v);
+        PyErr_Format(PyExc_ValueError,
+                     "%s has an entry of magnitude %s, beyond float32 (3.4e38), in which the "
+                     "solver works; scale %s down (the codes do not depend on its scale)",
+                     name, v, name);
+        return -1;
+    }
+    int64_t bi, bj;
+    if (dq_find_asymmetry(h, n, &bi, &bj)) {
+        dq_py_format_double(h[bi * n + bj], v, sizeof v);
+        dq_py_format_double(h[bj * n + bi], t, sizeof t);
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be symmetric: %s[%lld, %lld] = %s but %s[%lld, %lld] = %s "
+                     "(beyond a tolerance of 1e-5 * sqrt(%s[i, i] * %s[j, j]))",
+                     name, name, (long long)bi, (long long)bj, v, name, (long long)bj,
+                     (long long)bi, t, name, name);
+        return -1;
+    }
+    if (W) {
+        const double bound = dq_wh_bound((const float *)PyArray_DATA(W), PyArray_DIM(W, 0), n, h);
+        if (bound > FLT_MAX) {
+            dq_py_format_double(bound, v, sizeof v);
+            PyErr_Format(PyExc_ValueError,
+                         "%s and %s are too large together: max|%s| * max row sum |%s| = %s "
+                         "overflows float32, in which the solver computes %s %s; scale %s down "
+                         "(the codes do not depend on its scale)",
+                         wname, name, wname, name, v, wname, name, name);
+            return -1;
+        }
+    }
+    dq_status st;
+    int64_t col = -1;
+    Py_BEGIN_ALLOW_THREADS
+    st = dq_check_psd(h, n, &col);
+    Py_END_ALLOW_THREADS
+    if (st == DQ_ENOTPD) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s is not positive semi-definite: its Cholesky factorisation with a "
+                     "shift of 1e-5 * max(diag %s) fails at column %lld",
+                     name, name, (long long)col);
+        return -1;
+    }
+    if (st != DQ_OK) {
+        dq_py_status_error(st, name);
+        return -1;
+    }
+    return 0;
 }

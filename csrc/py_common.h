@@ -72,6 +72,22 @@ int dq_py_layer_args(PyObject *W, PyObject *H, long group_size, int bits, int sy
                      const char *rule, dq_py_layer_args_t *out);
 void dq_py_layer_args_release(dq_py_layer_args_t *a);
 
+/* W's entries below FLT_MAX / 2 in magnitude (min-max ranges stay finite);
+ * else ValueError naming it. */
+int dq_py_check_weight_range(PyArrayObject *W, const char *name);
+
+/* H (float64 n x n, already taken) as the solver needs it: finite, diag >= 0,
+ * entries within float32, symmetric within DQ_SYM_RTOL, W H within float32
+ * (W NULL: not checked), positive semi-definite within DQ_PSD_RTOL (a
+ * Cholesky, with the GIL released).  ValueError naming it, else 0. */
+int dq_py_check_hessian(PyArrayObject *H, const char *name, PyArrayObject *W, const char *wname);
+
+/* Installs the core's interrupt hook (module init). */
+int dq_py_install_interrupt_hook(void);
+
+/* "%.6g" of x into buf: PyErr_Format has no %g. */
+void dq_py_format_double(double x, char *buf, size_t size);
+
 /* "minmax" / "shrink" / "neuqi" / "neuqi_int" -> DQ_INIT_*; else ValueError naming init. */
 int dq_py_parse_init(const char *init, int *out);
 

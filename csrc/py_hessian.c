@@ -242,10 +242,12 @@ static PyObject *py_damp(PyObject *self, PyObject *args, PyObject *kwargs)
     for (int64_t i = 0; i < n; i++) {
         double d = h[i * n + i];
         if (d < 0.0) {
+            char v[32];
+            dq_py_format_double(d, v, sizeof v);
             PyErr_Format(PyExc_ValueError,
-                         "H has a negative diagonal entry H[%lld, %lld] = %g: not a Hessian "
+                         "H has a negative diagonal entry H[%lld, %lld] = %s: not a Hessian "
                          "(a mean outer product has a nonnegative diagonal)",
-                         (long long)i, (long long)i, d);
+                         (long long)i, (long long)i, v);
             goto fail;
         }
         any |= d != 0.0;

@@ -30,7 +30,7 @@ static PyArrayObject *take_W(PyObject *obj, int64_t *m, int64_t *n)
                      (long long)*m, (long long)*n);
         goto fail;
     }
-    if (dq_py_check_finite(W, "W") < 0) goto fail;
+    if (dq_py_check_finite(W, "W") < 0 || dq_py_check_weight_range(W, "W") < 0) goto fail;
     return W;
 fail:
     Py_DECREF(W);
@@ -119,8 +119,10 @@ static PyObject *py_minmax_params(PyObject *self, PyObject *args, PyObject *kwar
         const float *p = PyArray_DATA(P);
         for (int64_t r = 0; r < m; r++) {
             if (!(p[r] > 0.0f && p[r] <= 1.0f)) {
-                PyErr_Format(PyExc_ValueError, "p_row must lie in (0, 1], got %g at row %lld",
-                             (double)p[r], (long long)r);
+                char v[32];
+                dq_py_format_double((double)p[r], v, sizeof v);
+                PyErr_Format(PyExc_ValueError, "p_row must lie in (0, 1], got %s at row %lld", v,
+                             (long long)r);
                 goto fail;
             }
         }
@@ -235,7 +237,7 @@ static PyObject *py_row_errors(PyObject *self, PyObject *args, PyObject *kwargs)
                      (long long)PyArray_DIM(H, 1));
         goto fail;
     }
-    if (dq_py_check_finite(H, "H00") < 0) goto fail;
+    if (dq_py_check_hessian(H, "H00", W, "W") < 0) goto fail;
     npy_intp dims[1] = {m};
     if (!(err = dq_py_zeros(1, dims, NPY_FLOAT64))) goto fail;
     dq_layer_t L;

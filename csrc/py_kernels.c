@@ -16,6 +16,28 @@ static int check_bits(int bits)
     return 0;
 }
 
+/* in_features from Python: 1 .. DQ_PACK_MAX_IN. */
+static int check_in_features(Py_ssize_t in)
+{
+    if (in < 1 || (long long)in > (long long)DQ_PACK_MAX_IN) {
+        PyErr_Format(PyExc_ValueError, "in_features must be in [1, %lld], got %zd",
+                     (long long)DQ_PACK_MAX_IN, in);
+        return -1;
+    }
+    return 0;
+}
+
+/* A row count (out_features, batch) the kernels and BLAS can index. */
+static int check_rows(Py_ssize_t rows, const char *what)
+{
+    if ((long long)rows > (long long)DQ_PACK_MAX_IN) {
+        PyErr_Format(PyExc_ValueError, "%s must be at most %lld, got %zd", what,
+                     (long long)DQ_PACK_MAX_IN, rows);
+        return -1;
+    }
+    return 0;
+}
+
 static int check_threads(int threads)
 {
     if (threads < 0) {
@@ -56,11 +78,7 @@ static int take_packed(PyObject *packed, PyObject *scale, PyObject *zero, int bi
                        PyArrayObject **pk, PyArrayObject **ps, PyArrayObject **pz)
 {
     *pk = *ps = *pz = NULL;
-    if (check_bits(bits) < 0) return -1;
-    if (in_features < 1) {
-        PyErr_Format(PyExc_ValueError, "in_features must be >= 1, got %zd", in_features);
-        return -1;
-    }
+    if (check_bits(bits) < 0 || check_in_features(in_features) < 0) return -1;
     if (group_size != -1 && group_size < 1) {
         PyErr_Format(PyExc_ValueError, "group_size must be -1 (per-channel) or positive, got %zd",
                      group_size);
@@ -72,6 +90,7 @@ static int take_packed(PyObject *packed, PyObject *scale, PyObject *zero, int bi
         return -1;
     }
     if (!(*pk = dq_py_take(packed, "packed", NPY_UINT32, 2))) return -1;
+    if (check_rows(PyArray_DIM(*pk, 0), "packed's row count (out_features)") < 0) goto fail;
     dq_packed_describe(W, PyArray_DIM(*pk, 0), in_features, bits, group_size);
     if (PyArray_DIM(*pk, 1) != W->row_words) {
         PyErr_Format(PyExc_ValueError,
@@ -147,6 +166,7 @@ static PyObject *py_pack_codes(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "codes must have at least one column");
         goto fail;
     }
+    if (check_in_features(in) < 0 || check_rows(out, "codes' row count") < 0) goto fail;
     npy_intp dims[2] = {out, (npy_intp)dq_pack_row_words(bits, in)};
     if (out_obj == Py_None) {
         if (!(P = dq_py_zeros(2, dims, NPY_UINT32))) goto fail;
@@ -193,11 +213,7 @@ static PyObject *py_unpack_codes(PyObject *self, PyObject *args, PyObject *kwarg
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oin:unpack_codes", kwlist, &packed_obj, &bits,
                                      &in))
         return NULL;
-    if (check_bits(bits) < 0) return NULL;
-    if (in < 1) {
-        PyErr_Format(PyExc_ValueError, "in_features must be >= 1, got %zd", in);
-        return NULL;
-    }
+    if (check_bits(bits) < 0 || check_in_features(in) < 0) return NULL;
     if (!(P = dq_py_take(packed_obj, "packed", NPY_UINT32, 2))) return NULL;
     int64_t rw = dq_pack_row_words(bits, in);
     if (PyArray_DIM(P, 1) != rw) {
@@ -286,6 +302,7 @@ static PyObject *py_packed_matmul(PyObject *self, PyObject *args, PyObject *kwar
     }
     if (take_packed(packed, scale, zero, bits, in, group_size, &W, &pk, &ps, &pz) < 0) return NULL;
     if (!(X = dq_py_take(x_obj, "x", NPY_FLOAT32, 2))) goto fail;
+    if (check_rows(PyArray_DIM(X, 0), "x's batch size") < 0) goto fail;
     if (PyArray_DIM(X, 1) != in) {
         PyErr_Format(PyExc_ValueError, "x must have shape (batch, %zd), got (%zd, %zd)", in,
                      (Py_ssize_t)PyArray_DIM(X, 0), (Py_ssize_t)PyArray_DIM(X, 1));

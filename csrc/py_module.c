@@ -46,8 +46,8 @@ static PyObject *py_set_blas_threads(PyObject *self, PyObject *arg)
     (void)self;
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 1) {
-        PyErr_Format(PyExc_ValueError, "threads must be >= 1, got %ld", n);
+    if (n < 1 || n > 1024) {
+        PyErr_Format(PyExc_ValueError, "threads must be in [1, 1024], got %ld", n);
         return NULL;
     }
     dq_openblas_set_num_threads((int)n);
@@ -97,6 +97,10 @@ PyMODINIT_FUNC PyInit__C(void)
         }
     }
     Py_DECREF(modname);
+    if (dq_py_install_interrupt_hook() < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     /* The batch size up to which packed_matmul reads the codes directly (above
      * it: dequantize, then GEMM); QuantLinear picks its own path by it. */
     if (PyModule_AddIntConstant(m, "SMALL_BATCH_MAX", DQ_SMALL_BATCH_MAX) < 0) {

@@ -65,7 +65,9 @@ static PyObject *py_decoupleq(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     if (!(lr > 0.0) || !isfinite(lr)) {
-        PyErr_Format(PyExc_ValueError, "lr must be a finite number > 0, got %g", lr);
+        char v[32];
+        dq_py_format_double(lr, v, sizeof v);
+        PyErr_Format(PyExc_ValueError, "lr must be a finite number > 0, got %s", v);
         return NULL;
     }
     opts.act_order = act_order;
@@ -83,8 +85,19 @@ static PyObject *py_decoupleq(PyObject *self, PyObject *args, PyObject *kwargs)
     S = dq_py_zeros(2, dims_S, NPY_FLOAT32);
     Z = dq_py_zeros(2, dims_S, NPY_FLOAT32);
     err = dq_py_zeros(1, dims_e, NPY_FLOAT64);
-    trace = dq_py_zeros(2, dims_t, NPY_FLOAT64);
-    if (!A || !S || !Z || !err || !trace) goto fail;
+    if (!A || !S || !Z || !err) goto fail;
+    /* The trace holds a row of m errors per step, 2 * iterations - 1 of
+     * them at most: say so when that is what does not fit. */
+    int64_t trace_bytes;
+    if (dq_mul_overflow(max_trace, m, &trace_bytes) || dq_mul_overflow(trace_bytes, 8, &trace_bytes) ||
+        !(trace = dq_py_zeros(2, dims_t, NPY_FLOAT64))) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_MemoryError,
+                     "iterations %d is too large: the trace of per-row errors "
+                     "((2 * iterations - 1) x %lld float64) does not fit in memory",
+                     iterations, (long long)m);
+        goto fail;
+    }
 
     dq_status st;
     int64_t n_trace = 0;

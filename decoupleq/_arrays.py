@@ -50,7 +50,9 @@ def as_float_matrix(x, name: str, dtype, shape=None) -> np.ndarray:
         raise ValueError(f"{name} must be 2-dimensional, got shape {a.shape}")
     if shape is not None and a.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
-    a = np.ascontiguousarray(a, dtype=dtype)
+    # "A": aligned too (ascontiguousarray keeps an unaligned contiguous view,
+    # which the C core refuses).
+    a = np.require(a, dtype=dtype, requirements=["C", "A"])
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return a

@@ -61,7 +61,7 @@ def _x_numpy(x, in_features: int):
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., {in_features}), got {x.shape}")
     lead = x.shape[:-1]
-    x2 = np.ascontiguousarray(x.reshape(-1, in_features), dtype=np.float32)
+    x2 = np.require(x.reshape(-1, in_features), dtype=np.float32, requirements=["C", "A"])
     return x2, lead
 
 

@@ -352,7 +352,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
             xd = xd.to(torch.float32)
         # NumPy's reshape: a view (no copy) for contiguous input, and cheaper than torch's.
         xn = xd.numpy()
-        x2 = np.ascontiguousarray(xn.reshape(-1, self.in_features))
+        x2 = np.require(xn.reshape(-1, self.in_features), requirements=["C", "A"])
         threads = torch.get_num_threads()  # so torch.set_num_threads limits us too
         if x2.shape[0] > SMALL_BATCH_MAX:
             # Prefill: dequantize with the core's threads, multiply with torch's GEMM.

@@ -326,6 +326,12 @@ def test_benchmark_writes_the_documented_records(tmp_path):
            "--json", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=root)
     records = json.loads(out.read_text())
+    # Every record says which code, settings, threads and versions made it.
+    for r in records:
+        run = r["run"]
+        assert run["config"]["threads"] == 1 and run["config"]["shapes"] == "8x64"
+        assert {"blas_threads", "core_threads", "cpus"} <= set(run["threads"])
+        assert run["versions"]["numpy"] == np.__version__ and run["versions"]["decoupleq"]
     bw = [r for r in records if r["impl"] == "read_bandwidth"]
     assert len(bw) == 1 and bw[0]["gbps"] > 0
     ceiling = [r for r in records if r["impl"] == "fma_ceiling"]

@@ -212,12 +212,15 @@ def test_gptq_baseline_symmetric_has_zero_zero():
     np.testing.assert_allclose(err, exact_errors(W, A, S, Z, H00), rtol=1e-4)
 
 
-def test_gptq_baseline_ladder_on_an_indefinite_hessian():
-    # t = 0 fails; t = 0.01 factors H00 + 0.01 mean(diag) I, exactly what a
-    # caller passing that matrix gets at t = 0.
+def test_gptq_baseline_ladder_on_a_barely_indefinite_hessian():
+    # Smallest eigenvalue -1e-7 max(diag): inside the PSD check's tolerance
+    # (1e-5), yet t = 0 fails; t = 0.01 factors H00 + 0.01 mean(diag) I,
+    # exactly what a caller passing that matrix gets at t = 0.
     W, H00 = problem(4, 12, 12)
-    bad = H00.copy()
-    bad[3, 3] = -0.001 * np.mean(np.diag(H00))
+    lam_min = np.linalg.eigvalsh(H00)[0]
+    bad = H00 - (lam_min + 1e-7 * np.max(np.diag(H00))) * np.eye(12)
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(bad)
     good = bad + 0.01 * np.mean(np.diag(bad)) * np.eye(12)
     a = R.gptq(W, bad, 2, -1, False, False, "half_even", 4)
     b = R.gptq(W, good, 2, -1, False, False, "half_even", 4)

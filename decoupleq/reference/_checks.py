@@ -79,14 +79,65 @@ def weight(W) -> tuple[int, int]:
     if m < 1 or n < 1:
         raise ValueError(f"W must have at least one row and one column, got shape {W.shape}")
     finite(W, "W")
+    weight_range(W)
     return m, n
 
 
-def hessian(H00, n: int) -> None:
-    """H00: float64 (n, n), finite (symmetry is assumed, not checked)."""
+# Tolerances of the checks below, the same as the C boundary's (csrc/dq_checks.h).
+SYM_RTOL = 1e-5  # |H_ij - H_ji| <= SYM_RTOL * sqrt(H_ii H_jj)
+PSD_RTOL = 1e-5  # H + PSD_RTOL * max(diag H) * I must have a Cholesky factor
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def weight_range(W: np.ndarray, name: str = "W") -> None:
+    """|w| < FLT_MAX / 2, so that max - min of any group stays finite in float32."""
+    big = float(np.abs(W).max(initial=0.0))
+    if big >= F32_MAX / 2:
+        raise ValueError(
+            f"{name} has an entry of magnitude {big:.6g}: weights must stay below 1.7e38 in "
+            "magnitude (FLT_MAX / 2), or the min-max scale of their group overflows float32")
+
+
+def hessian(H00, n: int, W=None) -> None:
+    """H00: float64 (n, n), finite, symmetric and positive semi-definite within
+    the tolerances above, with entries (and, given W, W H00) within float32."""
     array(H00, "H00", np.float64, 2)
     shape(H00, "H00", (n, n), "in_features x in_features of W")
     finite(H00, "H00")
+    d = np.diag(H00)
+    neg = np.flatnonzero(d < 0)
+    if neg.size:
+        i = int(neg[0])
+        raise ValueError(f"H00 is not positive semi-definite: H00[{i}, {i}] = {d[i]:.6g} < 0")
+    hmax = float(np.abs(H00).max())
+    if hmax > F32_MAX:
+        raise ValueError(
+            f"H00 has an entry of magnitude {hmax:.6g}, beyond float32 (3.4e38), in which the "
+            "solver works; scale H00 down (the codes do not depend on its scale)")
+    tol = SYM_RTOL * np.sqrt(np.outer(d, d))
+    bad = np.argwhere(np.triu(~(np.abs(H00 - H00.T) <= tol), 1))
+    if bad.size:
+        i, j = (int(v) for v in bad[0])
+        raise ValueError(
+            f"H00 must be symmetric: H00[{i}, {j}] = {H00[i, j]:.6g} but H00[{j}, {i}] = "
+            f"{H00[j, i]:.6g} (beyond a tolerance of 1e-5 * sqrt(H00[i, i] * H00[j, j]))")
+    if W is not None:
+        bound = float(np.abs(W).max(initial=0.0)) * float(np.abs(H00).sum(axis=1).max())
+        if bound > F32_MAX:
+            raise ValueError(
+                f"W and H00 are too large together: max|W| * max row sum |H00| = {bound:.6g} "
+                "overflows float32, in which the solver computes W H00; scale H00 down "
+                "(the codes do not depend on its scale)")
+    dmax = float(d.max())
+    shift = PSD_RTOL * dmax if dmax > 0 else 1.0
+    # Only the lower triangle is read, as LAPACK's factorisation in C does.
+    L = np.tril(H00) + np.tril(H00, -1).T + shift * np.eye(n)
+    try:
+        np.linalg.cholesky(L)
+    except np.linalg.LinAlgError:
+        raise ValueError(
+            "H00 is not positive semi-definite: its Cholesky factorisation with a shift of "
+            "1e-5 * max(diag H00) fails") from None
 
 
 def bits(value) -> int:

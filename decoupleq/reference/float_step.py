@@ -152,7 +152,7 @@ def float_step(W, A, H00, group_size, symmetric):
     """
     m, n = _checks.weight(W)
     _checks.codes(A, m, n)
-    _checks.hessian(H00, n)
+    _checks.hessian(H00, n, W)
     g = _checks.group_size(group_size, n)
     symmetric = _checks.flag("symmetric", symmetric)
     return _float_step(W, A, H00, g, symmetric)

@@ -191,7 +191,7 @@ def round_gptq(W, S, Z, H00, bits, group_size, symmetric, act_order, rule, block
         ValueError: if no rung of the damping ladder factors.
     """
     m, n = _checks.weight(W)
-    _checks.hessian(H00, n)
+    _checks.hessian(H00, n, W)
     bits = _checks.bits(bits)
     g = _checks.group_size(group_size, n)
     _checks.scale_zero(S, Z, m, n // g)
@@ -306,7 +306,7 @@ def gptq(W, H00, bits, group_size, symmetric, act_order, rule, blocksize=128):
         A: int8 (m, n); S, Z: float32 (m, G); err: float64 (m,).
     """
     m, n = _checks.weight(W)
-    _checks.hessian(H00, n)
+    _checks.hessian(H00, n, W)
     bits = _checks.bits(bits)
     g = _checks.group_size(group_size, n)
     symmetric = _checks.flag("symmetric", symmetric)

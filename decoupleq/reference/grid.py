@@ -184,5 +184,5 @@ def row_errors(W, A, S, Z, H00):
         raise ValueError(f"S must have shape (m, G) with G dividing in_features {n}, got {S.shape}")
     _checks.scale_zero(S, Z, m, G)
     _checks.codes(A, m, n)
-    _checks.hessian(H00, n)
+    _checks.hessian(H00, n, W)
     return _row_errors(W, A, S, Z, H00)

@@ -111,7 +111,7 @@ def round_pgd(W, S, Z, H00, bits, group_size, symmetric, act_order, rule,
         A: int8 (m, n); err: float64 (m,) measured with H00.
     """
     m, n = _checks.weight(W)
-    _checks.hessian(H00, n)
+    _checks.hessian(H00, n, W)
     bits = _checks.bits(bits)
     g = _checks.group_size(group_size, n)
     _checks.scale_zero(S, Z, m, n // g)

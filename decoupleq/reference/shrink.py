@@ -52,7 +52,7 @@ def shrink_search(W, H00, bits, group_size, symmetric, rule):
         err: float64 (m,) RTN error under (S, Z).
     """
     m, n = _checks.weight(W)
-    _checks.hessian(H00, n)
+    _checks.hessian(H00, n, W)
     bits = _checks.bits(bits)
     g = _checks.group_size(group_size, n)
     symmetric = _checks.flag("symmetric", symmetric)

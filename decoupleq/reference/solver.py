@@ -35,7 +35,7 @@ def rtn(W, H00, bits, group_size, symmetric, rule):
         A: int8 (m, n); S, Z: float32 (m, G); err: float64 (m,).
     """
     m, n = _checks.weight(W)
-    _checks.hessian(H00, n)
+    _checks.hessian(H00, n, W)
     bits = _checks.bits(bits)
     g = _checks.group_size(group_size, n)
     symmetric = _checks.flag("symmetric", symmetric)
@@ -159,7 +159,7 @@ def decoupleq(W, H00, bits, group_size, symmetric, act_order, rule, iterations, 
         so k <= 2·iterations.
     """
     m, n = _checks.weight(W)
-    _checks.hessian(H00, n)
+    _checks.hessian(H00, n, W)
     bits = _checks.bits(bits)
     g = _checks.group_size(group_size, n)
     symmetric = _checks.flag("symmetric", symmetric)
