@@ -44,7 +44,7 @@ def _group_size(text):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import METHODS, ROUNDINGS, TUNE_TARGETS
+    from .config import INITS, METHODS, ROUNDINGS, TUNE_TARGETS
     from .data import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
     from .evaluate import DEFAULT_MAX_WINDOWS, DEFAULT_SEQ_LEN as EVAL_SEQ_LEN
 
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoupleQ: one GPTQ pass plus ITERATIONS-1 alternations (default 4)")
     q.add_argument("--rounding", choices=ROUNDINGS, default="gptq", help="decoupleQ's integer step (default gptq)")
     q.add_argument("--damping", type=float, default=0.01, help="percdamp (default 0.01)")
+    q.add_argument("--init", choices=INITS, default=None,
+                   help="where scales and zeros start: minmax, shrink (decoupleQ's reference), neuqi, "
+                        "neuqi_int (default: the method's, neuqi; minmax for uniquanf)")
     q.add_argument("--blockwise", dest="blockwise", action="store_true", default=None,
                    help="tune each block's float parts against its full-precision outputs (default for decoupleq)")
     q.add_argument("--no-blockwise", dest="blockwise", action="store_false")
@@ -306,7 +309,7 @@ def cmd_quantize(args) -> int:
     # Every setting is checked before the model is read.
     quant = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                         act_order=args.act_order, iterations=args.iterations, rounding=args.rounding,
-                        damping=args.damping)
+                        damping=args.damping, init=args.init)
     blockwise = args.blockwise if args.blockwise is not None else args.method == "decoupleq"
     tune = BlockTuneConfig(enabled=blockwise)
     if args.blockwise_lr is not None:

@@ -83,7 +83,7 @@ def test_eval_encoder_needs_a_reference(tmp_path, texts, capsys):
 def test_quantize_eval_info_round_trip(llama_dir, texts, tmp_path, capsys):
     out = tmp_path / "q"
     args = ["quantize", str(llama_dir), "--method", "rtn", "--bits", "4", "--group-size", "16",
-            "--calib", str(texts[0]), "--num-samples", "4", "--seq-len", "32", "--out", str(out),
+            "--init", "neuqi_int", "--calib", str(texts[0]), "--num-samples", "4", "--seq-len", "32", "--out", str(out),
             "--eval-text", str(texts[1]), "--eval-windows", "2", "--eval-seq-len", "32", "-q"]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
@@ -91,6 +91,7 @@ def test_quantize_eval_info_round_trip(llama_dir, texts, tmp_path, capsys):
     summary = json.loads((out / cli.SUMMARY_FILE).read_text())
     assert summary["kind"] == "causal-lm" and summary["layers"] == 14  # 7 linears x 2 blocks
     assert summary["config"]["quant"]["bits"] == 4 and summary["config"]["blockwise"]["enabled"] is False
+    assert summary["config"]["quant"]["init"] == "neuqi_int"
     assert summary["file_mb"] > 0 and summary["packed_mb"] < summary["fp_mb"]
 
     model, tok, _ = cli.load_quantized(out)
@@ -117,6 +118,7 @@ def test_quantize_self_calibrated_with_block_tuning(llama_dir, tmp_path):
     assert summary["calibration"]["source"] == "self"
     assert summary["config"]["blockwise"]["enabled"] is True and summary["config"]["quant"]["group_size"] == -1
     assert summary["config"]["blockwise"]["target"] == "fp_inputs"
+    assert summary["config"]["quant"]["init"] == "neuqi"  # the method's default, stored
     model, _, _ = cli.load_quantized(out)
     codes = torch.cat([m.codes.flatten() for m in model.modules() if isinstance(m, decoupleq.QuantLinear)])
     assert int(codes.min()) >= -2 and int(codes.max()) <= 1
