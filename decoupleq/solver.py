@@ -101,6 +101,11 @@ def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c")
         config = QuantConfig()
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if config.method == "uniquanf":
+        raise ValueError(
+            "method 'uniquanf' trains whole blocks: use decoupleq.quantize (its layer-level start is "
+            "decoupleq.uniquanf_init.unified_init)"
+        )
     backend = _backend(impl)
     W32 = as_float_matrix(W, "W", np.float32)
     m, n = W32.shape

@@ -402,3 +402,9 @@ def test_init_weighting_choices_run_end_to_end(weighting):
     b = model.decoupleq_report.blocks[0].tune
     assert b.steps == 4 and math.isfinite(b.loss_after) and b.loss_after < b.loss_before
     assert torch.any(model.model.layers[0].mlp.up_proj.offset != 0)
+
+
+def test_quantize_weight_refuses_uniquanf_instead_of_solving_another_method():
+    W = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="method 'uniquanf' trains whole blocks"):
+        quantize_weight(W, np.eye(8), QuantConfig(method="uniquanf", bits=2, group_size=8))
