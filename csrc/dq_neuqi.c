@@ -16,9 +16,11 @@
  *    finer scale grid of 2048 steps;
  *  - symmetric: Z stays 0, i.e. z is fixed at qmin and only s is searched.
  *
- * Sorting a group once (w ascending) makes both sweeps linear per scale:
- * x keeps its order for every s > 0, and sums over any run of elements come
- * from prefix sums of h, h w and h w^2.  Everything is float64.
+ * Sorting a group once (w ascending) makes both sweeps cheap per scale
+ * (phase 1 O(log^2 g), phase 2 linear plus a merge of at most n runs): x
+ * keeps its order for every s > 0, and sums over any run of elements come
+ * from prefix sums of h, h w and h w^2.  Everything is float64.  Rows poll
+ * for interrupts (DQ_EINTR).
  */
 #include "dq_solver.h"
 
@@ -408,7 +410,8 @@ typedef struct {
     int integer_zero;
     float *S, *Z;
     double *obj;
-    int failed; /* set (no lock: any thread writes 1) when scratch ran out */
+    int failed;      /* set (no lock: any thread writes 1) when scratch ran out */
+    int interrupted; /* likewise, when an interrupt was seen between rows */
 } neuqi_ctx_t;
 
 /* The min-max range of ALGORITHM 1.2 (lo, hi), as dq_minmax_params. */
@@ -500,6 +503,10 @@ static void neuqi_range(void *vctx, int64_t begin, int64_t end)
         return;
     }
     for (int64_t r = begin; r < end; r++) {
+        if (dq_interrupted()) {
+            x->interrupted = 1;
+            break;
+        }
         for (int64_t j = 0; j < G; j++) {
             const float *w = L->W + r * L->n + j * g;
             double lo, hi;
@@ -521,10 +528,11 @@ static void neuqi_range(void *vctx, int64_t begin, int64_t end)
 dq_status dq_neuqi_params(const dq_layer_t *L, const double *hdiag, int integer_zero, float *S,
                           float *Z, double *obj)
 {
-    neuqi_ctx_t ctx = {L, hdiag, integer_zero, S, Z, obj, 0};
+    neuqi_ctx_t ctx = {L, hdiag, integer_zero, S, Z, obj, 0, 0};
     /* A row's groups cost O(96 n) sweeps: a few rows per chunk suffice. */
     dq_parallel_for(L->m, 4, dq_num_threads(), neuqi_range, &ctx);
-    return ctx.failed ? DQ_ENOMEM : DQ_OK;
+    if (ctx.failed) return DQ_ENOMEM;
+    return ctx.interrupted ? DQ_EINTR : DQ_OK;
 }
 
 dq_status dq_neuqi_params_damped(const dq_layer_t *L, int integer_zero, float *S, float *Z,

@@ -1,8 +1,8 @@
 """Ctrl-C during a long C call: the core polls for interrupts between chunks,
 so KeyboardInterrupt arrives within a second, and the next call works.
 
-The child process runs a 4096 x 4096 decoupleQ solve on one thread (tens of
-seconds uninterrupted) and is sent SIGINT after 1 s.
+The child process runs a 4096 x 4096 decoupleQ solve (or NeUQI's search) on
+one thread (tens of seconds uninterrupted) and is sent SIGINT after 1 s.
 """
 import os
 import signal
@@ -27,7 +27,10 @@ CHILD = textwrap.dedent(
     W0, H0 = W.copy(), H.copy()
     print("ready", flush=True)
     try:
-        C.decoupleq(W, H, 2, 64, False, True, "half_up", 20, sys.argv[1])
+        if sys.argv[1] == "neuqi":
+            C.neuqi_params(W, 2, 128, False, np.ascontiguousarray(np.diag(H)))
+        else:
+            C.decoupleq(W, H, 2, 64, False, True, "half_up", 20, sys.argv[1])
         print("finished", flush=True)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
@@ -40,7 +43,7 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("rounding", ["gptq", "pgd"])
+@pytest.mark.parametrize("rounding", ["gptq", "pgd", "neuqi"])
 def test_sigint_stops_a_large_solve_within_a_second(rounding):
     env = dict(os.environ, DECOUPLEQ_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, "-c", CHILD, rounding], stdout=subprocess.PIPE,
