@@ -115,24 +115,8 @@ def check_layer(name: str, info, version: int) -> dict:
         return _check_bcq_layer(where, info, version)
     if kind not in ("linear", "conv2d"):
         raise ValueError(f"{where}: 'type' must be 'linear', 'conv2d' or 'bcq_linear', got {kind!r}")
-    bits = _int(info, "bits", where, 2, 8)
-    n = _int(info, "in_features", where)
-    out = _int(info, "out_features", where)
-    if n * out > 1 << 40:
-        raise ValueError(f"{where}: {out} x {n} weights is past any real layer")
-    gs = info.get("group_size")
-    if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or 1 <= gs <= n) or (gs != -1 and n % gs):
-        raise ValueError(f"{where}: 'group_size' must be -1 or a divisor of in_features {n}, got {gs!r}")
+    bits, n, out = _check_common(where, info, 2, 8)
     _bool(info, "symmetric", where)
-    has_bias = _bool(info, "bias", where)
-    bias_dtype = info.get("bias_dtype")
-    if has_bias and bias_dtype not in BIAS_DTYPES:
-        raise ValueError(f"{where}: 'bias_dtype' must be one of {sorted(BIAS_DTYPES)}, got {bias_dtype!r}")
-    if not has_bias and bias_dtype is not None:
-        raise ValueError(f"{where}: 'bias_dtype' is {bias_dtype!r} but the layer has no bias")
-    method = info.get("method")
-    if method is not None and (not isinstance(method, str) or len(method) > 64):
-        raise ValueError(f"{where}: 'method' must be a short string, got {method!r}")
     codes = info.get("codes", "int8") if version >= 2 else "int8"
     if codes not in ("int8", PACKED_FORMAT):
         raise ValueError(f"{where}: codes stored as {codes!r}: this decoupleq reads 'int8' and {PACKED_FORMAT!r}")
@@ -183,7 +167,7 @@ def _check_common(where: str, info: dict, low_bits: int, high_bits: int):
     method = info.get("method")
     if method is not None and (not isinstance(method, str) or len(method) > 64):
         raise ValueError(f"{where}: 'method' must be a short string, got {method!r}")
-    return bits
+    return bits, n, out
 
 
 def _check_bcq_layer(where: str, info: dict, version: int) -> dict:
