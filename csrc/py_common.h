@@ -49,7 +49,6 @@ extern PyMethodDef dq_py_round_gptq_methods[];
 extern PyMethodDef dq_py_round_pgd_methods[];
 extern PyMethodDef dq_py_solver_methods[];
 extern PyMethodDef dq_py_kernels_methods[];
-extern PyMethodDef dq_py_neuqi_methods[];
 extern PyMethodDef dq_py_start_methods[];
 extern PyMethodDef dq_py_bcq_kernels_methods[];
 extern PyMethodDef dq_py_bcq_init_methods[];

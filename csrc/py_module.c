@@ -66,7 +66,7 @@ static PyMethodDef *all_tables[] = {
     module_methods,          dq_py_hessian_methods,     dq_py_init_methods,
     dq_py_float_step_methods, dq_py_round_gptq_methods, dq_py_round_pgd_methods,
     dq_py_solver_methods,    dq_py_kernels_methods,
-    dq_py_neuqi_methods,     dq_py_start_methods,
+    dq_py_start_methods,
     dq_py_bcq_kernels_methods, dq_py_bcq_init_methods,
 };
 
