@@ -80,9 +80,16 @@ def _source_files(*subdirs):
 def test_sdist_carries_what_its_tests_need(tmp_path):
     # The test suite imports helper modules beside the tests (_pipeline_models, zoo_helpers),
     # reads tests/data and runs benchmark scripts: an sdist without them fails its own tests.
+    import shutil
     import tarfile
 
-    out = subprocess.run([sys.executable, "-m", "build", "--sdist", "-o", str(tmp_path), ROOT],
+    # From a copy without build outputs: setuptools adds the files listed in a stale
+    # decoupleq.egg-info/SOURCES.txt (left by an earlier in-tree build) to the sdist,
+    # which would hide a file the manifest leaves out.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache", ".git", "*.so"))
+    out = subprocess.run([sys.executable, "-m", "build", "--sdist", "-o", str(tmp_path), str(src)],
                          capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     (sdist,) = tmp_path.glob("decoupleq-*.tar.gz")
