@@ -33,7 +33,10 @@ rows are dequantized by the C core and multiplied by torch's GEMM, see
 ``_packed_forward``); inputs cross to NumPy without copies when
 float32 and contiguous, other float dtypes are converted to float32 and the
 output is cast back. The result agrees with ``F.linear`` on the dequantized
-float32 weight up to float32 rounding (sums are ordered differently).
+float32 weight up to float32 rounding (sums are ordered differently). While
+``torch.compile`` traces, the same kernel call goes through the registered op
+``torch.ops.decoupleq.packed_linear`` (``decoupleq.torch_ops``), so compiled
+models have no graph breaks at these layers.
 Otherwise (autograd, other devices, 5-8 bits) the torch path runs:
 ``decoupleq.sft`` for gradients, else the dequantized weight and F.linear.
 ``QuantConv2d`` always uses the torch path (codes unpacked per call).
