@@ -16,8 +16,11 @@ What is split (ALGORITHM 4.2, block by block; the blocks stay in order):
   ranges, each rank solves its range against the common H, and the codes,
   scales, zeros and losses are all-gathered, so every rank holds the same
   quantized layer. Each row's solve reads only its own row and H, so the
-  split does not change a row's result (tests/test_distributed.py checks it
-  against the C core for every method).
+  split does not change a row's integer codes (tests/test_distributed.py
+  checks it for every method). Its float parts can move in the last bits:
+  OpenBLAS's sgemm rounds a row's dot products differently with the number
+  of rows in the call, and decoupleQ's float step amplifies that to ~1e-4
+  relative in a scale.
 - Block tuning: each step's batches (``BlockTuneConfig.batches_per_step``
   consecutive calibration batches) are spread over their owner ranks; the
   gradients of the float parts are summed with all-reduce (float64) before
@@ -130,8 +133,9 @@ class Dist:
     def quantize_weight(self, W, H, config):
         """``decoupleq.quantize_weight`` with the rows split over ranks; every rank gets the whole result.
 
-        Why a row's result does not depend on the split: every step of the
-        solvers reads only the row itself and H, and decoupleQ's early stop
+        Why a row's codes do not depend on the split (its float parts do, in
+        the last bits, through sgemm's rounding; see the module docstring):
+        every step of the solvers reads only the row itself and H, and decoupleQ's early stop
         (``EARLY_STOP_RATE`` = 1e-4 of the rows improving, csrc/dq_solver.c)
         fires only when no row at all improved as long as a layer has at most
         10,000 rows, and then the rows of every range stop too; a range that
@@ -234,6 +238,7 @@ class Dist:
 
 
 _SINGLE = Dist()
+_CURRENT = None  # (key, Dist) of the process group last joined
 
 
 def _gloo_group():
@@ -263,4 +268,9 @@ def current() -> Dist:
         log.info("joined a gloo process group from the environment: rank %d of %d", td.get_rank(), world)
     if td.get_world_size() <= 1:
         return _SINGLE
-    return Dist(td.get_rank(), td.get_world_size(), _gloo_group())
+    global _CURRENT
+    key = (td.get_rank(), td.get_world_size(), id(td.group.WORLD))
+    if _CURRENT is None or _CURRENT[0] != key:
+        # One Dist per process group: its gloo group is made once, and bytes_moved adds up over calls.
+        _CURRENT = (key, Dist(key[0], key[1], _gloo_group()))
+    return _CURRENT[1]

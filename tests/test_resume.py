@@ -35,7 +35,7 @@ def uninterrupted(tmp_path_factory):
 
 
 # Layers per Llama block: q, k, v, o, gate, up, down (7 solver calls).
-@pytest.mark.parametrize("kill_after", [7, 10, 14], ids=["at-block-1-start", "inside-block-1", "at-block-2-start"])
+@pytest.mark.parametrize("kill_after", [10, 14], ids=["inside-block-1", "at-block-2-start"])
 def test_killed_run_resumes_to_identical_bytes(tmp_path, uninterrupted, kill_after):
     ckpt = tmp_path / "run"
     out = tmp_path / "model.safetensors"
