@@ -28,6 +28,12 @@ What is split (ALGORITHM 4.2, block by block; the blocks stay in order):
   of one batch per step only its owner computes a gradient; give
   ``batches_per_step`` a multiple of the world size to keep every rank busy.
 
+Known gap: the float parts differ from one process's in the last bits
+(per-rank float32 partial sums in the Hessian, sgemm's row-count-dependent
+rounding in the split solve, the gradient summation order), and on some
+models later blocks' solves amplify that into different codes (see README,
+"Resuming, and several processes"); the tests' tiny Llama gives identical codes.
+
 Collectives go through a gloo group (CPU tensors), also when the default
 group is another backend. ``bytes_moved`` counts what each rank sent into
 the collectives (the payload sizes, not the transport's own traffic).
