@@ -534,9 +534,8 @@ static dq_status sweep(sweep_t *x, dq_range_fn fn, int cut_at_groups, double *er
         x->cnt = i2 - i1;
         dq_parallel_for(m, SWEEP_MIN_ROWS, nt, fn, x);
         if (i2 < n)
-            dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)m, (int)(n - i2), (int)x->cnt,
-                           -1.0f, x->E, (int)x->B, x->Mf + i1 * n + i2, (int)n, 1.0f,
-                           x->Wp + i2, (int)n);
+            dq_sgemm_rows(m, n - i2, x->cnt, -1.0f, x->E, x->B, x->Mf + i1 * n + i2, n, 1.0f,
+                          x->Wp + i2, n);
         i1 = i2;
     }
     if (!x->identity) dq_parallel_for(m, SWEEP_MIN_ROWS, nt, unpermute_codes_range, x);
