@@ -86,3 +86,29 @@ def test_every_method_and_init_is_independent_of_both_thread_counts(layers, meth
     one = quantize_with_threads(W, H, config, 1, 1)
     for core, blas in THREADS:
         assert_identical(quantize_with_threads(W, H, config, core, blas), one)
+
+
+def test_hessian_does_not_depend_on_blas_threads():
+    """The Hessian is summed over batches by ssyrk / dsyrk straight from OpenBLAS (not through
+    dq_sgemm_rows): its threaded syrk gave the same bits with 1, 2 and 3 threads at n = 576 and
+    1536, so it is left as is, and this test would show a BLAS that splits the sum over tokens."""
+    from decoupleq.hessian import HessianAccumulator
+
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((256, 576)).astype(np.float32) for _ in range(3)]
+    batches[1][:, 7] *= 40.0  # an outlier channel
+
+    def hessian(blas):
+        old = _C.backend_info()["blas_threads"]
+        _C.set_blas_threads(blas)
+        try:
+            acc = HessianAccumulator(576)
+            for X in batches:
+                acc.add(X)
+            return acc.hessian()
+        finally:
+            _C.set_blas_threads(old)
+
+    one = hessian(1)
+    for blas in (2, 3):
+        np.testing.assert_array_equal(hessian(blas), one)
