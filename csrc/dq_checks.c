@@ -48,6 +48,8 @@ dq_status dq_check_psd(const double *H, int64_t n, int64_t *col)
     const int ni = (int)n;
     /* Row-major M read column-major is M^T = M (symmetric up to the
      * tolerance; only the "U" triangle, i.e. row-major lower, is read). */
+    /* Single-threaded BLAS: the verdict on a borderline H must not depend on the thread count. */
+    dq_blas_serial_begin();
     for (int64_t k = 0; k < n; k += PSD_BLOCK) {
         const int kb = (int)(n - k < PSD_BLOCK ? n - k : PSD_BLOCK);
         double *Dkk = M + k * n + k;
@@ -72,6 +74,7 @@ dq_status dq_check_psd(const double *H, int64_t n, int64_t *col)
             break;
         }
     }
+    dq_blas_serial_end();
     dq_free(M);
     return st;
 }

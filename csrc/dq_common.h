@@ -101,8 +101,26 @@ int dq_num_threads(void);
 /* Run fn(ctx, begin, end) over [0, n) split into contiguous chunks, one per
  * thread (at most nthreads, at least min_chunk items each).  The split depends
  * only on n, nthreads and min_chunk, so results are deterministic.  Never call
- * BLAS inside fn: BLAS has its own thread pool. */
+ * BLAS inside fn (BLAS has its own thread pool), except through
+ * dq_sgemm_rows, which makes BLAS single-threaded while it does. */
 typedef void (*dq_range_fn)(void *ctx, int64_t begin, int64_t end);
 dq_status dq_parallel_for(int64_t n, int64_t min_chunk, int nthreads, dq_range_fn fn, void *ctx);
+
+/* Solver GEMMs independent of every thread count (dq_gemm.c).
+ * dq_sgemm_rows: C = alpha A B + beta C, row-major, no transposes; A (m, k)
+ * with row stride lda, B (k, n) with ldb, C (m, n) with ldc, float32.  C is
+ * computed in fixed blocks of DQ_GEMM_CHUNK_ROWS rows, each by one
+ * single-threaded sgemm, the blocks spread over dq_parallel_for: the same
+ * bits for any BLAS or core thread count.  Sizes must fit in int. */
+#define DQ_GEMM_CHUNK_ROWS 32
+void dq_sgemm_rows(int64_t m, int64_t n, int64_t k, float alpha, const float *A, int64_t lda,
+                   const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+/* OpenBLAS at one thread between begin and end (nested and concurrent
+ * callers counted); dq_blas_threads / dq_blas_set_threads read and set the
+ * thread count the user asked for, which a section keeps aside. */
+void dq_blas_serial_begin(void);
+void dq_blas_serial_end(void);
+int dq_blas_threads(void);
+void dq_blas_set_threads(int n);
 
 #endif

@@ -529,9 +529,8 @@ dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float
                 goto done;
             }
             int64_t b1 = b0 + bs < n ? b0 + bs : n;
-            dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)rows, (int)(n - b0),
-                           (int)(b1 - b0), 1.0f, Af + b0, (int)n, L->Hf + b0 * n + b0, (int)n,
-                           0.0f, T, (int)(n - b0));
+            dq_sgemm_rows(rows, n - b0, b1 - b0, 1.0f, Af + b0, n, L->Hf + b0 * n + b0, n, 0.0f,
+                          T, n - b0);
             if (prof) t_gemm += dq_lap_seconds(&tp);
             X.b0 = b0;
             X.b1 = b1;

@@ -116,15 +116,22 @@ static void flush_P(dq_hess_t *h)
 static void syrk_P(dq_hess_t *h, const float *X, int64_t rows)
 {
     if (h->P_rows > 0 && h->P_rows + rows > h->flush_tokens) flush_P(h);
+    /* Single-threaded: OpenBLAS's threaded syrk rounds differently with 2 or 3 threads
+     * (~4% of entries of a 576-wide H moved in the last bits), and H must not depend on
+     * the thread count. */
+    dq_blas_serial_begin();
     dq_cblas_ssyrk(DqRowMajor, DqUpper, DqTrans, (int)h->n, (int)rows, 1.0f, X, (int)h->n, 1.0f,
                    h->P, (int)h->n);
+    dq_blas_serial_end();
     h->P_rows += rows;
 }
 
 static void syrk_S(dq_hess_t *h, const double *X, int64_t rows)
 {
+    dq_blas_serial_begin(); /* as in syrk_P */
     dq_cblas_dsyrk(DqRowMajor, DqUpper, DqTrans, (int)h->n, (int)rows, 1.0, X, (int)h->n, 1.0,
                    h->S, (int)h->n);
+    dq_blas_serial_end();
 }
 
 static void drain_stage32(dq_hess_t *h)

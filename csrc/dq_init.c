@@ -230,17 +230,15 @@ static dq_status row_errors_impl(const dq_layer_t *L, const int64_t *rows, int64
             memset(acc, 0, sizeof(double) * (size_t)cnt);
             for (int64_t b0 = 0; b0 < n; b0 += HALF_BLOCK) {
                 const int64_t b1 = b0 + HALF_BLOCK < n ? b0 + HALF_BLOCK : n;
-                dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)cnt, (int)(n - b0),
-                               (int)(b1 - b0), 1.0f, D + b0, (int)n, L->Hf + b0 * n + b0, (int)n,
-                               0.0f, P, (int)(n - b0));
+                dq_sgemm_rows(cnt, n - b0, b1 - b0, 1.0f, D + b0, n, L->Hf + b0 * n + b0, n, 0.0f, P,
+                              n - b0);
                 half_ctx_t h = {&ctx, b0, b1, P, acc};
                 dq_parallel_for(cnt, min_rows(n), nt, half_dot_range, &h);
             }
             for (int64_t i = 0; i < cnt; i++) err[row_of(&ctx, i)] = acc[i];
             continue;
         }
-        dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)cnt, (int)n, (int)n, 1.0f, D, (int)n,
-                       L->Hf, (int)n, 0.0f, Pc, (int)n);
+        dq_sgemm_rows(cnt, n, n, 1.0f, D, n, L->Hf, n, 0.0f, Pc, n);
         dq_parallel_for(cnt, min_rows(n), nt, dot_range, &ctx);
     }
     dq_free(acc);

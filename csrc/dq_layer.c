@@ -94,8 +94,7 @@ dq_status dq_layer_init(dq_layer_t *L, const float *W, const double *H, int64_t 
             goto fail;
         }
         const int64_t rows = m - r0 < V_BLOCK_ROWS ? m - r0 : V_BLOCK_ROWS;
-        dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)rows, (int)n, (int)n, 1.0f,
-                       W + r0 * n, (int)n, L->Hf, (int)n, 0.0f, L->V + r0 * n, (int)n);
+        dq_sgemm_rows(rows, n, n, 1.0f, W + r0 * n, n, L->Hf, n, 0.0f, L->V + r0 * n, n);
     }
     rowdot_ctx_t ctx = {L->V, W, n, L->c};
     st = dq_parallel_for(m, min_rows(n), dq_num_threads(), rowdot_range, &ctx);

@@ -111,7 +111,9 @@ static int factor_rung(const double *H, int64_t n, const int64_t *perm, int dead
     }
     const int ni = (int)n;
     int info = 0;
+    dq_blas_serial_begin(); /* threaded dpotrf rounds differently with 2 threads (n = 2048) */
     dq_dpotrf_("U", &ni, M, &ni, &info, 1);
+    dq_blas_serial_end();
     if (info != 0) return -1;
     /* d[i] = R_ii.  A pivot at rounding-noise level means H_round is
      * singular in float64: the factor would be noise, so take the next rung
@@ -134,7 +136,9 @@ static int factor_rung(const double *H, int64_t n, const int64_t *perm, int dead
     }
     if (!U) return 0;
     /* U = R^-1 = J Lt^-1 J. */
+    dq_blas_serial_begin();
     dq_dtrtri_("U", "N", &ni, M, &ni, &info, 1, 1);
+    dq_blas_serial_end();
     if (info != 0) return -1;
     for (int64_t i = 0; i < n; i++) {
         const double *lrow = M + (n - 1 - i) * n;
@@ -534,9 +538,8 @@ static dq_status sweep(sweep_t *x, dq_range_fn fn, int cut_at_groups, double *er
         x->cnt = i2 - i1;
         dq_parallel_for(m, SWEEP_MIN_ROWS, nt, fn, x);
         if (i2 < n)
-            dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)m, (int)(n - i2), (int)x->cnt,
-                           -1.0f, x->E, (int)x->B, x->Mf + i1 * n + i2, (int)n, 1.0f,
-                           x->Wp + i2, (int)n);
+            dq_sgemm_rows(m, n - i2, x->cnt, -1.0f, x->E, x->B, x->Mf + i1 * n + i2, n, 1.0f,
+                          x->Wp + i2, n);
         i1 = i2;
     }
     if (!x->identity) dq_parallel_for(m, SWEEP_MIN_ROWS, nt, unpermute_codes_range, x);

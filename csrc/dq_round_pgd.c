@@ -197,8 +197,7 @@ static void grad_update(const pgd_ctx *x, const float *H, int64_t k0, int64_t j0
 {
     const int64_t n = x->n;
     if (j0 >= n || x->m == 0) return;
-    dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)x->m, (int)(n - j0), (int)(n - k0),
-                   1.0f, x->D + k0, (int)n, H + k0 * n + j0, (int)n, beta, x->G + j0, (int)n);
+    dq_sgemm_rows(x->m, n - j0, n - k0, 1.0f, x->D + k0, n, H + k0 * n + j0, n, beta, x->G + j0, n);
 }
 
 /* Row chunks big enough that a thread has real work (~32k elements). */
@@ -283,8 +282,7 @@ dq_status dq_round_pgd(const dq_layer_t *L, const int64_t *perm, const float *S,
         set_adam(&x, ++t, opts->lr, PGD_EPS_A);
         if ((st = dq_parallel_for(m, rows_per_chunk(n), nth, adam_rows, &x)) != DQ_OK) goto done;
         if (k + 1 < K1)  /* G = (V - W) H */
-            dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)m, (int)n, (int)n, 1.0f, D,
-                           (int)n, H, (int)n, 0.0f, Gr, (int)n);
+            dq_sgemm_rows(m, n, n, 1.0f, D, n, H, n, 0.0f, Gr, n);
     }
 
     int64_t since_refresh = 0;

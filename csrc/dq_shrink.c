@@ -701,8 +701,7 @@ static dq_status eval_pairs(const dq_layer_t *L, const float *lo, const float *h
         st = dq_parallel_for(cnt, 4, nth, eval_diff, &E);
         if (st == DQ_OK && E.nomem) st = DQ_ENOMEM;
         if (st != DQ_OK) goto done;
-        dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)cnt, (int)n, (int)n, 1.0f, E.D,
-                       (int)n, L->Hf, (int)n, 0.0f, E.P, (int)n);
+        dq_sgemm_rows(cnt, n, n, 1.0f, E.D, n, L->Hf, n, 0.0f, E.P, n);
         st = dq_parallel_for(cnt, 4, nth, eval_dot, &E);
         if (st != DQ_OK) goto done;
     }
@@ -857,9 +856,8 @@ static dq_status search_block(const dq_layer_t *L, const double *err_start, cons
                     for (int64_t c = 0; c < n; c++) k[c] = dh[c] + v[c];
                 }
             } else {
-                dq_cblas_sgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)(s1 - s0), (int)n, (int)n,
-                               1.0f, B.U1 + s0 * B.npad, (int)B.npad, L->Hf, (int)n, 0.0f,
-                               B.K + s0 * B.npad, (int)B.npad);
+                dq_sgemm_rows(s1 - s0, n, n, 1.0f, B.U1 + s0 * B.npad, B.npad, L->Hf, n, 0.0f,
+                              B.K + s0 * B.npad, B.npad);
             }
             dq_profile_lap(prof, &t0, "  (shrink anchor)", -1);
             replay_ctx_t R = {.B = &B, .s0 = s0, .fn = fn};

@@ -34,8 +34,9 @@ int dq_num_threads(void)
         int n = atoi(env);
         if (n >= 1) return n > 256 ? 256 : n;
     }
-    int n = dq_openblas_get_num_threads();
-    return n >= 1 ? n : 1;
+    /* The user's BLAS count, not OpenBLAS's own: a dq_sgemm_rows section
+     * holds that at 1 meanwhile. */
+    return dq_blas_threads();
 }
 
 typedef struct {

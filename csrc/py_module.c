@@ -28,7 +28,7 @@ static PyObject *py_backend_info(PyObject *self, PyObject *noargs)
     SET("blas", PyUnicode_FromString(source));
     SET("blas_config", PyUnicode_FromString(config ? config : "unknown"));
     SET("blas_core", PyUnicode_FromString(core ? core : "unknown"));
-    SET("blas_threads", PyLong_FromLong(dq_openblas_get_num_threads()));
+    SET("blas_threads", PyLong_FromLong(dq_blas_threads()));
     SET("core_threads", PyLong_FromLong(dq_num_threads()));
     SET("bcq_kernel", PyUnicode_FromString(dq_bcq_kernel_default()->name));
 #undef SET
@@ -50,7 +50,7 @@ static PyObject *py_set_blas_threads(PyObject *self, PyObject *arg)
         PyErr_Format(PyExc_ValueError, "threads must be in [1, 1024], got %ld", n);
         return NULL;
     }
-    dq_openblas_set_num_threads((int)n);
+    dq_blas_set_threads((int)n);
     Py_RETURN_NONE;
 }
 

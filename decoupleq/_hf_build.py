@@ -17,12 +17,17 @@ file chooses nor allocate what a lying config asks for. So:
   layer indices present in tensor names, widths and vocabulary by the largest
   tensor dimension; then the model is built on the meta device (no memory)
   and its every parameter and buffer checked against the file
-  (``decoupleq.io``) before a real one is built.
+  (``decoupleq.io``) before a real one is built. Even on the meta device a
+  module costs time, so construction stops as soon as the model has
+  registered more parameters than the file holds tensors: a config backed
+  only by cheap tensor names costs no more than a real file of its size.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 
 import torch
 from torch import nn
@@ -58,6 +63,13 @@ _WIDTH_KEYS = re.compile(
 MAX_CONFIG_INT = 1 << 40
 #: Non-persistent buffers (rotary tables, masks) a model may build beyond its stored tensors.
 MAX_EXTRA_BUFFER_ELEMENTS = 1 << 26
+#: Building a model from a file stops once it registers more than PARAM_SLACK x (the file's
+#: tensors and aliases) + BUDGET_BASE parameters (a model re-registering a parameter stays
+#: inside), or MODULES_PER_TENSOR x that + BUDGET_BASE submodules (activations, dropout and
+#: containers hold no tensors; a Llama layer has 13 modules for 9 tensors).
+PARAM_SLACK = 1
+MODULES_PER_TENSOR = 4
+BUDGET_BASE = 64
 
 
 def _walk(cfg: dict, where: str = "hf_config"):
@@ -198,16 +210,101 @@ def make_config(desc: dict, shapes: dict, what: str):
     return cfg, model_cls
 
 
-def build(model_cls, cfg, device, what: str = "the file") -> nn.Module:
+class _OverBudget(Exception):
+    """Raised from a registration hook: the model being built outgrows the file."""
+
+
+@contextlib.contextmanager
+def _registration_budget(max_params: int, max_modules: int):
+    """Abort a model's construction, on this thread, once it has registered more than
+    ``max_params`` parameters or ``max_modules`` submodules.
+
+    Building costs time per module even on the meta device (about 5 ms per Llama
+    layer), so a config whose counts are backed only by cheap tensor names (one
+    empty tensor per fake layer index) would otherwise buy seconds of work with a
+    few bytes each. Every parameter a model registers is in its state_dict, and
+    every state_dict entry must be in the file (a tensor or an alias), so a model
+    that registers more than the file holds cannot load: stopping there bounds
+    the work by the file's own size."""
+    from torch.nn.modules import module as module_mod
+
+    me = threading.get_ident()
+    counts = {"params": 0, "modules": 0}
+
+    def count(kind, limit):
+        def hook(*_):
+            if threading.get_ident() != me:  # another thread building its own model
+                return None
+            counts[kind] += 1
+            if counts[kind] > limit:
+                raise _OverBudget(f"more than {limit} {kind}")
+            return None
+        return hook
+
+    handles = [
+        module_mod.register_module_parameter_registration_hook(count("params", max_params)),
+        module_mod.register_module_module_registration_hook(count("modules", max_modules)),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+#: Names of torch.nn.init's in-place initialisers and of the tensor fills they use: no-ops on
+#: meta tensors (there are no values to set). By name: transformers wraps torch.nn.init's
+#: functions in its own. Each returns the tensor it was given.
+_INIT_FILLS = frozenset(
+    [name for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")]
+    + ["uniform_", "normal_", "fill_", "zero_"]
+)
+
+
+class _SkipMetaFills(torch.overrides.TorchFunctionMode):
+    """Skip weight initialisation on meta tensors: about half of a meta build's time goes to
+    dispatching ``reset_parameters``' fills, which change nothing there. A mode is
+    per thread, unlike patching ``torch.nn.init``, so models built on other threads
+    meanwhile are initialised as usual."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in _INIT_FILLS:
+            # torch.nn.init passes its tensor by keyword through torch function handling.
+            t = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
+def build(model_cls, cfg, device, what: str = "the file", file_tensors: int | None = None) -> nn.Module:
     """``model_cls(cfg)`` on ``device`` ("meta" costs no memory).
+
+    Args:
+        file_tensors: the number of tensors the file provides (stored ones and
+            aliases); when given, construction stops as soon as the model has
+            registered more parameters than ``PARAM_SLACK`` times that (plus
+            ``BUDGET_BASE``), or more submodules than ``MODULES_PER_TENSOR``
+            times that (plus ``BUDGET_BASE``): such a model cannot match the file.
 
     Raises:
         ValueError: the class's own code rejects the stored config (a value of the
-            wrong type, say); the message names the class and the error.
+            wrong type, say), or the model outgrows the file; the message names
+            the class and the cause.
     """
+    budget = contextlib.nullcontext()
+    if file_tensors is not None:
+        budget = _registration_budget(PARAM_SLACK * file_tensors + BUDGET_BASE,
+                                      MODULES_PER_TENSOR * file_tensors + BUDGET_BASE)
+    fills = _SkipMetaFills() if str(device) == "meta" else contextlib.nullcontext()
     try:
-        with torch.device(device):
+        with budget, torch.device(device), fills:
             return model_cls(cfg)
+    except _OverBudget as exc:
+        raise ValueError(
+            f"{what}: the stored config builds a {model_cls.__name__} with {exc}, for the "
+            f"{file_tensors} tensors in the file: its sizes are not the file's"
+        ) from None
     except Exception as exc:
         raise ValueError(
             f"{what}: the stored config does not build a {model_cls.__name__}: {type(exc).__name__}: {exc}"

@@ -667,7 +667,8 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
         hf = _hf_build.make_config(meta["model"], shapes, what)
     tensors = _read_tensors(path, meta, verify)  # the file's own bytes first: cheap to refuse
     if hf is not None:
-        skeleton = _hf_build.build(hf[1], hf[0], "meta", what)  # no memory: a lying config costs nothing
+        # No memory on the meta device, and no more modules than the file's tensors back.
+        skeleton = _hf_build.build(hf[1], hf[0], "meta", what, file_tensors=len(shapes) + len(meta["aliases"]))
         _plan(skeleton, meta, shapes, dtypes, what)
         extra = _hf_build.extra_buffer_elements(skeleton)
         if extra > max(_hf_build.MAX_EXTRA_BUFFER_ELEMENTS, sum(int(np.prod(s)) for s in shapes.values())):

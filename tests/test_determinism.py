@@ -1,11 +1,14 @@
-"""Same inputs, same codes, scales and zeros with 1 and 2 threads, for every method.
+"""Same inputs, same codes, scales, zeros and losses with 1, 2 and 3 threads, for every method.
 
 The core's parallel loops split rows into chunks that depend only on the
 thread count, and every row's arithmetic is its own, so the core's thread
 count (DECOUPLEQ_NUM_THREADS) must not change a single bit of the result.
-OpenBLAS's thread count (set_blas_threads) must not change a code; it does
-change decoupleQ's float-step scales in the last bits (an xfail below).  Layers: bench_solver.py's smallest shapes,
-W2 g64 (the main job's setting) and W3 per-channel.
+OpenBLAS's sgemm does round differently with 1, 2 and 3 threads, so the
+solvers take their products from dq_sgemm_rows (fixed row blocks, each by
+single-threaded BLAS): OpenBLAS's thread count (set_blas_threads) must not
+change a bit either.  Layers: bench_solver.py's smallest shapes, W2 g64 (the
+main job's setting) and W3 per-channel; and every method with every init on
+a 128-row slice.
 """
 import os
 
@@ -14,6 +17,7 @@ import pytest
 
 import decoupleq
 from decoupleq import QuantConfig, _C
+from decoupleq.config import INITS
 from decoupleq.reference.synthetic import synthetic_problem
 
 METHODS = [("rtn", "gptq"), ("gptq", "gptq"), ("decoupleq", "gptq"), ("decoupleq", "pgd")]
@@ -41,52 +45,69 @@ def layers():
     return {shape: synthetic_problem(*shape, seed=0) for shape in [(576, 576), (1536, 576)]}
 
 
-def case(layers, method, rounding, shape, bits, group):
+def case(layers, method, rounding, shape, bits, group, init=None, rows=None):
     W, H = layers[shape]
-    if rounding == "pgd":
+    if rounding == "pgd" or rows:
         # PGD costs O(K2 m n^3): a 128-row slice of the layer, one step per column.
-        W = np.ascontiguousarray(W[:128])
+        W = np.ascontiguousarray(W[: rows or 128])
     config = QuantConfig(method=method, rounding=rounding, bits=bits, group_size=group,
-                         iterations=4, pgd_steps_per_column=1)
+                         iterations=4, pgd_steps_per_column=1, init=init)
     return W, H, config
+
+
+def assert_identical(got, want):
+    np.testing.assert_array_equal(got.codes, want.codes)
+    np.testing.assert_array_equal(got.scale, want.scale)
+    np.testing.assert_array_equal(got.zero, want.zero)
+    np.testing.assert_array_equal(got.loss, want.loss)
 
 
 CASES = [((576, 576), 2, 64), ((1536, 576), 3, -1)]
 
 
+# (core threads, BLAS threads) beside (1, 1): both pools wider, and each alone.
+THREADS = [(2, 2), (3, 3), (1, 3), (3, 1)]
+
+
 @pytest.mark.parametrize("method,rounding", METHODS)
 @pytest.mark.parametrize("shape,bits,group", CASES)
-def test_one_and_two_core_threads_give_identical_results(layers, method, rounding, shape, bits, group):
+def test_one_two_and_three_threads_everywhere_give_identical_results(layers, method, rounding, shape, bits, group):
     W, H, config = case(layers, method, rounding, shape, bits, group)
     one = quantize_with_threads(W, H, config, 1, 1)
-    two = quantize_with_threads(W, H, config, 2, 1)
-    np.testing.assert_array_equal(two.codes, one.codes)
-    np.testing.assert_array_equal(two.scale, one.scale)
-    np.testing.assert_array_equal(two.zero, one.zero)
-    np.testing.assert_array_equal(two.loss, one.loss)
+    for core, blas in [(2, 1), *THREADS[:2]]:
+        assert_identical(quantize_with_threads(W, H, config, core, blas), one)
 
 
-@pytest.mark.parametrize("method,rounding", [("rtn", "gptq"), ("gptq", "gptq")])
-@pytest.mark.parametrize("shape,bits,group", CASES)
-def test_one_and_two_threads_everywhere_give_identical_results(layers, method, rounding, shape, bits, group):
-    W, H, config = case(layers, method, rounding, shape, bits, group)
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("method,rounding", METHODS)
+def test_every_method_and_init_is_independent_of_both_thread_counts(layers, method, rounding, init):
+    # 128 rows: four of dq_sgemm_rows's 32-row blocks, so three threads each get some.
+    W, H, config = case(layers, method, rounding, (576, 576), 2, 64, init=init, rows=128)
     one = quantize_with_threads(W, H, config, 1, 1)
-    two = quantize_with_threads(W, H, config, 2, 2)
-    np.testing.assert_array_equal(two.codes, one.codes)
-    np.testing.assert_array_equal(two.scale, one.scale)
-    np.testing.assert_array_equal(two.zero, one.zero)
+    for core, blas in THREADS:
+        assert_identical(quantize_with_threads(W, H, config, core, blas), one)
 
 
-# Not fixed: OpenBLAS's sgemm rounds differently with 2 threads than with 1
-# (x @ w.T of 100x128 by 128x128 already differs in the last bits), and
-# decoupleQ's float step takes its products from sgemm: its scales move by
-# ~1e-5 relative with the BLAS thread count, and the next integer step can
-# then round a few codes the other way (45 of 884,736 on this layer).
-@pytest.mark.xfail(reason="OpenBLAS sgemm is not bit-identical across thread counts; the float step inherits it")
-@pytest.mark.parametrize("shape,bits,group", CASES)
-def test_decoupleq_codes_do_not_depend_on_blas_threads(layers, shape, bits, group):
-    W, H, config = case(layers, "decoupleq", "gptq", shape, bits, group)
-    one = quantize_with_threads(W, H, config, 1, 1)
-    two = quantize_with_threads(W, H, config, 1, 2)
-    np.testing.assert_array_equal(two.codes, one.codes)
-    np.testing.assert_array_equal(two.scale, one.scale)
+def test_hessian_does_not_depend_on_blas_threads():
+    """The Hessian is summed over batches by OpenBLAS's ssyrk / dsyrk, which round differently
+    with 2 or 3 threads (13,754 of these 331,776 entries moved): they run single-threaded."""
+    from decoupleq.hessian import HessianAccumulator
+
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((256, 576)).astype(np.float32) for _ in range(3)]
+    batches[1][:, 7] *= 40.0  # an outlier channel
+
+    def hessian(blas):
+        old = _C.backend_info()["blas_threads"]
+        _C.set_blas_threads(blas)
+        try:
+            acc = HessianAccumulator(576)
+            for X in batches:
+                acc.add(X)
+            return acc.hessian()
+        finally:
+            _C.set_blas_threads(old)
+
+    one = hessian(1)
+    for blas in (2, 3):
+        np.testing.assert_array_equal(hessian(blas), one)
