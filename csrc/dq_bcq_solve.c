@@ -4,14 +4,14 @@
  * delta_j) for each group j (index j (b+1) + i, delta at i = b) and B's
  * column (j, i) the sign plane beta_i restricted to group j (the group's
  * ones for delta).  The normal matrix P = B^T H B couples every pair of
- * groups through H.  Its alpha rows are assembled for a whole block of rows
- * with one dgemm per (group, plane): X = S_ij H[j, j:] (S_ij the block's
- * signs of plane i on group j's columns), then P[(j,i),(k,l)] is the sum of
- * X times plane l over group k's columns.  The delta rows need no product
- * per row: 1^T H[j, :] (Hs) and 1^T H_jk 1 (P22) are the same for every row.
- * Only the upper triangle (in theta order) is assembled, then mirrored.
- * This is b m n^2 / 2 dgemm flops per step, the float step of decoupleQ
- * with b planes instead of one code matrix.
+ * groups through H.  Its alpha rows come from x_{j,i} = sum_{c in j}
+ * beta_i(c) H[c, j g:] (one pass over group j's rows of H, all planes at
+ * once), then P[(j,i),(k,l)] is the sum of x_{j,i} times plane l over group
+ * k's columns.  The delta rows need no product per row: 1^T H[j, :] (Hs)
+ * and 1^T H_jk 1 (P22) are the same for every row.  Only the upper triangle
+ * (in theta order) is assembled, then mirrored: b n^2 / 2 multiply-adds
+ * per row, the float step of decoupleQ with b planes instead of one code
+ * vector.
  *
  * The system is solved for the update d = theta - theta_cur:
  * P d = y - P theta_cur.  A parameter the row's used sign patterns cannot
@@ -28,20 +28,25 @@
  * Assignment.  GPTQ's column sweep with U the upper Cholesky factor of
  * (H + lambda I)^-1: each column, with the error feedback of those before
  * it, takes the nearest level of its group; e = (w~ - level) / U_ii and the
- * later columns get w~_t -= e U_it.  float64 throughout, one row per task,
- * in the same operation order as the twin, so indices agree with it except
- * where U's last bits decide a tie.
+ * later columns get w~_t -= e U_it.  float64 throughout, in the twin's
+ * operation order, so indices agree with it except where U's last bits
+ * decide a tie.
  *
  * Every step's result is scored by the exact objective of its float32
- * parameters (levels rounded as the BCQ format rounds them, one dgemm per
- * row block), and a row keeps its best state: the float step alone can
- * never raise the objective in exact arithmetic, the assignment can.
+ * parameters (levels rounded as the BCQ format rounds them), and a row
+ * keeps its best state: the float step alone can never raise the objective
+ * in exact arithmetic, the assignment can.
  *
- * Rows never interact; threads split rows (the dgemms use BLAS's own
- * threads), so results do not depend on the thread count.
+ * No BLAS in the row loops: OpenBLAS's dgemm rounds differently with
+ * another thread count, and a row's best state is chosen by comparing
+ * objectives, so every per-row product is written out here (element-wise
+ * updates x[t] += s h[t], no reassociation: the same bits whatever the
+ * threads).  Rows go in tiles of TILE that share each pass over H or U:
+ * the tile only changes the memory traffic, not any result.
  */
 #include "dq_bcq_solve.h"
 #include "dq_blas.h"
+#include "dq_kernels.h"
 
 #include <string.h>
 
@@ -53,8 +58,8 @@
  * Gram-Schmidt residuals there are either 0 up to rounding or at least
  * 1/(b+1)^2 of the column's norm, far apart. */
 #define RANK_RTOL 1e-9
-/* Working memory of one row block (P, X and the sign buffer). */
-#define BLOCK_BUDGET_BYTES ((int64_t)96 << 20)
+/* Rows sharing one pass over H or U (see the top of the file). */
+#define TILE 8
 /* decoupleQ's damping ladder of the sweep's factor (times mean diag H). */
 static const double LADDER[] = {0.01, 0.1, 1.0, 10.0, 100.0};
 
@@ -67,6 +72,7 @@ typedef struct {
     /* working state */
     uint8_t *idx;
     float *alpha, *offset;
+    double *e;          /* m: objective of the working state */
     /* best state (the caller's arrays) and its objective */
     uint8_t *best_idx;
     float *best_alpha, *best_offset;
@@ -76,15 +82,10 @@ typedef struct {
     double *Hs;         /* G x n: Hs[j][d] = sum_{c in j} H[c][d] */
     double *P22;        /* G x G */
     double *U;          /* n x n upper: (H + lambda I)^-1 = U^T U */
-    /* row block */
-    int64_t r0, rows;
-    double *X;          /* rows x n */
-    double *P;          /* rows x N x N */
-    double *S;          /* rows x g */
-    int64_t j, i;       /* the (group, plane) of X */
-    double *e;          /* rows: objective of the working state */
-    int nomem, interrupted;
+    int nomem, interrupted; /* set (relaxed atomics) by any worker */
 } ctx_t;
+
+static void set_flag(int *f) { __atomic_store_n(f, 1, __ATOMIC_RELAXED); }
 
 /* beta_i of level index k as +-1.0 (i == b: the group's ones). */
 static inline double sgn(int k, int b, int i)
@@ -104,37 +105,49 @@ static inline void group_levels(const float *alpha, float offset, int b, double 
     }
 }
 
+/* x[t] += a h[t]: element-wise, vectorisable without reassociation. */
+static inline __attribute__((always_inline)) void axpy(double *x, double a, const double *h, int64_t len)
+{
+    for (int64_t t = 0; t < len; t++) x[t] = x[t] + a * h[t];
+}
+
 /* ---- objective ------------------------------------------------------- */
 
-/* X[i] = w_hat - w of the working state, rows [begin, end) of the block. */
-static void residual_rows(void *vctx, int64_t begin, int64_t end)
+/* e[r] = d H d^T, d = w_hat - w of the working state, for rows [begin, end):
+ * a = sum_c d_c H[c, :] in c order, then sum_t d_t a_t in t order. */
+static inline __attribute__((always_inline)) void objective_body(void *vctx, int64_t begin, int64_t end)
 {
     ctx_t *x = (ctx_t *)vctx;
     const int64_t n = x->n, g = x->g, G = x->G;
     const int b = x->b;
+    double *D = dq_malloc(sizeof(double) * (size_t)(2 * TILE * n));
+    if (!D) {
+        set_flag(&x->nomem);
+        return;
+    }
+    double *A = D + TILE * n;
     double lv[1 << DQ_BCQ_SOLVE_MAX_BITS];
-    for (int64_t i = begin; i < end; i++) {
-        const int64_t r = x->r0 + i;
-        double *d = x->X + i * n;
-        for (int64_t j = 0; j < G; j++) {
-            group_levels(x->alpha + (r * G + j) * b, x->offset[r * G + j], b, lv);
-            for (int64_t c = j * g; c < (j + 1) * g; c++)
-                d[c] = lv[x->idx[r * n + c]] - (double)x->W[r * n + c];
+    for (int64_t r0 = begin; r0 < end; r0 += TILE) {
+        const int64_t T = end - r0 < TILE ? end - r0 : TILE;
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t r = r0 + t;
+            double *d = D + t * n;
+            for (int64_t j = 0; j < G; j++) {
+                group_levels(x->alpha + (r * G + j) * b, x->offset[r * G + j], b, lv);
+                for (int64_t c = j * g; c < (j + 1) * g; c++)
+                    d[c] = lv[x->idx[r * n + c]] - (double)x->W[r * n + c];
+            }
+        }
+        memset(A, 0, sizeof(double) * (size_t)(T * n));
+        for (int64_t c = 0; c < n; c++)
+            for (int64_t t = 0; t < T; t++) axpy(A + t * n, D[t * n + c], x->H + c * n, n);
+        for (int64_t t = 0; t < T; t++) {
+            double s = 0.0;
+            for (int64_t c = 0; c < n; c++) s += D[t * n + c] * A[t * n + c];
+            x->e[r0 + t] = s;
         }
     }
-}
-
-/* e[i] = sum_c D[i, c] (D H)[i, c], summed in column order. */
-static void objective_rows(void *vctx, int64_t begin, int64_t end)
-{
-    ctx_t *x = (ctx_t *)vctx;
-    const int64_t n = x->n;
-    for (int64_t i = begin; i < end; i++) {
-        const double *d = x->X + i * n, *dh = x->P + i * n;
-        double s = 0.0;
-        for (int64_t c = 0; c < n; c++) s += d[c] * dh[c];
-        x->e[x->r0 + i] = s;
-    }
+    dq_free(D);
 }
 
 /* Rows whose working state beats their best take it. */
@@ -152,49 +165,7 @@ static void keep_best_rows(void *vctx, int64_t begin, int64_t end)
     }
 }
 
-/* e of the working state for every row (uses the block buffers X and P). */
-static dq_status evaluate(ctx_t *x, int64_t rb)
-{
-    const int nth = dq_num_threads();
-    for (int64_t r0 = 0; r0 < x->m; r0 += rb) {
-        if (dq_interrupted()) return DQ_EINTR;
-        x->r0 = r0;
-        x->rows = x->m - r0 < rb ? x->m - r0 : rb;
-        dq_status st = dq_parallel_for(x->rows, 8, nth, residual_rows, x);
-        if (st != DQ_OK) return st;
-        dq_cblas_dgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)x->rows, (int)x->n, (int)x->n, 1.0,
-                       x->X, (int)x->n, x->H, (int)x->n, 0.0, x->P, (int)x->n);
-        st = dq_parallel_for(x->rows, 8, nth, objective_rows, x);
-        if (st != DQ_OK) return st;
-    }
-    return DQ_OK;
-}
-
 /* ---- float step ------------------------------------------------------ */
-
-/* P[(j,i),(k,l)] += sum_{d in k} X[d] beta_l(d) for k >= j (upper part). */
-static void accumulate_rows(void *vctx, int64_t begin, int64_t end)
-{
-    ctx_t *x = (ctx_t *)vctx;
-    const int64_t n = x->n, g = x->g, G = x->G, N = x->N, j = x->j, i = x->i;
-    const int b = x->b;
-    const int64_t ldx = n - j * g;
-    for (int64_t t = begin; t < end; t++) {
-        const int64_t r = x->r0 + t;
-        const double *X = x->X + t * ldx;
-        const uint8_t *k_of = x->idx + r * n;
-        double *prow = x->P + t * N * N + (j * (b + 1) + i) * N;
-        for (int64_t k = j; k < G; k++) {
-            /* Within group j only l >= i is in the upper triangle. */
-            for (int l = (k == j ? i : 0); l <= b; l++) {
-                double s = 0.0;
-                for (int64_t c = k * g; c < (k + 1) * g; c++)
-                    s += X[c - j * g] * sgn(k_of[c], b, l);
-                prow[k * (b + 1) + l] = s;
-            }
-        }
-    }
-}
 
 /* 1 where column `col` of the group (over the used patterns) is a
  * combination of the kept columns in q (Gram-Schmidt, orthonormal rows). */
@@ -304,144 +275,179 @@ static int solve_update(double *P, const double *rhs, int64_t N, const uint8_t *
     return ok ? 0 : -1;
 }
 
-/* The delta rows of P, y, and the solve, for rows [begin, end) of the block. */
-static void finish_rows(void *vctx, int64_t begin, int64_t end)
+/* P's delta rows, y, and the solve of one row whose alpha rows of P are
+ * assembled (upper triangle); writes the working alpha and offset. */
+static void solve_row(ctx_t *x, int64_t r, double *P, double *buf, uint8_t *fixed)
+{
+    const int64_t n = x->n, g = x->g, G = x->G, N = x->N;
+    const int b = x->b, B1 = b + 1;
+    const uint8_t *k_of = x->idx + r * n;
+    const double *v = x->V + r * n;
+    double *y = buf, *th = y + N, *rhs = th + N, *d = rhs + N, *scale = d + N, *u = scale + N;
+    /* Delta rows: P[(j,b),(k,l)] for k > j, and (j,b),(j,b). */
+    for (int64_t j = 0; j < G; j++) {
+        double *prow = P + (j * B1 + b) * N;
+        const double *hs = x->Hs + j * n;
+        prow[j * B1 + b] = x->P22[j * G + j];
+        for (int64_t k = j + 1; k < G; k++) {
+            for (int l = 0; l < b; l++) {
+                double s = 0.0;
+                for (int64_t c = k * g; c < (k + 1) * g; c++) s += hs[c] * sgn(k_of[c], b, l);
+                prow[k * B1 + l] = s;
+            }
+            prow[k * B1 + b] = x->P22[j * G + k];
+        }
+    }
+    for (int64_t p = 0; p < N; p++)
+        for (int64_t q = 0; q < p; q++) P[p * N + q] = P[q * N + p];
+    for (int64_t j = 0; j < G; j++) {
+        for (int i = 0; i <= b; i++) {
+            double s = 0.0;
+            for (int64_t c = j * g; c < (j + 1) * g; c++) s += sgn(k_of[c], b, i) * v[c];
+            y[j * B1 + i] = s;
+            th[j * B1 + i] = i < b ? (double)x->alpha[(r * G + j) * b + i] : (double)x->offset[r * G + j];
+        }
+    }
+    for (int64_t p = 0; p < N; p++) {
+        double s = y[p];
+        for (int64_t q = 0; q < N; q++) s -= P[p * N + q] * th[q];
+        rhs[p] = s;
+    }
+    structural_fixed(k_of, g, G, b, fixed);
+    if (solve_update(P, rhs, N, fixed, d, scale, u) != 0) return;
+    for (int64_t p = 0; p < N; p++)
+        if (!isfinite((float)(th[p] + d[p]))) return;
+    for (int64_t j = 0; j < G; j++) {
+        for (int i = 0; i < b; i++) x->alpha[(r * G + j) * b + i] = (float)(th[j * B1 + i] + d[j * B1 + i]);
+        x->offset[r * G + j] = (float)(th[j * B1 + b] + d[j * B1 + b]);
+    }
+}
+
+/* The float step of rows [begin, end), a tile at a time: per group j, one
+ * pass over H's rows of j gives x_{j,i} for every plane and row of the tile,
+ * then P's alpha rows of j. */
+static inline __attribute__((always_inline)) void float_body(void *vctx, int64_t begin, int64_t end)
 {
     ctx_t *x = (ctx_t *)vctx;
     const int64_t n = x->n, g = x->g, G = x->G, N = x->N;
     const int b = x->b, B1 = b + 1;
+    double *X = dq_malloc(sizeof(double) * (size_t)(TILE * b * n));
+    double *P = dq_malloc(sizeof(double) * (size_t)(TILE * N * N));
     double *buf = dq_malloc(sizeof(double) * (size_t)(6 * N));
     uint8_t *fixed = dq_malloc((size_t)N);
-    if (!buf || !fixed) {
-        __atomic_store_n(&x->nomem, 1, __ATOMIC_RELAXED);
-        dq_free(buf);
-        dq_free(fixed);
-        return;
+    if (!X || !P || !buf || !fixed) {
+        set_flag(&x->nomem);
+        goto done;
     }
-    double *y = buf, *th = y + N, *rhs = th + N, *d = rhs + N, *scale = d + N, *u = scale + N;
-    for (int64_t t = begin; t < end; t++) {
-        const int64_t r = x->r0 + t;
-        const uint8_t *k_of = x->idx + r * n;
-        const double *v = x->V + r * n;
-        double *P = x->P + t * N * N;
-        /* Delta rows: P[(j,b),(k,l)] for k > j (and (j,b),(j,b)). */
+    for (int64_t r0 = begin; r0 < end; r0 += TILE) {
+        if (dq_interrupted()) {
+            set_flag(&x->interrupted);
+            break;
+        }
+        const int64_t T = end - r0 < TILE ? end - r0 : TILE;
         for (int64_t j = 0; j < G; j++) {
-            double *prow = P + (j * B1 + b) * N;
-            const double *hs = x->Hs + j * n;
-            prow[j * B1 + b] = x->P22[j * G + j];
-            for (int64_t k = j + 1; k < G; k++) {
-                for (int l = 0; l < b; l++) {
-                    double s = 0.0;
-                    for (int64_t c = k * g; c < (k + 1) * g; c++) s += hs[c] * sgn(k_of[c], b, l);
-                    prow[k * B1 + l] = s;
+            const int64_t c0 = j * g, len = n - c0;
+            memset(X, 0, sizeof(double) * (size_t)(T * b * len));
+            for (int64_t c = c0; c < c0 + g; c++) {
+                const double *h = x->H + c * n + c0;
+                for (int64_t t = 0; t < T; t++) {
+                    const int k = x->idx[(r0 + t) * n + c];
+                    for (int i = 0; i < b; i++) axpy(X + (t * b + i) * len, sgn(k, b, i), h, len);
                 }
-                prow[k * B1 + b] = x->P22[j * G + k];
+            }
+            for (int64_t t = 0; t < T; t++) {
+                const uint8_t *k_of = x->idx + (r0 + t) * n;
+                for (int i = 0; i < b; i++) {
+                    const double *xi = X + (t * b + i) * len - c0; /* indexed by column */
+                    double *prow = P + t * N * N + (j * B1 + i) * N;
+                    for (int64_t k = j; k < G; k++)
+                        for (int l = (k == j ? i : 0); l <= b; l++) {
+                            double s = 0.0;
+                            for (int64_t c = k * g; c < (k + 1) * g; c++) s += xi[c] * sgn(k_of[c], b, l);
+                            prow[k * B1 + l] = s;
+                        }
+                }
             }
         }
-        for (int64_t p = 0; p < N; p++)
-            for (int64_t q = 0; q < p; q++) P[p * N + q] = P[q * N + p];
-        for (int64_t j = 0; j < G; j++) {
-            for (int i = 0; i <= b; i++) {
-                double s = 0.0;
-                for (int64_t c = j * g; c < (j + 1) * g; c++) s += sgn(k_of[c], b, i) * v[c];
-                y[j * B1 + i] = s;
-                th[j * B1 + i] = i < b ? (double)x->alpha[(r * G + j) * b + i]
-                                       : (double)x->offset[r * G + j];
-            }
-        }
-        for (int64_t p = 0; p < N; p++) {
-            double s = y[p];
-            for (int64_t q = 0; q < N; q++) s -= P[p * N + q] * th[q];
-            rhs[p] = s;
-        }
-        structural_fixed(k_of, g, G, b, fixed);
-        if (solve_update(P, rhs, N, fixed, d, scale, u) != 0) continue;
-        int ok = 1;
-        for (int64_t p = 0; p < N; p++) ok &= isfinite((float)(th[p] + d[p]));
-        if (!ok) continue;
-        for (int64_t j = 0; j < G; j++) {
-            for (int i = 0; i < b; i++) x->alpha[(r * G + j) * b + i] = (float)(th[j * B1 + i] + d[j * B1 + i]);
-            x->offset[r * G + j] = (float)(th[j * B1 + b] + d[j * B1 + b]);
-        }
+        for (int64_t t = 0; t < T; t++) solve_row(x, r0 + t, P + t * N * N, buf, fixed);
     }
+done:
+    dq_free(X);
+    dq_free(P);
     dq_free(buf);
     dq_free(fixed);
 }
 
-static dq_status float_step(ctx_t *x, int64_t rb)
-{
-    const int64_t n = x->n, g = x->g, G = x->G, N = x->N;
-    const int b = x->b, nth = dq_num_threads();
-    for (int64_t r0 = 0; r0 < x->m; r0 += rb) {
-        x->r0 = r0;
-        x->rows = x->m - r0 < rb ? x->m - r0 : rb;
-        memset(x->P, 0, sizeof(double) * (size_t)(x->rows * N * N));
-        for (int64_t j = 0; j < G; j++) {
-            for (int i = 0; i < b; i++) {
-                if (dq_interrupted()) return DQ_EINTR;
-                for (int64_t t = 0; t < x->rows; t++)
-                    for (int64_t c = 0; c < g; c++)
-                        x->S[t * g + c] = sgn(x->idx[(r0 + t) * n + j * g + c], b, i);
-                dq_cblas_dgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)x->rows, (int)(n - j * g),
-                               (int)g, 1.0, x->S, (int)g, x->H + j * g * n + j * g, (int)n, 0.0,
-                               x->X, (int)(n - j * g));
-                x->j = j;
-                x->i = i;
-                dq_status st = dq_parallel_for(x->rows, 8, nth, accumulate_rows, x);
-                if (st != DQ_OK) return st;
-            }
-        }
-        if (dq_interrupted()) return DQ_EINTR;
-        dq_status st = dq_parallel_for(x->rows, 4, nth, finish_rows, x);
-        if (st != DQ_OK) return st;
-        if (x->nomem) return DQ_ENOMEM;
-    }
-    return DQ_OK;
-}
-
 /* ---- assignment ------------------------------------------------------ */
 
-static void sweep_rows(void *vctx, int64_t begin, int64_t end)
+/* GPTQ sweep of rows [begin, end), a tile sharing each row of U. */
+static inline __attribute__((always_inline)) void sweep_body(void *vctx, int64_t begin, int64_t end)
 {
     ctx_t *x = (ctx_t *)vctx;
     const int64_t n = x->n, g = x->g, G = x->G;
     const int b = x->b, nl = x->nl;
-    double *w = dq_malloc(sizeof(double) * (size_t)n);
-    double *lv = dq_malloc(sizeof(double) * (size_t)(G * nl));
+    double *w = dq_malloc(sizeof(double) * (size_t)(TILE * n));
+    double *lv = dq_malloc(sizeof(double) * (size_t)(TILE * G * nl));
     if (!w || !lv) {
-        __atomic_store_n(&x->nomem, 1, __ATOMIC_RELAXED);
-        dq_free(w);
-        dq_free(lv);
-        return;
+        set_flag(&x->nomem);
+        goto done;
     }
-    for (int64_t r = begin; r < end; r++) {
+    for (int64_t r0 = begin; r0 < end; r0 += TILE) {
         if (dq_interrupted()) {
-            __atomic_store_n(&x->interrupted, 1, __ATOMIC_RELAXED);
+            set_flag(&x->interrupted);
             break;
         }
-        for (int64_t j = 0; j < G; j++)
-            group_levels(x->alpha + (r * G + j) * b, x->offset[r * G + j], b, lv + j * nl);
-        for (int64_t c = 0; c < n; c++) w[c] = (double)x->W[r * n + c];
+        const int64_t T = end - r0 < TILE ? end - r0 : TILE;
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t r = r0 + t;
+            for (int64_t j = 0; j < G; j++)
+                group_levels(x->alpha + (r * G + j) * b, x->offset[r * G + j], b, lv + (t * G + j) * nl);
+            for (int64_t c = 0; c < n; c++) w[t * n + c] = (double)x->W[r * n + c];
+        }
         for (int64_t c = 0; c < n; c++) {
-            const double *L = lv + (c / g) * nl;
-            int best = 0;
-            double bd = fabs(w[c] - L[0]);
-            for (int k = 1; k < nl; k++) {
-                const double dk = fabs(w[c] - L[k]);
-                if (dk < bd) {
-                    bd = dk;
-                    best = k;
-                }
-            }
-            x->idx[r * n + c] = (uint8_t)best;
             const double *Uc = x->U + c * n;
-            const double e = (w[c] - L[best]) / Uc[c];
-            for (int64_t t = c + 1; t < n; t++) w[t] = w[t] - e * Uc[t];
+            for (int64_t t = 0; t < T; t++) {
+                double *wt = w + t * n;
+                const double *L = lv + (t * G + c / g) * nl;
+                int best = 0;
+                double bd = fabs(wt[c] - L[0]);
+                for (int k = 1; k < nl; k++) {
+                    const double dk = fabs(wt[c] - L[k]);
+                    if (dk < bd) {
+                        bd = dk;
+                        best = k;
+                    }
+                }
+                x->idx[(r0 + t) * n + c] = (uint8_t)best;
+                axpy(wt + c + 1, -((wt[c] - L[best]) / Uc[c]), Uc + c + 1, n - c - 1);
+            }
         }
     }
+done:
     dq_free(w);
     dq_free(lv);
 }
+
+/* Generic and AVX2 builds of the three row loops: the same code, rounding
+ * identically (-ffp-contract=off, no reassociation), so the choice only
+ * changes speed. */
+static void objective_generic(void *x, int64_t b, int64_t e) { objective_body(x, b, e); }
+static void float_generic(void *x, int64_t b, int64_t e) { float_body(x, b, e); }
+static void sweep_generic(void *x, int64_t b, int64_t e) { sweep_body(x, b, e); }
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma"))) static void objective_avx2(void *x, int64_t b, int64_t e)
+{
+    objective_body(x, b, e);
+}
+__attribute__((target("avx2,fma"))) static void float_avx2(void *x, int64_t b, int64_t e)
+{
+    float_body(x, b, e);
+}
+__attribute__((target("avx2,fma"))) static void sweep_avx2(void *x, int64_t b, int64_t e)
+{
+    sweep_body(x, b, e);
+}
+#endif
 
 /* U upper with (H + lambda I)^-1 = U^T U, lambda = t mean(diag H) for the
  * first t of the ladder where every factorisation succeeds. */
@@ -485,6 +491,16 @@ static double total(const double *e, int64_t m)
     return s;
 }
 
+/* One parallel pass over the rows, then the flags its workers raised. */
+static dq_status pass(ctx_t *x, dq_range_fn fn, int64_t min_chunk)
+{
+    dq_status st = dq_parallel_for(x->m, min_chunk, dq_num_threads(), fn, x);
+    if (st != DQ_OK) return st;
+    if (x->nomem) return DQ_ENOMEM;
+    if (x->interrupted || dq_interrupted()) return DQ_EINTR;
+    return DQ_OK;
+}
+
 dq_status dq_bcq_solve(const float *W, const double *H, int64_t m, int64_t n, int64_t g, int bits,
                        int iters, uint8_t *idx, float *alpha, float *offset, double *err,
                        double *history)
@@ -492,13 +508,7 @@ dq_status dq_bcq_solve(const float *W, const double *H, int64_t m, int64_t n, in
     if (!W || !H || !idx || !alpha || !offset || !err || m < 1 || n < 1 || g < 1 || n % g != 0 ||
         bits < 1 || bits > DQ_BCQ_SOLVE_MAX_BITS || iters < 0 || n > INT32_MAX)
         return DQ_EINVAL;
-    const int64_t G = n / g, N = (int64_t)(bits + 1) * G;
-    /* Rows per block: P (N^2; the objective reuses it for D H, n), X (n)
-     * and S (g), all float64; at least 1. */
-    const int64_t pcap = N * N > n ? N * N : n;
-    int64_t rb = BLOCK_BUDGET_BYTES / (8 * (pcap + n + g));
-    if (rb < 1) rb = 1;
-    if (rb > m) rb = m;
+    const int64_t G = n / g;
     ctx_t x;
     memset(&x, 0, sizeof(x));
     x.W = W;
@@ -509,36 +519,44 @@ dq_status dq_bcq_solve(const float *W, const double *H, int64_t m, int64_t n, in
     x.G = G;
     x.b = bits;
     x.nl = 1 << bits;
-    x.N = N;
+    x.N = (int64_t)(bits + 1) * G;
     x.best_idx = idx;
     x.best_alpha = alpha;
     x.best_offset = offset;
     x.best_err = err;
+    dq_range_fn objective_fn = objective_generic, float_fn = float_generic, sweep_fn = sweep_generic;
+#if defined(__x86_64__) || defined(__i386__)
+    if (dq_solver_simd()) {
+        objective_fn = objective_avx2;
+        float_fn = float_avx2;
+        sweep_fn = sweep_avx2;
+    }
+#endif
     dq_status st = DQ_OK;
-    double *Wd = NULL;
     x.idx = dq_malloc((size_t)(m * n));
     x.alpha = dq_malloc(sizeof(float) * (size_t)(m * G * bits));
     x.offset = dq_malloc(sizeof(float) * (size_t)(m * G));
+    x.e = dq_malloc(sizeof(double) * (size_t)m);
     x.V = dq_malloc(sizeof(double) * (size_t)(m * n));
     x.Hs = dq_malloc(sizeof(double) * (size_t)(G * n));
     x.P22 = dq_malloc(sizeof(double) * (size_t)(G * G));
     x.U = dq_malloc(sizeof(double) * (size_t)(n * n));
-    x.X = dq_malloc(sizeof(double) * (size_t)(rb * n));
-    x.P = dq_malloc(sizeof(double) * (size_t)(rb * pcap));
-    x.S = dq_malloc(sizeof(double) * (size_t)(rb * g));
-    x.e = dq_malloc(sizeof(double) * (size_t)m);
-    Wd = dq_malloc(sizeof(double) * (size_t)(m * n));
-    if (!x.idx || !x.alpha || !x.offset || !x.V || !x.Hs || !x.P22 || !x.U || !x.X || !x.P || !x.S ||
-        !x.e || !Wd) {
+    if (!x.idx || !x.alpha || !x.offset || !x.e || !x.V || !x.Hs || !x.P22 || !x.U) {
         st = DQ_ENOMEM;
         goto done;
     }
     memcpy(x.idx, idx, (size_t)(m * n));
     memcpy(x.alpha, alpha, sizeof(float) * (size_t)(m * G * bits));
     memcpy(x.offset, offset, sizeof(float) * (size_t)(m * G));
-    for (int64_t k = 0; k < m * n; k++) Wd[k] = (double)W[k];
-    dq_cblas_dgemm(DqRowMajor, DqNoTrans, DqNoTrans, (int)m, (int)n, (int)n, 1.0, Wd, (int)n, H,
-                   (int)n, 0.0, x.V, (int)n);
+    /* V = W H in the objective's element-wise order (H symmetric). */
+    memset(x.V, 0, sizeof(double) * (size_t)(m * n));
+    for (int64_t r = 0; r < m; r++) {
+        if ((r & 63) == 0 && dq_interrupted()) {
+            st = DQ_EINTR;
+            goto done;
+        }
+        for (int64_t c = 0; c < n; c++) axpy(x.V + r * n, (double)W[r * n + c], H + c * n, n);
+    }
     for (int64_t j = 0; j < G; j++)
         for (int64_t d = 0; d < n; d++) {
             double s = 0.0;
@@ -553,36 +571,28 @@ dq_status dq_bcq_solve(const float *W, const double *H, int64_t m, int64_t n, in
         }
     if ((st = inverse_factor(H, n, x.U)) != DQ_OK) goto done;
 
-    const int nth = dq_num_threads();
-    if ((st = evaluate(&x, rb)) != DQ_OK) goto done;
+    if ((st = pass(&x, objective_fn, TILE)) != DQ_OK) goto done;
     memcpy(err, x.e, sizeof(double) * (size_t)m);
     if (history) history[0] = total(err, m);
     for (int t = 0; t <= iters; t++) {
         if (t > 0) {
-            st = dq_parallel_for(m, 1, nth, sweep_rows, &x);
-            if (st == DQ_OK && x.nomem) st = DQ_ENOMEM;
-            if (st == DQ_OK && (x.interrupted || dq_interrupted())) st = DQ_EINTR;
-            if (st != DQ_OK) goto done;
-            if ((st = evaluate(&x, rb)) != DQ_OK) goto done;
-            if ((st = dq_parallel_for(m, 64, nth, keep_best_rows, &x)) != DQ_OK) goto done;
+            if ((st = pass(&x, sweep_fn, TILE)) != DQ_OK) goto done;
+            if ((st = pass(&x, objective_fn, TILE)) != DQ_OK) goto done;
+            if ((st = pass(&x, keep_best_rows, 64)) != DQ_OK) goto done;
         }
-        if ((st = float_step(&x, rb)) != DQ_OK) goto done;
-        if ((st = evaluate(&x, rb)) != DQ_OK) goto done;
-        if ((st = dq_parallel_for(m, 64, nth, keep_best_rows, &x)) != DQ_OK) goto done;
+        if ((st = pass(&x, float_fn, TILE)) != DQ_OK) goto done;
+        if ((st = pass(&x, objective_fn, TILE)) != DQ_OK) goto done;
+        if ((st = pass(&x, keep_best_rows, 64)) != DQ_OK) goto done;
         if (history) history[t + 1] = total(err, m);
     }
 done:
     dq_free(x.idx);
     dq_free(x.alpha);
     dq_free(x.offset);
+    dq_free(x.e);
     dq_free(x.V);
     dq_free(x.Hs);
     dq_free(x.P22);
     dq_free(x.U);
-    dq_free(x.X);
-    dq_free(x.P);
-    dq_free(x.S);
-    dq_free(x.e);
-    dq_free(Wd);
     return st;
 }
