@@ -58,8 +58,11 @@
  * Gram-Schmidt residuals there are either 0 up to rounding or at least
  * 1/(b+1)^2 of the column's norm, far apart. */
 #define RANK_RTOL 1e-9
-/* Rows sharing one pass over H or U (see the top of the file). */
+/* Rows sharing one pass over H or U (see the top of the file), and the
+ * columns of H per block of that pass: TILE x COLS float64 accumulators
+ * (16 KiB) stay in L1 while H's rows stream by. */
 #define TILE 8
+#define COLS 256
 /* decoupleQ's damping ladder of the sweep's factor (times mean diag H). */
 static const double LADDER[] = {0.01, 0.1, 1.0, 10.0, 100.0};
 
@@ -111,6 +114,19 @@ static inline __attribute__((always_inline)) void axpy(double *x, double a, cons
     for (int64_t t = 0; t < len; t++) x[t] = x[t] + a * h[t];
 }
 
+/* A[t, :] = sum_c D[t, c] H[c, :] for the T (<= TILE) rows of a tile, each
+ * element summed in c order, COLS columns at a time. */
+static inline __attribute__((always_inline)) void rows_times_h(const double *D, int64_t T,
+                                                               const double *H, int64_t n, double *A)
+{
+    for (int64_t b0 = 0; b0 < n; b0 += COLS) {
+        const int64_t len = n - b0 < COLS ? n - b0 : COLS;
+        for (int64_t t = 0; t < T; t++) memset(A + t * n + b0, 0, sizeof(double) * (size_t)len);
+        for (int64_t c = 0; c < n; c++)
+            for (int64_t t = 0; t < T; t++) axpy(A + t * n + b0, D[t * n + c], H + c * n + b0, len);
+    }
+}
+
 /* ---- objective ------------------------------------------------------- */
 
 /* e[r] = d H d^T, d = w_hat - w of the working state, for rows [begin, end):
@@ -138,14 +154,30 @@ static inline __attribute__((always_inline)) void objective_body(void *vctx, int
                     d[c] = lv[x->idx[r * n + c]] - (double)x->W[r * n + c];
             }
         }
-        memset(A, 0, sizeof(double) * (size_t)(T * n));
-        for (int64_t c = 0; c < n; c++)
-            for (int64_t t = 0; t < T; t++) axpy(A + t * n, D[t * n + c], x->H + c * n, n);
+        rows_times_h(D, T, x->H, n, A);
         for (int64_t t = 0; t < T; t++) {
             double s = 0.0;
             for (int64_t c = 0; c < n; c++) s += D[t * n + c] * A[t * n + c];
             x->e[r0 + t] = s;
         }
+    }
+    dq_free(D);
+}
+
+/* V = W H for rows [begin, end) (H symmetric: row r is (H w_r^T)^T). */
+static inline __attribute__((always_inline)) void products_body(void *vctx, int64_t begin, int64_t end)
+{
+    ctx_t *x = (ctx_t *)vctx;
+    const int64_t n = x->n;
+    double *D = dq_malloc(sizeof(double) * (size_t)(TILE * n));
+    if (!D) {
+        set_flag(&x->nomem);
+        return;
+    }
+    for (int64_t r0 = begin; r0 < end; r0 += TILE) {
+        const int64_t T = end - r0 < TILE ? end - r0 : TILE;
+        for (int64_t k = 0; k < T * n; k++) D[k] = (double)x->W[r0 * n + k];
+        rows_times_h(D, T, x->H, n, x->V + r0 * n);
     }
     dq_free(D);
 }
@@ -331,7 +363,7 @@ static inline __attribute__((always_inline)) void float_body(void *vctx, int64_t
     ctx_t *x = (ctx_t *)vctx;
     const int64_t n = x->n, g = x->g, G = x->G, N = x->N;
     const int b = x->b, B1 = b + 1;
-    double *X = dq_malloc(sizeof(double) * (size_t)(TILE * b * n));
+    double *X = dq_malloc(sizeof(double) * (size_t)(TILE * b * COLS));
     double *P = dq_malloc(sizeof(double) * (size_t)(TILE * N * N));
     double *buf = dq_malloc(sizeof(double) * (size_t)(6 * N));
     uint8_t *fixed = dq_malloc((size_t)N);
@@ -345,27 +377,32 @@ static inline __attribute__((always_inline)) void float_body(void *vctx, int64_t
             break;
         }
         const int64_t T = end - r0 < TILE ? end - r0 : TILE;
+        memset(P, 0, sizeof(double) * (size_t)(T * N * N));
         for (int64_t j = 0; j < G; j++) {
-            const int64_t c0 = j * g, len = n - c0;
-            memset(X, 0, sizeof(double) * (size_t)(T * b * len));
-            for (int64_t c = c0; c < c0 + g; c++) {
-                const double *h = x->H + c * n + c0;
-                for (int64_t t = 0; t < T; t++) {
-                    const int k = x->idx[(r0 + t) * n + c];
-                    for (int i = 0; i < b; i++) axpy(X + (t * b + i) * len, sgn(k, b, i), h, len);
+            const int64_t c0 = j * g;
+            for (int64_t b0 = c0; b0 < n; b0 += COLS) {
+                const int64_t len = n - b0 < COLS ? n - b0 : COLS;
+                memset(X, 0, sizeof(double) * (size_t)(T * b * COLS));
+                for (int64_t c = c0; c < c0 + g; c++) {
+                    const double *h = x->H + c * n + b0;
+                    for (int64_t t = 0; t < T; t++) {
+                        const int k = x->idx[(r0 + t) * n + c];
+                        for (int i = 0; i < b; i++) axpy(X + (t * b + i) * COLS, sgn(k, b, i), h, len);
+                    }
                 }
-            }
-            for (int64_t t = 0; t < T; t++) {
-                const uint8_t *k_of = x->idx + (r0 + t) * n;
-                for (int i = 0; i < b; i++) {
-                    const double *xi = X + (t * b + i) * len - c0; /* indexed by column */
-                    double *prow = P + t * N * N + (j * B1 + i) * N;
-                    for (int64_t k = j; k < G; k++)
-                        for (int l = (k == j ? i : 0); l <= b; l++) {
-                            double s = 0.0;
-                            for (int64_t c = k * g; c < (k + 1) * g; c++) s += xi[c] * sgn(k_of[c], b, l);
-                            prow[k * B1 + l] = s;
+                /* P[(j,i),(k,l)] += x_{j,i}[d] beta_l(d), d in this block, in d order. */
+                for (int64_t t = 0; t < T; t++) {
+                    const uint8_t *k_of = x->idx + (r0 + t) * n;
+                    for (int i = 0; i < b; i++) {
+                        const double *xi = X + (t * b + i) * COLS - b0; /* indexed by column */
+                        double *prow = P + t * N * N + (j * B1 + i) * N;
+                        for (int64_t d = b0; d < b0 + len; d++) {
+                            const int64_t k = d / g;
+                            const int kd = k_of[d];
+                            for (int l = (k == j ? i : 0); l <= b; l++)
+                                prow[k * B1 + l] += xi[d] * sgn(kd, b, l);
                         }
+                    }
                 }
             }
         }
@@ -431,10 +468,15 @@ done:
 /* Generic and AVX2 builds of the three row loops: the same code, rounding
  * identically (-ffp-contract=off, no reassociation), so the choice only
  * changes speed. */
+static void products_generic(void *x, int64_t b, int64_t e) { products_body(x, b, e); }
 static void objective_generic(void *x, int64_t b, int64_t e) { objective_body(x, b, e); }
 static void float_generic(void *x, int64_t b, int64_t e) { float_body(x, b, e); }
 static void sweep_generic(void *x, int64_t b, int64_t e) { sweep_body(x, b, e); }
 #if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma"))) static void products_avx2(void *x, int64_t b, int64_t e)
+{
+    products_body(x, b, e);
+}
 __attribute__((target("avx2,fma"))) static void objective_avx2(void *x, int64_t b, int64_t e)
 {
     objective_body(x, b, e);
@@ -524,9 +566,10 @@ dq_status dq_bcq_solve(const float *W, const double *H, int64_t m, int64_t n, in
     x.best_alpha = alpha;
     x.best_offset = offset;
     x.best_err = err;
-    dq_range_fn objective_fn = objective_generic, float_fn = float_generic, sweep_fn = sweep_generic;
+    dq_range_fn products_fn = products_generic, objective_fn = objective_generic, float_fn = float_generic, sweep_fn = sweep_generic;
 #if defined(__x86_64__) || defined(__i386__)
     if (dq_solver_simd()) {
+        products_fn = products_avx2;
         objective_fn = objective_avx2;
         float_fn = float_avx2;
         sweep_fn = sweep_avx2;
@@ -549,14 +592,7 @@ dq_status dq_bcq_solve(const float *W, const double *H, int64_t m, int64_t n, in
     memcpy(x.alpha, alpha, sizeof(float) * (size_t)(m * G * bits));
     memcpy(x.offset, offset, sizeof(float) * (size_t)(m * G));
     /* V = W H in the objective's element-wise order (H symmetric). */
-    memset(x.V, 0, sizeof(double) * (size_t)(m * n));
-    for (int64_t r = 0; r < m; r++) {
-        if ((r & 63) == 0 && dq_interrupted()) {
-            st = DQ_EINTR;
-            goto done;
-        }
-        for (int64_t c = 0; c < n; c++) axpy(x.V + r * n, (double)W[r * n + c], H + c * n, n);
-    }
+    if ((st = pass(&x, products_fn, TILE)) != DQ_OK) goto done;
     for (int64_t j = 0; j < G; j++)
         for (int64_t d = 0; d < n; d++) {
             double s = 0.0;
