@@ -144,6 +144,10 @@ static inline __attribute__((always_inline)) void objective_body(void *vctx, int
     double *A = D + TILE * n;
     double lv[1 << DQ_BCQ_SOLVE_MAX_BITS];
     for (int64_t r0 = begin; r0 < end; r0 += TILE) {
+        if (dq_interrupted()) {
+            set_flag(&x->interrupted);
+            break;
+        }
         const int64_t T = end - r0 < TILE ? end - r0 : TILE;
         for (int64_t t = 0; t < T; t++) {
             const int64_t r = r0 + t;
@@ -175,6 +179,10 @@ static inline __attribute__((always_inline)) void products_body(void *vctx, int6
         return;
     }
     for (int64_t r0 = begin; r0 < end; r0 += TILE) {
+        if (dq_interrupted()) {
+            set_flag(&x->interrupted);
+            break;
+        }
         const int64_t T = end - r0 < TILE ? end - r0 : TILE;
         for (int64_t k = 0; k < T * n; k++) D[k] = (double)x->W[r0 * n + k];
         rows_times_h(D, T, x->H, n, x->V + r0 * n);

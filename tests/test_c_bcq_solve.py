@@ -171,3 +171,54 @@ def test_deterministic_across_thread_counts():
         env = dict(os.environ, DECOUPLEQ_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t)
         outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout)
     assert outs[0] == outs[1] and len(outs[0]) > 0
+
+
+INTERRUPT_CHILD = """
+import sys
+import numpy as np
+from decoupleq import _C as C
+
+m, n = 8192, 512
+rng = np.random.default_rng(0)
+W = rng.standard_normal((m, n)).astype(np.float32)
+H = 0.5 * np.eye(n) + 0.5 / n * np.ones((n, n)) + 0.01 * np.diag(rng.random(n))
+idx = rng.integers(0, 4, (m, n)).astype(np.uint8)
+alpha = np.ones((m, n // 64, 2), np.float32)
+offset = np.zeros((m, n // 64), np.float32)
+keep = [a.copy() for a in (W, H, idx, alpha, offset)]
+print("ready", flush=True)
+try:
+    C.bcq_solve(W, H, idx, alpha, offset, 2, 64, iters=50)
+    print("finished", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    assert all(np.array_equal(a, b) for a, b in zip(keep, (W, H, idx, alpha, offset)))
+    r = C.bcq_solve(W[:4].copy(), H, idx[:4].copy(), alpha[:4].copy(), offset[:4].copy(), 2, 64, iters=1)
+    print("recovered", r[0].shape, flush=True)
+    raise
+"""
+
+
+def test_sigint_stops_a_large_solve_within_a_second():
+    import signal
+    import time
+
+    env = dict(os.environ, DECOUPLEQ_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-c", INTERRUPT_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        assert p.poll() is None, "the solve ended before the signal"
+        t0 = time.perf_counter()
+        p.send_signal(signal.SIGINT)
+        line = p.stdout.readline().strip()
+        latency = time.perf_counter() - t0
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert line == "interrupted", (line, err[-2000:])
+    assert latency < 1.0, f"KeyboardInterrupt took {latency:.2f} s"
+    assert "recovered (4, 512)" in out
+    assert p.returncode == -signal.SIGINT
