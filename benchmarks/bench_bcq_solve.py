@@ -8,7 +8,10 @@ WikiText-2 valid windows, benchmarks/real_layers.py), the layer error
 - ``init``: UniQuanF's unified BCQ initialisation, Hessian-diagonal weighted (the
   UniQuanF default and the start of the next column);
 - ``dq-bcq``: ``decoupleq.bcq_solve.decoupleq_bcq`` from that start (``--iters`` rounds);
-- ``decoupleq`` (with ``--decoupleq``): the library's uniform decoupleQ, for scale.
+- ``decoupleq`` (with ``--decoupleq``): the library's uniform decoupleQ (2.5 bits per
+  weight with its fp16 scales and zeros), and ``dq-bcq(uq)``: decoupleq_bcq started
+  from that uniform solution written as BCQ (``bcq_from_uniform``: uniform codes are BCQ
+  with fixed alphas, so it can only improve on it).
 
 Every setting is printed side by side per layer, then the mean ratio per layer type.
 A group size that does not divide a layer's width falls back to per-channel for that
@@ -32,6 +35,7 @@ from provenance import dump_json  # noqa: E402
 from real_layers import real_layers  # noqa: E402
 
 from decoupleq import QuantConfig, damp, quantize_weight  # noqa: E402
+from decoupleq.bcq import bcq_from_uniform  # noqa: E402
 from decoupleq.bcq_solve import decoupleq_bcq  # noqa: E402
 from decoupleq.data import find_data_dir  # noqa: E402
 from decoupleq.uniquanf_init import unified_init  # noqa: E402
@@ -58,7 +62,7 @@ def run_layer(name, W, H, bits, gs, args) -> dict:
     rec["init_s"] = time.perf_counter() - t0
     rec["init"] = h_error(W, start.dequantize(), H00)
     t0 = time.perf_counter()
-    res = decoupleq_bcq(W, H, bits, lg, iters=args.iters, start=start)
+    res = decoupleq_bcq(W, H, bits, lg, iters=args.iters, start=start, act_order=not args.no_act_order)
     rec["dq_bcq_s"] = time.perf_counter() - t0
     rec["dq_bcq"] = h_error(W, res.weight.dequantize(), H00)
     rec["dq_bcq_history"] = res.history.tolist()
@@ -68,6 +72,9 @@ def run_layer(name, W, H, bits, gs, args) -> dict:
         d = quantize_weight(W, H, QuantConfig(method="decoupleq", bits=bits, group_size=lg))
         rec["decoupleq_s"] = time.perf_counter() - t0
         rec["decoupleq"] = h_error(W, d.dequantize(), H00)
+        uq = bcq_from_uniform(d.codes, d.scale, d.zero, bits, lg)
+        res = decoupleq_bcq(W, H, bits, lg, iters=args.iters, start=uq, act_order=not args.no_act_order)
+        rec["dq_bcq_uq"] = h_error(W, res.weight.dequantize(), H00)
     return rec
 
 
@@ -80,7 +87,9 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--settings", nargs="+", default=["2:64", "3:128"], help="bits:group_size")
     ap.add_argument("--iters", type=int, default=4, help="decoupleq_bcq rounds after the first float step")
-    ap.add_argument("--decoupleq", action="store_true", help="also the uniform decoupleQ solver")
+    ap.add_argument("--no-act-order", action="store_true", help="decoupleq_bcq's sweep in natural column order")
+    ap.add_argument("--decoupleq", action="store_true",
+                    help="also the uniform decoupleQ solver, and decoupleq_bcq started from its result")
     ap.add_argument("--json", default=None, help="write the records here (with provenance)")
     args = ap.parse_args()
 
@@ -93,7 +102,7 @@ def main():
     print(f"# {len(layers)} layers of {args.model} (blocks {args.blocks}), Hessians over "
           f"{args.windows} x {args.seq_len} tokens: {time.perf_counter() - t0:.0f} s")
     records = []
-    cols = ["minmax", "init", "dq_bcq"] + (["decoupleq"] if args.decoupleq else [])
+    cols = ["minmax", "init", "dq_bcq"] + (["decoupleq", "dq_bcq_uq"] if args.decoupleq else [])
     for setting in args.settings:
         bits, gs = (int(v) for v in setting.split(":"))
         print(f"\nW{bits} g{gs}: H00-weighted layer error (lower is better); ratios of dq-bcq")
@@ -107,7 +116,7 @@ def main():
                   + f"  {rec['dq_bcq'] / rec['minmax']:9.3f} {rec['dq_bcq'] / rec['init']:8.3f} "
                   f"{rec['dq_bcq_s']:5.1f}s{note}", flush=True)
         print("  mean ratio by layer type (dq-bcq / minmax, dq-bcq / init, init / minmax"
-              + (", dq-bcq / decoupleq" if args.decoupleq else "") + "):")
+              + (", dq-bcq / decoupleq, dq-bcq(uq) / decoupleq" if args.decoupleq else "") + "):")
         mine = [r for r in records if (r["bits"], r["group_size"]) == (bits, gs)]
         for t in sorted({r["type"] for r in mine}):
             rs = [r for r in mine if r["type"] == t]
@@ -115,6 +124,7 @@ def main():
                       np.mean([r["init"] / r["minmax"] for r in rs])]
             if args.decoupleq:
                 ratios.append(np.mean([r["dq_bcq"] / r["decoupleq"] for r in rs]))
+                ratios.append(np.mean([r["dq_bcq_uq"] / r["decoupleq"] for r in rs]))
             print(f"    {t:10s} " + " ".join(f"{v:7.3f}" for v in ratios) + f"   ({len(rs)} layers)")
     if args.json:
         dump_json(args.json, records, args)

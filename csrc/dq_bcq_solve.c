@@ -25,9 +25,10 @@
  * variable the same way (d = 0), and a row whose result is not finite in
  * float32 keeps its current parameters.
  *
- * Assignment.  GPTQ's column sweep with U the upper Cholesky factor of
- * (H + lambda I)^-1: each column, with the error feedback of those before
- * it, takes the nearest level of its group; e = (w~ - level) / U_ii and the
+ * Assignment.  GPTQ's column sweep, in act-order (decreasing diag H, as
+ * decoupleQ's integer step; optional) or natural order, with U the upper
+ * Cholesky factor of (H + lambda I)^-1 in that order: each column, with the
+ * error feedback of those before it, takes the nearest level of its group; e = (w~ - level) / U_ii and the
  * later columns get w~_t -= e U_it.  float64 throughout, in the twin's
  * operation order, so indices agree with it except where U's last bits
  * decide a tie.
@@ -47,6 +48,7 @@
 #include "dq_bcq_solve.h"
 #include "dq_blas.h"
 #include "dq_kernels.h"
+#include "dq_solver.h"
 
 #include <string.h>
 
@@ -84,7 +86,8 @@ typedef struct {
     double *V;          /* m x n: W H */
     double *Hs;         /* G x n: Hs[j][d] = sum_{c in j} H[c][d] */
     double *P22;        /* G x G */
-    double *U;          /* n x n upper: (H + lambda I)^-1 = U^T U */
+    int64_t *perm;      /* n: the sweep's column order (act-order or identity) */
+    double *U;          /* n x n upper: (H_perm + lambda I)^-1 = U^T U, sweep order */
     int nomem, interrupted; /* set (relaxed atomics) by any worker */
 } ctx_t;
 
@@ -447,13 +450,15 @@ static inline __attribute__((always_inline)) void sweep_body(void *vctx, int64_t
             const int64_t r = r0 + t;
             for (int64_t j = 0; j < G; j++)
                 group_levels(x->alpha + (r * G + j) * b, x->offset[r * G + j], b, lv + (t * G + j) * nl);
-            for (int64_t c = 0; c < n; c++) w[t * n + c] = (double)x->W[r * n + c];
+            for (int64_t c = 0; c < n; c++) w[t * n + c] = (double)x->W[r * n + x->perm[c]];
         }
+        /* c counts sweep positions; column perm[c] of the weight. */
         for (int64_t c = 0; c < n; c++) {
             const double *Uc = x->U + c * n;
+            const int64_t col = x->perm[c];
             for (int64_t t = 0; t < T; t++) {
                 double *wt = w + t * n;
-                const double *L = lv + (t * G + c / g) * nl;
+                const double *L = lv + (t * G + col / g) * nl;
                 int best = 0;
                 double bd = fabs(wt[c] - L[0]);
                 for (int k = 1; k < nl; k++) {
@@ -463,7 +468,7 @@ static inline __attribute__((always_inline)) void sweep_body(void *vctx, int64_t
                         best = k;
                     }
                 }
-                x->idx[(r0 + t) * n + c] = (uint8_t)best;
+                x->idx[(r0 + t) * n + col] = (uint8_t)best;
                 axpy(wt + c + 1, -((wt[c] - L[best]) / Uc[c]), Uc + c + 1, n - c - 1);
             }
         }
@@ -499,9 +504,9 @@ __attribute__((target("avx2,fma"))) static void sweep_avx2(void *x, int64_t b, i
 }
 #endif
 
-/* U upper with (H + lambda I)^-1 = U^T U, lambda = t mean(diag H) for the
- * first t of the ladder where every factorisation succeeds. */
-static dq_status inverse_factor(const double *H, int64_t n, double *U)
+/* U upper with (H[perm][:, perm] + lambda I)^-1 = U^T U, lambda = t mean(diag H)
+ * for the first t of the ladder where every factorisation succeeds. */
+static dq_status inverse_factor(const double *H, int64_t n, const int64_t *perm, double *U)
 {
     double mean = 0.0;
     for (int64_t i = 0; i < n; i++) mean += H[i * n + i];
@@ -511,7 +516,8 @@ static dq_status inverse_factor(const double *H, int64_t n, double *U)
         const double lam = LADDER[t] * mean;
         /* Row-major upper triangle == column-major lower: "L" for LAPACK. */
         for (int64_t i = 0; i < n; i++)
-            for (int64_t k = 0; k < n; k++) U[i * n + k] = k >= i ? H[i * n + k] + (k == i ? lam : 0.0) : 0.0;
+            for (int64_t k = 0; k < n; k++)
+                U[i * n + k] = k >= i ? H[perm[i] * n + perm[k]] + (k == i ? lam : 0.0) : 0.0;
         int info = 0;
         dq_dpotrf_("L", &ni, U, &ni, &info, 1);
         if (info != 0) continue;
@@ -552,8 +558,8 @@ static dq_status pass(ctx_t *x, dq_range_fn fn, int64_t min_chunk)
 }
 
 dq_status dq_bcq_solve(const float *W, const double *H, int64_t m, int64_t n, int64_t g, int bits,
-                       int iters, uint8_t *idx, float *alpha, float *offset, double *err,
-                       double *history)
+                       int iters, int act_order, uint8_t *idx, float *alpha, float *offset,
+                       double *err, double *history)
 {
     if (!W || !H || !idx || !alpha || !offset || !err || m < 1 || n < 1 || g < 1 || n % g != 0 ||
         bits < 1 || bits > DQ_BCQ_SOLVE_MAX_BITS || iters < 0 || n > INT32_MAX)
@@ -592,7 +598,8 @@ dq_status dq_bcq_solve(const float *W, const double *H, int64_t m, int64_t n, in
     x.Hs = dq_malloc(sizeof(double) * (size_t)(G * n));
     x.P22 = dq_malloc(sizeof(double) * (size_t)(G * G));
     x.U = dq_malloc(sizeof(double) * (size_t)(n * n));
-    if (!x.idx || !x.alpha || !x.offset || !x.e || !x.V || !x.Hs || !x.P22 || !x.U) {
+    x.perm = dq_malloc(sizeof(int64_t) * (size_t)n);
+    if (!x.idx || !x.alpha || !x.offset || !x.e || !x.V || !x.Hs || !x.P22 || !x.U || !x.perm) {
         st = DQ_ENOMEM;
         goto done;
     }
@@ -613,7 +620,12 @@ dq_status dq_bcq_solve(const float *W, const double *H, int64_t m, int64_t n, in
             for (int64_t d = k * g; d < (k + 1) * g; d++) s += x.Hs[j * n + d];
             x.P22[j * G + k] = s;
         }
-    if ((st = inverse_factor(H, n, x.U)) != DQ_OK) goto done;
+    if (act_order) {
+        if ((st = dq_act_order_perm(H, n, x.perm)) != DQ_OK) goto done;
+    } else {
+        for (int64_t c = 0; c < n; c++) x.perm[c] = c;
+    }
+    if ((st = inverse_factor(H, n, x.perm, x.U)) != DQ_OK) goto done;
 
     if ((st = pass(&x, objective_fn, TILE)) != DQ_OK) goto done;
     memcpy(err, x.e, sizeof(double) * (size_t)m);
@@ -638,5 +650,6 @@ done:
     dq_free(x.Hs);
     dq_free(x.P22);
     dq_free(x.U);
+    dq_free(x.perm);
     return st;
 }

@@ -20,7 +20,9 @@
  *     (B the row's n x (bits+1)G design matrix of signs and group ones);
  *     parameters the used sign patterns leave undetermined keep their
  *     current values;
- *   - assignment: a GPTQ column sweep in natural order, each weight (with
+ *   - assignment: a GPTQ column sweep (act_order != 0: columns by
+ *     decreasing diag H, ties by index, as dq_act_order_perm; else natural
+ *     order), each weight (with
  *     the error feedback of the columns before it, through the upper factor
  *     U of (H + lambda I)^-1, lambda the first of decoupleQ's damping ladder
  *     that factors) rounded to the nearest of its group's levels.
@@ -36,7 +38,7 @@
  * float64 (iters + 2,) or NULL: sum_r of the best e_r at the start, after
  * the first float step and after every iteration. */
 dq_status dq_bcq_solve(const float *W, const double *H, int64_t m, int64_t n, int64_t g, int bits,
-                       int iters, uint8_t *idx, float *alpha, float *offset, double *err,
-                       double *history);
+                       int iters, int act_order, uint8_t *idx, float *alpha, float *offset,
+                       double *err, double *history);
 
 #endif

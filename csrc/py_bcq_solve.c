@@ -5,14 +5,15 @@
 #include <string.h>
 
 PyDoc_STRVAR(bcq_solve_doc,
-"bcq_solve(W, H00, indices, alpha, offset, bits, group_size, iters=4)\n"
+"bcq_solve(W, H00, indices, alpha, offset, bits, group_size, iters=4, act_order=True)\n"
 "    -> (indices, alpha, offset, err, history)\n\n"
 "decoupleQ over BCQ levels (issue 13 item 4): from the BCQ weight\n"
 "(indices, alpha, offset), alternate the closed-form least-squares alpha and\n"
 "offset per row under H00 (indices fixed) with a GPTQ sweep assigning each\n"
 "weight to the nearest level of its group, keeping per row the state of\n"
 "lowest (w_hat - w) H00 (w_hat - w)^T.  Schedule: a float step, then `iters`\n"
-"times (assignment, float step).\n"
+"times (assignment, float step); act_order: the sweep visits columns by\n"
+"decreasing diag H00 (as decoupleQ's integer step), else in natural order.\n"
 "W float32 (m, n) finite; H00 float64 (n, n) damped Hessian; bits 2..4;\n"
 "group_size -1 or a divisor of n; indices uint8 (m, n) < 2**bits, alpha\n"
 "float32 (m, G, bits), offset float32 (m, G), finite (not modified).\n"
@@ -22,9 +23,9 @@ PyDoc_STRVAR(bcq_solve_doc,
 
 static PyObject *py_bcq_solve(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"W", "H00", "indices", "alpha", "offset", "bits", "group_size", "iters", NULL};
+    static char *kwlist[] = {"W", "H00", "indices", "alpha", "offset", "bits", "group_size", "iters", "act_order", NULL};
     PyObject *oW, *oH, *oI, *oA, *oO;
-    int bits, iters = 4;
+    int bits, iters = 4, act_order = 1;
     long group_size;
     dq_py_layer_args_t la;
     PyArrayObject *Ix = NULL, *Al = NULL, *Of = NULL;
@@ -32,8 +33,8 @@ static PyObject *py_bcq_solve(PyObject *self, PyObject *args, PyObject *kwargs)
     PyObject *result = NULL;
     (void)self;
     memset(&la, 0, sizeof(la));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOil|i:bcq_solve", kwlist, &oW, &oH, &oI, &oA,
-                                     &oO, &bits, &group_size, &iters))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOil|ip:bcq_solve", kwlist, &oW, &oH, &oI, &oA,
+                                     &oO, &bits, &group_size, &iters, &act_order))
         return NULL;
     if (bits < 2 || bits > DQ_BCQ_SOLVE_MAX_BITS) {
         PyErr_Format(PyExc_ValueError, "bits must be in 2..%d, got %d", DQ_BCQ_SOLVE_MAX_BITS, bits);
@@ -82,7 +83,7 @@ static PyObject *py_bcq_solve(PyObject *self, PyObject *args, PyObject *kwargs)
     memcpy(PyArray_DATA(Oo), PyArray_DATA(Of), sizeof(float) * (size_t)(m * G));
     dq_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = dq_bcq_solve(PyArray_DATA(la.W), PyArray_DATA(la.H), m, n, g, bits, iters, PyArray_DATA(Io),
+    st = dq_bcq_solve(PyArray_DATA(la.W), PyArray_DATA(la.H), m, n, g, bits, iters, act_order, PyArray_DATA(Io),
                       PyArray_DATA(Ao), PyArray_DATA(Oo), PyArray_DATA(E), PyArray_DATA(Hist));
     Py_END_ALLOW_THREADS
     if (st != DQ_OK) {

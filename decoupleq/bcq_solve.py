@@ -61,7 +61,8 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     return int(value)
 
 
-def decoupleq_bcq(W, H, bits: int, group_size: int = -1, *, iters: int = 4, percdamp: float = 0.01,
+def decoupleq_bcq(W, H, bits: int, group_size: int = -1, *, iters: int = 4, act_order: bool = True,
+                  percdamp: float = 0.01,
                   start: BCQWeight | None = None, clip_steps: int = 1, init_iters: int = 15,
                   init_weighting: str = "hessian_diag", impl: str = "c") -> BCQSolveResult:
     """Quantize one weight to BCQ levels by decoupleQ's alternation under its Hessian.
@@ -75,6 +76,8 @@ def decoupleq_bcq(W, H, bits: int, group_size: int = -1, *, iters: int = 4, perc
         group_size: -1 (per-channel) or a divisor of n.
         iters: (assignment, float step) rounds after the first float step (0: the
             float step alone).
+        act_order: the assignment visits columns by decreasing diag H (decoupleQ's default),
+            else in natural order.
         percdamp: H00 = H + percdamp * mean(diag H) * I is the objective's matrix.
         start: a ``BCQWeight`` of W's shape, bits and group size to start from;
             None: UniQuanF's unified initialisation with ``clip_steps``,
@@ -94,6 +97,8 @@ def decoupleq_bcq(W, H, bits: int, group_size: int = -1, *, iters: int = 4, perc
         raise ValueError(f"init_weighting must be one of {WEIGHTINGS}, got {init_weighting!r}")
     bits = _check_int("bits", bits, 2, MAX_BITS)
     iters = _check_int("iters", iters, 0)
+    if not isinstance(act_order, (bool, np.bool_)):
+        raise TypeError(f"act_order must be a bool, got {type(act_order).__name__}")
     group_size = _check_int("group_size", group_size, -1)
     W32 = as_float_matrix(W, "W", np.float32)
     m, n = W32.shape
@@ -117,7 +122,7 @@ def decoupleq_bcq(W, H, bits: int, group_size: int = -1, *, iters: int = 4, perc
     else:
         from .reference.bcq_solve import bcq_solve as fn
     idx, alpha, offset, loss, history = fn(W32, H00, start.indices, start.alpha, start.offset, bits, group_size,
-                                           iters=iters)
+                                           iters=iters, act_order=bool(act_order))
     weight = BCQWeight(indices=idx, alpha=alpha, offset=offset, bits=bits, group_size=group_size)
     return BCQSolveResult(weight=weight, loss=loss, start_loss=_start_loss(W32, H00, start), history=history)
 

@@ -51,11 +51,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("m,n,gs,bits", CASES)
-def test_c_matches_reference(m, n, gs, bits):
+def test_c_matches_reference(m, n, gs, bits, act_order):
     W, H, s = problem(m, n, bits, gs)
-    out = C.bcq_solve(W, H, s.indices, s.alpha, s.offset, bits, gs, iters=3)
-    ref = R.bcq_solve(W, H, s.indices, s.alpha, s.offset, bits, gs, iters=3)
+    out = C.bcq_solve(W, H, s.indices, s.alpha, s.offset, bits, gs, iters=3, act_order=act_order)
+    ref = R.bcq_solve(W, H, s.indices, s.alpha, s.offset, bits, gs, iters=3, act_order=act_order)
     mismatches = int(np.sum(out[0] != ref[0]))
     assert mismatches <= max(1, int((1 - AGREE) * out[0].size)), f"{mismatches} of {out[0].size} indices differ"
     assert abs(out[3].mean() / ref[3].mean() - 1) <= 1e-6

@@ -15,9 +15,10 @@ decoupleQ float step with b planes instead of one code vector):
     P theta = y,   P = B^T H B,   y = B^T H w^T.
 
 It is alternated with a GPTQ-style assignment of the indices (decoupleQ's
-integer step): columns in natural order, each weight plus the error feedback of
-the columns before it (through U, the upper Cholesky factor of (H + lambda I)^-1)
-takes the nearest of its group's levels.
+integer step): columns in act-order (decreasing diag H, ties by index; or in
+natural order), each weight plus the error feedback of the columns before it
+(through U, the upper Cholesky factor of (H + lambda I)^-1 in that order) takes
+the nearest of its group's levels.
 
 Schedule: a float step, then ``iters`` times (assignment, float step); after
 every step each row keeps the state of lowest objective seen, so the returned
@@ -40,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _checks
-from .gptq import DECOUPLEQ_LADDER, inverse_upper_factor
+from .gptq import DECOUPLEQ_LADDER, act_order_perm, inverse_upper_factor
 from .unified_init import level_signs
 
 MAX_BITS = 4
@@ -132,30 +133,32 @@ def float_step(W, H, indices, alpha, offset):
     return alpha, offset
 
 
-def assign(W, U, indices_shape, alpha, offset) -> np.ndarray:
-    """GPTQ sweep: uint8 (m, n) indices of the nearest level, with error feedback through U."""
-    m, n = indices_shape
+def assign(W, U, perm, alpha, offset) -> np.ndarray:
+    """GPTQ sweep over the columns in the order ``perm`` (U in that order): uint8 (m, n)
+    indices of the nearest level, with error feedback through U."""
+    m, n = W.shape
     G = offset.shape[1]
     g = n // G
     lv = levels(alpha, offset)  # (m, G, L)
-    w = W.astype(np.float64)
+    w = W[:, perm].astype(np.float64)  # sweep order
     idx = np.empty((m, n), np.uint8)
     for c in range(n):
-        L = lv[:, c // g, :]
+        L = lv[:, perm[c] // g, :]
         k = np.argmin(np.abs(w[:, c : c + 1] - L), axis=1)  # first index of the nearest level
-        idx[:, c] = k
+        idx[:, perm[c]] = k
         e = (w[:, c] - L[np.arange(m), k]) / U[c, c]
         w[:, c + 1 :] = w[:, c + 1 :] - e[:, None] * U[c, c + 1 :]
     return idx
 
 
-def bcq_solve(W, H00, indices, alpha, offset, bits: int, group_size: int, iters: int = 4):
+def bcq_solve(W, H00, indices, alpha, offset, bits: int, group_size: int, iters: int = 4, act_order: bool = True):
     """decoupleQ over BCQ levels from a start (indices, alpha, offset); see the module docstring.
 
     Args:
         W: float32 (m, n). H00: float64 (n, n), the damped Hessian.
         indices: uint8 (m, n), each < 2**bits. alpha: float32 (m, G, bits). offset: float32 (m, G).
         bits: 2..4. group_size: -1 or a divisor of n. iters: assignment + float step rounds.
+        act_order: the sweep visits columns by decreasing diag H00 (else in natural order).
 
     Returns:
         indices, alpha, offset (the best state per row), err float64 (m,) its
@@ -179,8 +182,10 @@ def bcq_solve(W, H00, indices, alpha, offset, bits: int, group_size: int, iters:
         raise ValueError(f"alpha must have shape {(m, G, bits)} and offset {(m, G)}, got {alpha.shape}, {offset.shape}")
     _checks.finite(alpha, "alpha")
     _checks.finite(offset, "offset")
+    act_order = _checks.flag("act_order", act_order)
     H = np.asarray(H00, dtype=np.float64)
-    U, _ = inverse_upper_factor(H, DECOUPLEQ_LADDER)
+    perm = act_order_perm(H, act_order)
+    U, _ = inverse_upper_factor(H[np.ix_(perm, perm)], DECOUPLEQ_LADDER)
 
     best = [indices.copy(), alpha.copy(), offset.copy()]
     best_err = objective(W, H, *best)
@@ -196,7 +201,7 @@ def bcq_solve(W, H00, indices, alpha, offset, bits: int, group_size: int, iters:
 
     for t in range(iters + 1):
         if t > 0:
-            cur[0] = assign(W, U, (m, n), cur[1], cur[2])
+            cur[0] = assign(W, U, perm, cur[1], cur[2])
             keep_best()
         cur[1], cur[2] = float_step(W, H, *cur)
         keep_best()
