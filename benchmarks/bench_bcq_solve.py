@@ -35,7 +35,7 @@ from provenance import dump_json  # noqa: E402
 from real_layers import real_layers  # noqa: E402
 
 from decoupleq import QuantConfig, damp, quantize_weight  # noqa: E402
-from decoupleq.bcq import bcq_from_uniform  # noqa: E402
+from decoupleq.bcq import bcq_from_uniform, bits_per_weight  # noqa: E402
 from decoupleq.bcq_solve import decoupleq_bcq  # noqa: E402
 from decoupleq.data import find_data_dir  # noqa: E402
 from decoupleq.uniquanf_init import unified_init  # noqa: E402
@@ -67,6 +67,10 @@ def run_layer(name, W, H, bits, gs, args) -> dict:
     rec["dq_bcq"] = h_error(W, res.weight.dequantize(), H00)
     rec["dq_bcq_history"] = res.history.tolist()
     rec["bits_per_weight_bcq"] = res.weight.stored_bits_per_weight()
+    # As saved: alphas and offsets in 16 bits (the uniform layers' scales and zeros are 16-bit too).
+    rec["bits_per_weight_bcq_saved"] = bits_per_weight(bits, W.shape[1], lg, param_bits=16)
+    G = 1 if lg == -1 else W.shape[1] // lg
+    rec["bits_per_weight_uniform_saved"] = bits + 2 * 16 * G / W.shape[1]
     if args.decoupleq:
         t0 = time.perf_counter()
         d = quantize_weight(W, H, QuantConfig(method="decoupleq", bits=bits, group_size=lg))
