@@ -22,10 +22,10 @@
  *     current values;
  *   - assignment: a GPTQ column sweep (act_order != 0: columns by
  *     decreasing diag H, ties by index, as dq_act_order_perm; else natural
- *     order), each weight (with
- *     the error feedback of the columns before it, through the upper factor
- *     U of (H + lambda I)^-1, lambda the first of decoupleQ's damping ladder
- *     that factors) rounded to the nearest of its group's levels.
+ *     order), each weight (with the error feedback of the columns before
+ *     it, through the upper factor U of (H + lambda I)^-1 in sweep order,
+ *     lambda the first of decoupleQ's damping ladder that factors) rounded
+ *     to the nearest of its group's levels.
  * Schedule: a float step, then `iters` times (assignment, float step).
  * After every step a row whose objective is strictly below its best so far
  * takes the new state; idx, alpha and offset return the best state.
