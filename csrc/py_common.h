@@ -52,6 +52,7 @@ extern PyMethodDef dq_py_kernels_methods[];
 extern PyMethodDef dq_py_start_methods[];
 extern PyMethodDef dq_py_bcq_kernels_methods[];
 extern PyMethodDef dq_py_bcq_init_methods[];
+extern PyMethodDef dq_py_bcq_solve_methods[];
 
 /* Extra entries for backend_info(); kernels fill in their choice here. */
 int dq_py_kernels_info(PyObject *dict);

@@ -68,6 +68,7 @@ static PyMethodDef *all_tables[] = {
     dq_py_solver_methods,    dq_py_kernels_methods,
     dq_py_start_methods,
     dq_py_bcq_kernels_methods, dq_py_bcq_init_methods,
+    dq_py_bcq_solve_methods,
 };
 
 static struct PyModuleDef moduledef = {

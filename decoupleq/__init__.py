@@ -37,6 +37,7 @@ _LAZY = {
     "BCQWeight": "bcq",
     "bcq_from_uniform": "bcq",
     "BCQLinear": "nn_bcq",
+    "decoupleq_bcq": "bcq_solve",
 }
 
 

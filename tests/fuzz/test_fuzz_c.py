@@ -326,6 +326,16 @@ def test_initialisation_entry_points(data):
     clip = d.pick([1, 2, 4, 0, -1])
     iters = d.pick([0, 1, 3, -1])
     call(_C.bcq_init, W, d.integer([2, 3, 4], "bits"), group, clip, iters, hdiag=hdiag)
+    # decoupleQ over BCQ levels from a drawn start (indices, alpha, offset).
+    bb = d.integer([2, 3, 4, 5], "bcq_bits")
+    b = bb if isinstance(bb, int) and 2 <= bb <= 4 else 2
+    G = n // group if isinstance(group, int) and group > 0 and n % group == 0 else 1
+    idx = d.rng.integers(0, 1 << b, size=(m, n)).astype(np.uint8)
+    if d.flag(0.2):
+        idx = d.array((m, n), np.uint8, "indices")
+    alpha = d.array((m, G, b), np.float32, "alpha")
+    offset = d.array((m, G), np.float32, "offset")
+    call(_C.bcq_solve, W, H, idx, alpha, offset, bb, group, iters=d.pick([0, 1, 2, -1]))
 
 
 @given(st.data())
