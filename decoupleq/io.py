@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _hf_build
+from . import _hf_build, _hf_hook
 from ._io_schema import (
     FLOAT_ST,
     META_DIGEST_KEY,
@@ -219,6 +219,8 @@ def _model_description(model: nn.Module) -> dict:
     if cls.__module__.startswith("transformers.") and cfg is not None and hasattr(cfg, "to_json_string"):
         desc["hf_config_class"] = type(cfg).__name__
         desc["hf_config"] = json.loads(cfg.to_json_string(use_diff=False))
+        # The layers are described by this file itself; a stored quantization_config is refused on load.
+        desc["hf_config"].pop("quantization_config", None)
         desc["attn_implementation"] = getattr(cfg, "_attn_implementation", None)
     return desc
 
@@ -664,6 +666,7 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
     _fill(model, layers, tensors, changes)
     model.eval()
     model.decoupleq_config = meta.get("quantization")
+    _hf_hook.attach(model)
     log.info("loaded %d tensors (%d quantized layers) from %s", len(tensors), len(layers), path)
     return model
 

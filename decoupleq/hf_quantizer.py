@@ -1,0 +1,318 @@
+"""decoupleq inside transformers: ``from_pretrained`` / ``save_pretrained`` of quantized models.
+
+Registered with transformers' own extension points (``register_quantization_config``,
+``register_quantizer``) under ``quant_method = "decoupleq"`` when this module is
+imported, which ``import decoupleq`` arranges (at once if transformers is already
+imported, else when it is).
+
+Saving: ``decoupleq.quantize`` (and ``decoupleq.load``) attach a ``DecoupleQConfig``
+and this quantizer to a transformers model (``attach``), so ``save_pretrained``
+writes ``config.json`` with its ``quantization_config`` (``decoupleq.hf_config``),
+the tensors in decoupleq's layout (``decoupleq.io``), sharded as transformers
+shards, and in every shard's metadata the SHA-256 of every tensor and of the
+config's layer descriptions.
+
+Loading (``from_pretrained``): transformers builds the model on the meta device;
+before any weight is read, ``_process_model_before_weight_loading`` checks the
+folder as ``decoupleq.load`` checks a file (every described layer is a layer of
+the model with the right shape; the shards hold exactly the tensors the
+quantized model will hold, with their shapes and dtypes, tied weights aside; the
+checksums of the config and of every tensor's bytes, read through a memory map
+without copies) and only then swaps in empty ``QuantLinear`` / ``BCQLinear``
+shells, still on the meta device. transformers then materialises each tensor
+straight into its shell: the float model is never built, and peak memory is
+about the file plus one tensor. After loading, packed codes, scales and zeros
+are checked as ``load`` checks them. Any failure raises ``ValueError`` naming
+the folder and the tensor or layer; a missing or mis-shaped quantized tensor
+can never leave a randomly initialised layer behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import struct
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from ._io_schema import parse_json, tensor_digest, text_digest
+from .hf_config import FORMAT_VERSION, QUANT_METHOD, DecoupleQConfig
+
+log = logging.getLogger(__name__)
+
+#: Shard metadata keys (safetensors ``__metadata__``, strings).
+LAYOUT_KEY = "decoupleq_layout"
+LAYOUT = "decoupleq-hf-v3"
+CONFIG_DIGEST_KEY = "decoupleq_config_sha256"
+CHECKSUMS_KEY = "decoupleq_checksums"
+#: A safetensors header larger than this is refused (safetensors' own limit).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def config_digest(cfg: DecoupleQConfig) -> str:
+    return text_digest(json.dumps(cfg.canonical(), sort_keys=True))
+
+
+class DecoupleQHfQuantizer(HfQuantizer):
+    """transformers' hook for decoupleq checkpoints (see the module docstring).
+
+    ``requires_calibration``: transformers cannot quantize a float model with
+    decoupleq while loading it (that needs calibration data and
+    ``decoupleq.quantize``); asking it to raises transformers' own error.
+    """
+
+    requires_calibration = True
+
+    def validate_environment(self, *args, device_map=None, **kwargs):
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("decoupleq models cannot be offloaded to disk (device_map has 'disk')")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        prepare_model(model, self.quantization_config, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        check_loaded(model, self.quantization_config)
+        model.decoupleq_config = self.quantization_config.settings
+        return model
+
+    def is_serializable(self, *args, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # The float parts (scales, zeros, norms) train: decoupleq.prepare_for_sft.
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    def get_state_dict_and_metadata(self, model):
+        """Refresh the config from the model's layers as they are now, and the shard metadata
+        (checksums of every tensor and of the config's layer descriptions)."""
+        cfg = DecoupleQConfig.from_model(model)
+        self.quantization_config = cfg
+        model.config.quantization_config = cfg
+        checksums = {}
+        for key, t in model.state_dict().items():
+            t = t.detach()
+            checksums[key] = tensor_digest(t if t.is_cpu else t.cpu())
+        metadata = {
+            LAYOUT_KEY: LAYOUT,
+            CONFIG_DIGEST_KEY: config_digest(cfg),
+            CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True),
+        }
+        return None, metadata
+
+
+# ---------------------------------------------------------------------------
+# Loading: checks before any weight is read, then the shells
+# ---------------------------------------------------------------------------
+
+
+def _read_shards(files, what: str):
+    """({tensor: shape}, {tensor: dtype}, metadata of the first shard) over all shards;
+    every shard must carry the same decoupleq metadata."""
+    from safetensors import safe_open
+
+    shapes, dtypes, first = {}, {}, None
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                for k in f.keys():
+                    if k in shapes:
+                        raise ValueError(f"{what}: tensor {k!r} is stored in more than one shard")
+                    sl = f.get_slice(k)
+                    shapes[k], dtypes[k] = tuple(sl.get_shape()), sl.get_dtype()
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{what}: {os.path.basename(path)} is not a complete safetensors file: {exc}") from None
+        mine = {k: meta.get(k) for k in (LAYOUT_KEY, CONFIG_DIGEST_KEY, CHECKSUMS_KEY)}
+        if mine[LAYOUT_KEY] != LAYOUT:
+            raise ValueError(
+                f"{what}: {os.path.basename(path)} was not written by decoupleq's save_pretrained "
+                f"(metadata {LAYOUT_KEY!r} is {mine[LAYOUT_KEY]!r}, expected {LAYOUT!r})"
+            )
+        if first is None:
+            first = mine
+        elif mine != first:
+            raise ValueError(f"{what}: the shards' decoupleq metadata differ ({os.path.basename(path)})")
+    return shapes, dtypes, first
+
+
+def _tied_aliases(model, shapes: dict) -> dict:
+    """{tied key absent from the file: the key it is tied to, present in the file}."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    aliases = {}
+    for a, b in tied.items():
+        if a not in shapes and b in shapes:
+            aliases[a] = b
+        elif b not in shapes and a in shapes:
+            aliases[b] = a
+    return aliases
+
+
+def verify_shard_bytes(path: str, checksums: dict, what: str) -> None:
+    """Every tensor of one shard against its recorded SHA-256 (dtype, shape and bytes, as
+    ``decoupleq._io_schema.tensor_digest``), hashed straight from a memory map of the file."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{what}: {os.path.basename(path)} is truncated")
+        n = struct.unpack("<Q", head)[0]
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{what}: {os.path.basename(path)} has a header of {n} bytes")
+        header = parse_json(f.read(n).decode("utf-8", errors="replace"), f"{what}: header of {os.path.basename(path)}")
+        if not isinstance(header, dict):
+            raise ValueError(f"{what}: {os.path.basename(path)}: the header is not an object")
+        if size == 8 + n:
+            mm = None
+        else:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        view = memoryview(mm) if mm is not None else memoryview(b"")
+        try:
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                want = checksums.get(key)
+                if want is None:
+                    raise ValueError(f"{what}: tensor {key!r} has no recorded checksum")
+                start, end = entry["data_offsets"]
+                if not 0 <= start <= end <= size - 8 - n:
+                    raise ValueError(f"{what}: tensor {key!r} lies outside {os.path.basename(path)}")
+                h = hashlib.sha256(f"{entry['dtype']}|{list(entry['shape'])}|".encode())
+                if end > start:
+                    h.update(view[8 + n + start: 8 + n + end])
+                if h.hexdigest() != want:
+                    raise ValueError(
+                        f"{what}: tensor {key!r} does not match its checksum: the file is corrupt or was edited"
+                    )
+        finally:
+            view.release()
+    finally:
+        if mm is not None:
+            mm.close()
+
+
+def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files) -> None:
+    """Check a folder against the meta model, then swap in the quantized layers' empty shells.
+
+    Nothing is changed unless every check passes.
+
+    Raises:
+        ValueError naming the folder and the layer, tensor or key at fault.
+    """
+    from .io import _module_from_info, _plan
+
+    files = [os.fspath(f) for f in (files or [])]
+    what = repr(os.path.dirname(files[0])) if files else "the checkpoint"
+    if not files or not all(f.endswith(".safetensors") for f in files):
+        raise ValueError(f"{what}: decoupleq models load from safetensors files only, got {files or 'none'}")
+    shapes, dtypes, meta = _read_shards(files, what)
+    if meta[CONFIG_DIGEST_KEY] != config_digest(cfg):
+        raise ValueError(
+            f"{what}: config.json's quantization_config does not match the checksum the shards carry "
+            "(the config was edited, or belongs to another checkpoint)"
+        )
+    checksums = parse_json(meta[CHECKSUMS_KEY] or "null", f"{what}: {CHECKSUMS_KEY}")
+    if not isinstance(checksums, dict):
+        raise ValueError(f"{what}: shard metadata {CHECKSUMS_KEY!r} is missing or not an object")
+
+    infos = {}
+    for name in cfg.layers:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"{what}: quantized layer {name!r} is not a module of {type(model).__name__}"
+            ) from None
+        infos[name] = cfg.layer_info(name, module, what)
+    doc = {"layers": infos, "aliases": _tied_aliases(model, shapes), "format_version": FORMAT_VERSION}
+    _plan(model, doc, shapes, dtypes, what)
+    for path in files:
+        verify_shard_bytes(path, checksums, what)
+
+    for name, info in infos.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        with torch.device("meta"):
+            shell = _module_from_info(info)
+        setattr(parent, child, shell)
+    log.info("%s: %d quantized layers checked and prepared", what, len(infos))
+
+
+def check_loaded(model: nn.Module, cfg: DecoupleQConfig) -> None:
+    """After loading: every quantized layer holds real tensors (none left on the meta device),
+    packed codes use only their fields, and the float parts are finite."""
+    from .io import LAYER_MODULES, _check_codes
+
+    what = repr(getattr(model, "name_or_path", "") or "the checkpoint")
+    tensors, layers = {}, {}
+    for name in cfg.layers:
+        module = model.get_submodule(name)
+        if not isinstance(module, LAYER_MODULES):
+            raise ValueError(f"{what}: layer {name!r} is a {type(module).__name__} after loading")
+        for key, t in module.state_dict().items():
+            if t.is_meta:
+                raise ValueError(f"{what}: tensor {name}.{key} was not loaded")
+            tensors[f"{name}.{key}"] = t.detach().cpu()
+        layers[name] = module.quant_info()
+    _check_codes(tensors, layers, what)
+
+
+# ---------------------------------------------------------------------------
+# Saving: what a quantized model carries
+# ---------------------------------------------------------------------------
+
+
+def is_transformers_model(model) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def attach(model: nn.Module) -> nn.Module:
+    """Give a quantized transformers model its ``quantization_config`` and this quantizer, so
+    ``save_pretrained`` writes a folder ``from_pretrained`` reads back. Other modules are
+    returned unchanged."""
+    if not is_transformers_model(model):
+        return model
+    cfg = DecoupleQConfig.from_model(model)
+    model.config.quantization_config = cfg
+    model.hf_quantizer = DecoupleQHfQuantizer(cfg, pre_quantized=True)
+    model.quantization_method = QUANT_METHOD
+    return model
+
+
+def register() -> None:
+    """Register the config and the quantizer with transformers (once)."""
+    for mapping, cls, reg in (
+        (AUTO_QUANTIZATION_CONFIG_MAPPING, DecoupleQConfig, register_quantization_config),
+        (AUTO_QUANTIZER_MAPPING, DecoupleQHfQuantizer, register_quantizer),
+    ):
+        current = mapping.get(QUANT_METHOD)
+        if current is None:
+            reg(QUANT_METHOD)(cls)
+        elif getattr(current, "__module__", None) != cls.__module__:
+            raise RuntimeError(
+                f"transformers already has a {QUANT_METHOD!r} quantization method ({current.__module__}."
+                f"{current.__qualname__}); decoupleq cannot register its own"
+            )
+
+
+register()
