@@ -253,6 +253,13 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files) -> None:
         with torch.device("meta"):
             shell = _module_from_info(info)
         setattr(parent, child, shell)
+        # transformers initialises modules whose tensors it did not load; a model's init code
+        # reaches into children (GPT-2: ``attn.c_proj.weight``), which a shell does not have.
+        # Every tensor of the shell and of its ancestors comes from the checked file.
+        shell._is_hf_initialized = True
+        parts = name.split(".")
+        for i in range(len(parts)):
+            model.get_submodule(".".join(parts[:i]))._is_hf_initialized = True
     log.info("%s: %d quantized layers checked and prepared", what, len(infos))
 
 
