@@ -156,7 +156,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         # Defaults: the most common value of each key, so most layers need no override.
         defaults = {}
         for key in OVERRIDE_KEYS:
-            values = [info.get(key) for info in infos.values() if not (key == "bias_dtype" and not info["bias"])]
+            values = [info[key] for info in infos.values()
+                      if key in info and not (key == "bias_dtype" and not info["bias"])]
             defaults[key] = json.loads(Counter(map(json.dumps, values)).most_common(1)[0][0]) if values else None
         fallback = {"type": "linear", "bits": quant.get("bits", 2), "group_size": quant.get("group_size", 64),
                     "symmetric": quant.get("symmetric", False), "method": quant.get("method"),
@@ -164,7 +165,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         defaults = {k: (fallback[k] if v is None and k != "method" else v) for k, v in defaults.items()}
         layers = {}
         for name, info in infos.items():
-            over = {k: info.get(k) for k in OVERRIDE_KEYS if k != "bias_dtype" and info.get(k) != defaults[k]}
+            # BCQ layers have no "symmetric": a key a layer kind lacks is not an override.
+            over = {k: info[k] for k in OVERRIDE_KEYS if k != "bias_dtype" and k in info and info[k] != defaults[k]}
             if info["bias"] and info.get("bias_dtype") != defaults["bias_dtype"]:
                 over["bias_dtype"] = info["bias_dtype"]
             layers[name] = over

@@ -73,9 +73,15 @@ def weight_files(path: Path, what: str) -> list:
 def write_folder(model, path, tokenizer=None, max_shard_size=None) -> None:
     """``model.save_pretrained(path)`` (plus the tokenizer) for a decoupleq-quantized transformers
     model, into an existing empty folder. Raises ``ValueError`` for any other model."""
+    import sys
+
+    from torch import nn
+
     from . import _hf_hook
 
-    if "transformers" not in __import__("sys").modules:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if "transformers" not in sys.modules:
         raise ValueError("a folder needs a transformers model; give a file name ending in .safetensors")
     from .hf_quantizer import DecoupleQHfQuantizer, is_transformers_model
 
