@@ -224,15 +224,6 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files) -> None:
     if not files or not all(f.endswith(".safetensors") for f in files):
         raise ValueError(f"{what}: decoupleq models load from safetensors files only, got {files or 'none'}")
     shapes, dtypes, meta = _read_shards(files, what)
-    if meta[CONFIG_DIGEST_KEY] != config_digest(cfg):
-        raise ValueError(
-            f"{what}: config.json's quantization_config does not match the checksum the shards carry "
-            "(the config was edited, or belongs to another checkpoint)"
-        )
-    checksums = parse_json(meta[CHECKSUMS_KEY] or "null", f"{what}: {CHECKSUMS_KEY}")
-    if not isinstance(checksums, dict):
-        raise ValueError(f"{what}: shard metadata {CHECKSUMS_KEY!r} is missing or not an object")
-
     infos = {}
     for name in cfg.layers:
         try:
@@ -242,6 +233,14 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files) -> None:
                 f"{what}: quantized layer {name!r} is not a module of {type(model).__name__}"
             ) from None
         infos[name] = cfg.layer_info(name, module, what)
+    if meta[CONFIG_DIGEST_KEY] != config_digest(cfg):
+        raise ValueError(
+            f"{what}: config.json's quantization_config does not match the checksum the shards carry "
+            "(the config was edited, or belongs to another checkpoint)"
+        )
+    checksums = parse_json(meta[CHECKSUMS_KEY] or "null", f"{what}: {CHECKSUMS_KEY}")
+    if not isinstance(checksums, dict):
+        raise ValueError(f"{what}: shard metadata {CHECKSUMS_KEY!r} is missing or not an object")
     doc = {"layers": infos, "aliases": _tied_aliases(model, shapes), "format_version": FORMAT_VERSION}
     _plan(model, doc, shapes, dtypes, what)
     for path in files:
