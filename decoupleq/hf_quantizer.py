@@ -78,11 +78,11 @@ class DecoupleQHfQuantizer(HfQuantizer):
             raise ValueError("decoupleq models cannot be offloaded to disk (device_map has 'disk')")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        prepare_model(model, self.quantization_config, checkpoint_files)
+        self._layer_names = prepare_model(model, self.quantization_config, checkpoint_files)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        check_loaded(model, self.quantization_config)
+        check_loaded(model, getattr(self, "_layer_names", list(self.quantization_config.layers)))
         model.decoupleq_config = self.quantization_config.settings
         return model
 
@@ -224,15 +224,25 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files) -> None:
     if not files or not all(f.endswith(".safetensors") for f in files):
         raise ValueError(f"{what}: decoupleq models load from safetensors files only, got {files or 'none'}")
     shapes, dtypes, meta = _read_shards(files, what)
+    names = {name: name for name in cfg.layers}  # {name in the model: name in the file}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    p = prefix + "."
+    if prefix and not any(k.startswith(p) for k in model.state_dict()) and any(k.startswith(p) for k in shapes):
+        # A model with a head saved, its base model loaded (AutoModel of a CausalLM folder):
+        # transformers drops the prefix and leaves the head's tensors unused; so do we.
+        shapes = {k[len(p):]: v for k, v in shapes.items() if k.startswith(p)}
+        dtypes = {k[len(p):]: v for k, v in dtypes.items() if k.startswith(p)}
+        names = {name[len(p):]: name for name in cfg.layers if name.startswith(p)}
     infos = {}
-    for name in cfg.layers:
+    for name, stored in names.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(
-                f"{what}: quantized layer {name!r} is not a module of {type(model).__name__}"
+                f"{what}: quantized layer {stored!r} is not a module of {type(model).__name__}"
             ) from None
-        infos[name] = cfg.layer_info(name, module, what)
+        info = cfg.layer_info(stored, module, what)
+        infos[name] = info
     if meta[CONFIG_DIGEST_KEY] != config_digest(cfg):
         raise ValueError(
             f"{what}: config.json's quantization_config does not match the checksum the shards carry "
@@ -260,16 +270,17 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files) -> None:
         for i in range(len(parts)):
             model.get_submodule(".".join(parts[:i]))._is_hf_initialized = True
     log.info("%s: %d quantized layers checked and prepared", what, len(infos))
+    return list(infos)
 
 
-def check_loaded(model: nn.Module, cfg: DecoupleQConfig) -> None:
-    """After loading: every quantized layer holds real tensors (none left on the meta device),
-    packed codes use only their fields, and the float parts are finite."""
+def check_loaded(model: nn.Module, names) -> None:
+    """After loading: every quantized layer (``names``) holds real tensors (none left on the meta
+    device), packed codes use only their fields, and the float parts are finite."""
     from .io import LAYER_MODULES, _check_codes
 
     what = repr(getattr(model, "name_or_path", "") or "the checkpoint")
     tensors, layers = {}, {}
-    for name in cfg.layers:
+    for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, LAYER_MODULES):
             raise ValueError(f"{what}: layer {name!r} is a {type(module).__name__} after loading")

@@ -113,6 +113,19 @@ def test_per_layer_overrides_and_bcq_layers_round_trip(tmp_path):
         assert torch.equal(_out(loaded, x), want)
 
 
+def test_automodel_of_a_causal_lm_folder_is_its_base_model(tmp_path):
+    with one_thread():
+        model = _rtn(tiny_llama(seed=5), 32)
+        x = torch.randint(2, 96, (1, 8))
+        with torch.no_grad():
+            want = model.model(x).last_hidden_state
+        model.save_pretrained(tmp_path)
+        base = transformers.AutoModel.from_pretrained(tmp_path)
+        assert type(base).__name__ == "LlamaModel"
+        assert isinstance(base.layers[0].self_attn.q_proj, QuantLinear)
+        assert torch.equal(_out(base, x), want)
+
+
 @pytest.fixture(scope="module")
 def llama_with_tokenizer(tmp_path_factory):
     tok = train_tokenizer(read("wikitext-2/valid.txt", limit=40_000), vocab_size=280)
