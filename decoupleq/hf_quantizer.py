@@ -17,9 +17,10 @@ before any weight is read, ``_process_model_before_weight_loading`` checks the
 folder as ``decoupleq.load`` checks a file (every described layer is a layer of
 the model with the right shape; the shards hold exactly the tensors the
 quantized model will hold, with their shapes and dtypes, tied weights aside; the
-checksums of the config and of every tensor's bytes, read through a memory map
-without copies) and only then swaps in empty ``QuantLinear`` / ``BCQLinear``
-shells, still on the meta device. transformers then materialises each tensor
+checksum of the config) and only then swaps in empty ``QuantLinear`` /
+``BCQLinear`` shells, still on the meta device; the checksums of every tensor's
+bytes are verified on a second thread meanwhile (hashing releases the GIL), and
+waited for before the model is returned. transformers then materialises each tensor
 straight into its shell: the float model is never built, and peak memory is
 about the file plus one tensor. After loading, packed codes, scales and zeros
 are checked as ``load`` checks them. Any failure raises ``ValueError`` naming
@@ -31,9 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
 import os
 import struct
+import threading
 
 import torch
 from torch import nn
@@ -57,6 +58,8 @@ CONFIG_DIGEST_KEY = "decoupleq_config_sha256"
 CHECKSUMS_KEY = "decoupleq_checksums"
 #: A safetensors header larger than this is refused (safetensors' own limit).
 MAX_HEADER_BYTES = 100_000_000
+#: Bytes read at a time while verifying checksums.
+CHUNK_BYTES = 8 << 20
 
 
 def config_digest(cfg: DecoupleQConfig) -> str:
@@ -78,11 +81,16 @@ class DecoupleQHfQuantizer(HfQuantizer):
             raise ValueError("decoupleq models cannot be offloaded to disk (device_map has 'disk')")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        self._layer_names = prepare_model(model, self.quantization_config, checkpoint_files)
+        # The checksums are verified while transformers reads the tensors, and waited for
+        # below: from_pretrained returns no model whose bytes failed them.
+        self._layer_names, self._verifier = prepare_model(
+            model, self.quantization_config, checkpoint_files, background=True
+        )
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        check_loaded(model, getattr(self, "_layer_names", list(self.quantization_config.layers)))
+        self._verifier.result()
+        check_loaded(model, self._layer_names)
         model.decoupleq_config = self.quantization_config.settings
         return model
 
@@ -167,52 +175,83 @@ def _tied_aliases(model, shapes: dict) -> dict:
 
 def verify_shard_bytes(path: str, checksums: dict, what: str) -> None:
     """Every tensor of one shard against its recorded SHA-256 (dtype, shape and bytes, as
-    ``decoupleq._io_schema.tensor_digest``), hashed straight from a memory map of the file."""
-    with open(path, "rb") as f:
+    ``decoupleq._io_schema.tensor_digest``), read in chunks into one reused buffer: no tensor
+    is built, and the file's pages are not mapped into the process (its RSS stays flat)."""
+    name = os.path.basename(path)
+    buf = bytearray(CHUNK_BYTES)
+    with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{what}: {os.path.basename(path)} is truncated")
+            raise ValueError(f"{what}: {name} is truncated")
         n = struct.unpack("<Q", head)[0]
         if n > min(MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"{what}: {os.path.basename(path)} has a header of {n} bytes")
-        header = parse_json(f.read(n).decode("utf-8", errors="replace"), f"{what}: header of {os.path.basename(path)}")
+            raise ValueError(f"{what}: {name} has a header of {n} bytes")
+        header = parse_json(f.read(n).decode("utf-8", errors="replace"), f"{what}: header of {name}")
         if not isinstance(header, dict):
-            raise ValueError(f"{what}: {os.path.basename(path)}: the header is not an object")
-        if size == 8 + n:
-            mm = None
-        else:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        view = memoryview(mm) if mm is not None else memoryview(b"")
+            raise ValueError(f"{what}: {name}: the header is not an object")
+        entries = []
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            want = checksums.get(key)
+            if want is None:
+                raise ValueError(f"{what}: tensor {key!r} has no recorded checksum")
+            try:
+                start, end = (int(x) for x in entry["data_offsets"])
+                label = f"{entry['dtype']}|{list(entry['shape'])}|"
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{what}: {name}: tensor {key!r} has a malformed header entry") from None
+            if not 0 <= start <= end <= size - 8 - n:
+                raise ValueError(f"{what}: tensor {key!r} lies outside {name}")
+            entries.append((start, end, key, label, want))
+        view = memoryview(buf)
+        for start, end, key, label, want in sorted(entries):
+            h = hashlib.sha256(label.encode())
+            f.seek(8 + n + start)
+            left = end - start
+            while left:
+                got = f.readinto(view[: min(left, CHUNK_BYTES)])
+                if not got:
+                    raise ValueError(f"{what}: {name} is truncated")
+                h.update(view[:got])  # hashlib releases the GIL on large buffers
+                left -= got
+            if h.hexdigest() != want:
+                raise ValueError(f"{what}: tensor {key!r} does not match its checksum: the file is corrupt or was edited")
+
+
+class _Verifier:
+    """The shards' checksums, verified on a second thread while transformers reads the tensors
+    (the hashing releases the GIL); ``result()`` waits and re-raises its error."""
+
+    def __init__(self, files, checksums: dict, what: str):
+        self._error = None
+        self._thread = threading.Thread(target=self._run, args=(files, checksums, what),
+                                        name="decoupleq-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self, files, checksums, what):
         try:
-            for key, entry in header.items():
-                if key == "__metadata__":
-                    continue
-                want = checksums.get(key)
-                if want is None:
-                    raise ValueError(f"{what}: tensor {key!r} has no recorded checksum")
-                start, end = entry["data_offsets"]
-                if not 0 <= start <= end <= size - 8 - n:
-                    raise ValueError(f"{what}: tensor {key!r} lies outside {os.path.basename(path)}")
-                h = hashlib.sha256(f"{entry['dtype']}|{list(entry['shape'])}|".encode())
-                if end > start:
-                    h.update(view[8 + n + start: 8 + n + end])
-                if h.hexdigest() != want:
-                    raise ValueError(
-                        f"{what}: tensor {key!r} does not match its checksum: the file is corrupt or was edited"
-                    )
-        finally:
-            view.release()
-    finally:
-        if mm is not None:
-            mm.close()
+            for path in files:
+                verify_shard_bytes(path, checksums, what)
+        except BaseException as exc:  # handed to the loading thread by result()
+            self._error = exc
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
-def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files) -> None:
+def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: bool = False):
     """Check a folder against the meta model, then swap in the quantized layers' empty shells.
 
-    Nothing is changed unless every check passes.
+    Nothing is changed unless every check passes; with ``background`` the checksums of the
+    tensors' bytes are verified on a second thread, and ``result()`` of the returned verifier
+    must be called before the model is used.
+
+    Returns:
+        (names of the quantized layers in the model, the checksum verifier).
 
     Raises:
         ValueError naming the folder and the layer, tensor or key at fault.
@@ -253,24 +292,25 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files) -> None:
         raise ValueError(f"{what}: shard metadata {CHECKSUMS_KEY!r} is missing or not an object")
     doc = {"layers": infos, "aliases": _tied_aliases(model, shapes), "format_version": FORMAT_VERSION}
     _plan(model, doc, shapes, dtypes, what)
-    for path in files:
-        verify_shard_bytes(path, checksums, what)
+    verifier = _Verifier(files, checksums, what)
+    if not background:
+        verifier.result()
 
+    modules = dict(model.named_modules())
     for name, info in infos.items():
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         with torch.device("meta"):
             shell = _module_from_info(info)
-        setattr(parent, child, shell)
+        setattr(modules[parent_name], child, shell)
         # transformers initialises modules whose tensors it did not load; a model's init code
         # reaches into children (GPT-2: ``attn.c_proj.weight``), which a shell does not have.
         # Every tensor of the shell and of its ancestors comes from the checked file.
         shell._is_hf_initialized = True
         parts = name.split(".")
         for i in range(len(parts)):
-            model.get_submodule(".".join(parts[:i]))._is_hf_initialized = True
+            modules[".".join(parts[:i])]._is_hf_initialized = True
     log.info("%s: %d quantized layers checked and prepared", what, len(infos))
-    return list(infos)
+    return list(infos), verifier
 
 
 def check_loaded(model: nn.Module, names) -> None:

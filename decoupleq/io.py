@@ -618,7 +618,7 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
             / ``save_pretrained`` (its config.json checked as a file's stored
             config is, then ``from_pretrained`` of that transformers class with
             every check of ``decoupleq.hf_quantizer``; checksums are always
-            verified there, straight from a memory map; ``model`` must be None).
+            verified there, while the tensors load; ``model`` must be None).
         model: None to rebuild a Hugging Face model from the stored config
             (no original weights needed), or a module of the same architecture
             (full precision or already quantized) to load into, in place.
