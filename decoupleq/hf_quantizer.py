@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import threading
 
@@ -56,6 +57,11 @@ LAYOUT_KEY = "decoupleq_layout"
 LAYOUT = "decoupleq-hf-v3"
 CONFIG_DIGEST_KEY = "decoupleq_config_sha256"
 CHECKSUMS_KEY = "decoupleq_checksums"
+#: Names the marker tensor: ``<first quantized layer>.weight``, empty, uint8. A transformers
+#: that does not know decoupleq (not imported) would otherwise load the folder as a float
+#: model with random layers and only warn; the marker's shape mismatches that layer's float
+#: weight, which transformers refuses (``ignore_mismatched_sizes=False``, its default).
+MARKER_KEY = "decoupleq_marker"
 #: A safetensors header larger than this is refused (safetensors' own limit).
 MAX_HEADER_BYTES = 100_000_000
 #: Bytes read at a time while verifying checksums.
@@ -112,16 +118,18 @@ class DecoupleQHfQuantizer(HfQuantizer):
         cfg = DecoupleQConfig.from_model(model)
         self.quantization_config = cfg
         model.config.quantization_config = cfg
+        state_dict = model.state_dict()
+        metadata = {LAYOUT_KEY: LAYOUT, CONFIG_DIGEST_KEY: config_digest(cfg)}
+        if cfg.layers:
+            marker = f"{next(iter(cfg.layers))}.weight"
+            state_dict[marker] = torch.zeros(0, dtype=torch.uint8)
+            metadata[MARKER_KEY] = marker
         checksums = {}
-        for key, t in model.state_dict().items():
+        for key, t in state_dict.items():
             t = t.detach()
             checksums[key] = tensor_digest(t if t.is_cpu else t.cpu())
-        metadata = {
-            LAYOUT_KEY: LAYOUT,
-            CONFIG_DIGEST_KEY: config_digest(cfg),
-            CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True),
-        }
-        return None, metadata
+        metadata[CHECKSUMS_KEY] = json.dumps(checksums, sort_keys=True)
+        return state_dict, metadata
 
 
 # ---------------------------------------------------------------------------
@@ -148,7 +156,7 @@ def _read_shards(files, what: str):
             raise
         except Exception as exc:
             raise ValueError(f"{what}: {os.path.basename(path)} is not a complete safetensors file: {exc}") from None
-        mine = {k: meta.get(k) for k in (LAYOUT_KEY, CONFIG_DIGEST_KEY, CHECKSUMS_KEY)}
+        mine = {k: meta.get(k) for k in (LAYOUT_KEY, CONFIG_DIGEST_KEY, CHECKSUMS_KEY, MARKER_KEY)}
         if mine[LAYOUT_KEY] != LAYOUT:
             raise ValueError(
                 f"{what}: {os.path.basename(path)} was not written by decoupleq's save_pretrained "
@@ -263,6 +271,14 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: boo
     if not files or not all(f.endswith(".safetensors") for f in files):
         raise ValueError(f"{what}: decoupleq models load from safetensors files only, got {files or 'none'}")
     shapes, dtypes, meta = _read_shards(files, what)
+    marker = meta[MARKER_KEY]
+    if cfg.layers:
+        if not (isinstance(marker, str) and marker.endswith(".weight") and marker[: -len(".weight")] in cfg.layers
+                and shapes.get(marker) == (0,) and dtypes.get(marker) == "U8"):
+            raise ValueError(f"{what}: the shards lack decoupleq's marker tensor (or it is not an empty uint8 "
+                             f"'<quantized layer>.weight'): {marker!r}")
+        shapes, dtypes = dict(shapes), dict(dtypes)
+        del shapes[marker], dtypes[marker]
     names = {name: name for name in cfg.layers}  # {name in the model: name in the file}
     prefix = getattr(model, "base_model_prefix", "") or ""
     p = prefix + "."
@@ -296,6 +312,10 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: boo
     if not background:
         verifier.result()
 
+    if cfg.layers:
+        # The marker is no tensor of the quantized model: not reported as an unused checkpoint key.
+        tail = re.escape(marker[len(p):] if marker.startswith(p) and prefix else marker)
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {tail}
     modules = dict(model.named_modules())
     for name, info in infos.items():
         parent_name, _, child = name.rpartition(".")

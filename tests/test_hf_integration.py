@@ -290,6 +290,69 @@ def test_decoupleq_load_checks_the_folder_config_first(folder):
         decoupleq.load(folder)
 
 
+def test_a_shard_index_naming_files_outside_the_folder_is_refused(folder):
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(ValueError, match="not a safetensors file in the folder"):
+        decoupleq.load(folder)
+
+
+def test_bfloat16_load_keeps_float32_scales(folder):
+    with one_thread():
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        q = model.model.layers[0].self_attn.q_proj
+        assert q.scale.dtype == torch.float32 and q.zero.dtype == torch.float32
+        assert model.model.norm.weight.dtype == torch.bfloat16
+        out = _out(model, torch.randint(2, 96, (1, 6)))
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out.float()).all())
+
+
+def test_cli_output_is_a_hugging_face_folder(tmp_path, capsys):
+    from decoupleq import cli
+    from zoo_helpers import text_slice
+
+    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=40_000), vocab_size=280)
+    with one_thread():
+        torch.manual_seed(11)
+        cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=128)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp")
+    tok.save_pretrained(tmp_path / "fp")
+    text = text_slice("wikitext-2/valid.txt", tmp_path / "valid.txt")
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(tmp_path / "fp"), "--method", "rtn", "--group-size", "32", "--calib", str(text),
+                     "--num-samples", "2", "--seq-len", "16", "--out", str(out), "-q"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "decoupleq"
+    with one_thread():
+        model, _, _ = cli.load_quantized(out)
+        x = torch.randint(0, len(tok), (1, 8))
+        assert torch.equal(_out(transformers.AutoModelForCausalLM.from_pretrained(out), x), _out(model, x))
+    capsys.readouterr()
+    assert cli.main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Hugging Face layout" in printed and "14 quantized" in printed
+
+
+def test_without_decoupleq_transformers_refuses_the_folder_instead_of_loading_random_layers(folder):
+    code = (
+        "import sys, transformers\n"
+        "try:\n"
+        "    transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "except RuntimeError as exc:\n"
+        "    assert 'mismatch' in str(exc), exc\n"
+        "    print('refused')\n"
+        "else:\n"
+        "    raise SystemExit('loaded without decoupleq')\n"
+        "import decoupleq\n"  # transformers already imported: registered at once
+        "model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print(type(model.model.layers[0].self_attn.q_proj).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["refused", "QuantLinear"]
+
+
 def test_import_registers_without_importing_transformers_early():
     code = (
         "import sys, decoupleq\n"
