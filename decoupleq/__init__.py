@@ -23,6 +23,12 @@ from .solver import QuantizedWeight, quantize_weight
 
 __version__ = "0.1.0"
 
+# transformers' from_pretrained / save_pretrained learn quantization method "decoupleq"
+# (decoupleq.hf_quantizer), once transformers is imported.
+from . import _hf_hook  # noqa: E402
+
+_hf_hook.install()
+
 # torch-dependent parts load on first use, so the core works without torch.
 _LAZY = {
     "quantize": "pipeline",

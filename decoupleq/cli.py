@@ -7,9 +7,11 @@
     decoupleq models
 
 MODEL is a packaged model name (``decoupleq models``), a local Hugging Face folder or a GGUF
-file. A quantized folder ``DIR`` holds ``model.safetensors`` (``decoupleq.save``), the
-tokenizer, and ``decoupleq.json`` (where the model came from, the settings, timings, sizes
-and any evaluation results).
+file. A quantized folder ``DIR`` is a Hugging Face folder (``decoupleq.save``: config.json
+with its ``quantization_config``, the safetensors shards; ``from_pretrained(DIR)`` reads it),
+the tokenizer, and ``decoupleq.json`` (where the model came from, the settings, timings,
+sizes and any evaluation results). Folders of earlier versions (``model.safetensors`` in
+decoupleq's single-file format, no config.json) still load.
 """
 from __future__ import annotations
 
@@ -225,7 +227,8 @@ def save_folder(out, model, tokenizer, summary: dict) -> dict:
     import shutil
     import tempfile
 
-    from .io import _umask, save
+    from .hf_folder import folder_size, write_folder
+    from .io import _umask
 
     out = Path(out)
     check_out_folder(out)
@@ -234,9 +237,8 @@ def save_folder(out, model, tokenizer, summary: dict) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     old = None
     try:
-        save(model, str(tmp / MODEL_FILE))
-        tokenizer.save_pretrained(str(tmp))
-        summary = dict(summary, file_mb=(tmp / MODEL_FILE).stat().st_size / 1e6)
+        write_folder(model, tmp, tokenizer)
+        summary = dict(summary, file_mb=folder_size(tmp) / 1e6)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
         if out.exists():
@@ -258,8 +260,12 @@ def save_folder(out, model, tokenizer, summary: dict) -> dict:
 
 
 def is_quantized_folder(path) -> bool:
+    """A folder written by ``decoupleq quantize``: a decoupleq Hugging Face folder, or (earlier
+    versions) ``model.safetensors`` in the single-file format; either with ``decoupleq.json``."""
+    from .hf_folder import is_decoupleq_folder
+
     p = Path(path)
-    return (p / MODEL_FILE).is_file() and (p / SUMMARY_FILE).is_file()
+    return ((p / MODEL_FILE).is_file() or is_decoupleq_folder(p)) and (p / SUMMARY_FILE).is_file()
 
 
 def load_quantized(path):
@@ -272,7 +278,7 @@ def load_quantized(path):
     if not is_quantized_folder(path):
         raise FileNotFoundError(f"{path} is not a quantized folder (no {MODEL_FILE} and {SUMMARY_FILE})")
     summary = json.loads((path / SUMMARY_FILE).read_text())
-    model = load(str(path / MODEL_FILE))
+    model = load(str(path) if (path / "config.json").is_file() else str(path / MODEL_FILE))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model, tokenizer, summary
@@ -487,17 +493,27 @@ def _layer_kind_lines(layers: dict) -> list:
 def cmd_info(args) -> int:
     from .io import read_metadata
 
+    from .hf_folder import folder_layers, folder_size, is_decoupleq_folder
+
     path = args.path
     folder = path if path.is_dir() else path.parent
-    file = path / MODEL_FILE if path.is_dir() else path
-    meta = read_metadata(str(file))
     summary_path = folder / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    layers = meta.get("layers", {})
+    if path.is_dir() and is_decoupleq_folder(path):
+        qcfg, layers = folder_layers(path)
+        meta = {"quantization": qcfg.settings or {}}
+        cls = json.loads((path / "config.json").read_text())["architectures"][0]
+        print(f"folder:    {path} ({folder_size(path) / 1e6:.1f} MB of weights), Hugging Face layout, "
+              f"quant_method decoupleq, format v{qcfg.format_version}")
+    else:
+        file = path / MODEL_FILE if path.is_dir() else path
+        meta = read_metadata(str(file))
+        layers = meta.get("layers", {})
+        cls = meta["model"].get("class")
+        print(f"file:      {file} ({file.stat().st_size / 1e6:.1f} MB), format {meta['format']} "
+              f"v{meta['format_version']}, written by decoupleq {meta.get('library_version')}")
     q = (meta.get("quantization") or {}).get("quant", {})
-    print(f"file:      {file} ({file.stat().st_size / 1e6:.1f} MB), format {meta['format']} v{meta['format_version']}, "
-          f"written by decoupleq {meta.get('library_version')}")
-    print(f"model:     {meta['model'].get('class')}" + (f" from {summary['source']}" if summary.get("source") else ""))
+    print(f"model:     {cls}" + (f" from {summary['source']}" if summary.get("source") else ""))
     if q:
         print(f"settings:  {q.get('method')} W{q.get('bits')} group {q.get('group_size')}"
               f"{' symmetric' if q.get('symmetric') else ''}, act-order {q.get('act_order')}, "

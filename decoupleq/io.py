@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _hf_build
+from . import _hf_build, _hf_hook
 from ._io_schema import (
     FLOAT_ST,
     META_DIGEST_KEY,
@@ -238,23 +238,36 @@ def _model_description(model: nn.Module) -> dict:
     if cls.__module__.startswith("transformers.") and cfg is not None and hasattr(cfg, "to_json_string"):
         desc["hf_config_class"] = type(cfg).__name__
         desc["hf_config"] = json.loads(cfg.to_json_string(use_diff=False))
+        # The layers are described by this file itself; a stored quantization_config is refused on load.
+        desc["hf_config"].pop("quantization_config", None)
         desc["attn_implementation"] = getattr(cfg, "_attn_implementation", None)
     return desc
 
 
-def save(model: nn.Module, path) -> None:
-    """Write ``model`` (quantized or not) to one safetensors file at ``path``, atomically.
+def save(model: nn.Module, path, *, tokenizer=None, max_shard_size=None) -> None:
+    """Write ``model``: a Hugging Face folder, or one safetensors file, atomically.
 
     Args:
         model: the model, typically returned by ``decoupleq.quantize``.
-        path: destination file (``.safetensors`` by convention); its directory
-            must exist. An existing file is replaced only once the new one is
-            complete; a symbolic link is followed (its target is replaced, the
-            link stays). The file's mode is ``0o666`` less the umask.
+        path: a name ending in ``.safetensors``: one file (the single-file
+            format above); its directory must exist. An existing file is
+            replaced only once the new one is complete; a symbolic link is
+            followed (its target is replaced, the link stays). The file's mode
+            is ``0o666`` less the umask. Any other name, or an existing folder:
+            a Hugging Face folder (``decoupleq.hf_folder``, what
+            ``save_pretrained`` writes and ``from_pretrained`` reads: config.json
+            with the ``quantization_config``, safetensors shards, the
+            tokenizer), for transformers models only, written beside and
+            renamed into place whole; an existing folder is replaced only if
+            it is empty or a decoupleq folder.
+        tokenizer: saved into the folder (``save_pretrained``) when given.
+        max_shard_size: shard size of a folder (transformers' default if None).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: ``path`` is a directory or its directory does not exist.
+        ValueError: ``path`` is a directory (with other files in it) or its
+            directory does not exist; a folder for a model that is not a
+            transformers model; a tokenizer or shard size with a file.
     """
     import json
 
@@ -263,8 +276,12 @@ def save(model: nn.Module, path) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"path {path!r} is a directory; give a file name such as model.safetensors")
+    if os.path.isdir(path) or not str(path).endswith(".safetensors"):
+        from .hf_folder import save_folder
+
+        return save_folder(model, path, tokenizer=tokenizer, max_shard_size=max_shard_size)
+    if tokenizer is not None or max_shard_size is not None:
+        raise ValueError("tokenizer and max_shard_size apply to a folder, not to a .safetensors file")
     # Write through a link to its target; the link itself stays as it was.
     target = os.path.realpath(path) if os.path.islink(path) else path
     if os.path.exists(target) and not os.path.isfile(target):
@@ -308,7 +325,7 @@ def _source_path(path) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "no such file", path)
     if os.path.isdir(path):
-        raise ValueError(f"{path!r} is a directory, not a decoupleq file")
+        raise ValueError(f"{path!r} is a directory, not a decoupleq file (nor a folder with config.json)")
     if not os.path.isfile(path):
         raise ValueError(f"{path!r} is not a regular file")
     return path
@@ -326,6 +343,11 @@ def _read_header(path: str, verify: bool = True):
             dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
     except Exception as exc:  # SafetensorError is not importable as a public name
         raise ValueError(f"{path!r} is not a complete safetensors file (truncated or corrupt?): {exc}") from None
+    if METADATA_KEY not in raw and "decoupleq_layout" in raw:
+        raise ValueError(
+            f"{path!r} is a shard of a Hugging Face folder written by decoupleq: load the folder "
+            "(decoupleq.load(folder) or from_pretrained(folder))"
+        )
     if METADATA_KEY not in raw:
         raise ValueError(f"{path!r} is a safetensors file but not a decoupleq checkpoint (no {METADATA_KEY!r} metadata)")
     text = raw[METADATA_KEY]
@@ -615,7 +637,11 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
     """Load a model written by ``save``; a bad file changes nothing.
 
     Args:
-        path: the safetensors file.
+        path: the safetensors file, or a Hugging Face folder written by ``save``
+            / ``save_pretrained`` (its config.json checked as a file's stored
+            config is, then ``from_pretrained`` of that transformers class with
+            every check of ``decoupleq.hf_quantizer``; checksums are always
+            verified there, while the tensors load; ``model`` must be None).
         model: None to rebuild a Hugging Face model from the stored config
             (no original weights needed), or a module of the same architecture
             (full precision or already quantized) to load into, in place.
@@ -655,6 +681,12 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
+    if os.path.isdir(os.fspath(path)) and os.path.isfile(os.path.join(os.fspath(path), "config.json")):
+        if model is not None:
+            raise ValueError(f"{os.fspath(path)!r} is a folder: load(folder) builds its model; model must be None")
+        from .hf_folder import load_folder
+
+        return load_folder(path)
     path = _source_path(path)
     what = repr(path)
     meta, shapes, dtypes = _read_header(path, verify)
@@ -688,6 +720,7 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
     _fill(model, layers, tensors, changes)
     model.eval()
     model.decoupleq_config = meta.get("quantization")
+    _hf_hook.attach(model)
     log.info("loaded %d tensors (%d quantized layers) from %s", len(tensors), len(layers), path)
     return model
 

@@ -116,11 +116,17 @@ class _QuantWeightMixin:
         self.symmetric = bool(symmetric)
         self.method = method
         self._in_flat = int(in_features)
-        zeros = torch.zeros(out_features, in_features, dtype=torch.int8)
-        if bits in PACKED_BITS:
-            self.register_buffer("packed", self._pack(zeros))
+        if bits in PACKED_BITS and torch.empty(0).is_meta:
+            # A shell built on the meta device (transformers' from_pretrained): no bytes to
+            # pack, only the packed buffer's shape, filled later from the checkpoint.
+            from .packing import row_words
+
+            words = row_words(bits, int(in_features))
+            self.register_buffer("packed", torch.empty(out_features, words, dtype=torch.uint32))
+        elif bits in PACKED_BITS:
+            self.register_buffer("packed", self._pack(torch.zeros(out_features, in_features, dtype=torch.int8)))
         else:
-            self.register_buffer("codes", zeros)
+            self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.scale = nn.Parameter(torch.ones(out_features, n_groups, dtype=torch.float32))
         self.zero = nn.Parameter(torch.zeros(out_features, n_groups, dtype=torch.float32))
 

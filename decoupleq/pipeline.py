@@ -70,6 +70,7 @@ from .distributed import current as current_dist
 from .hessian import HessianAccumulator
 from .models import BlockSpec, adapter_groups, find_blocks, is_quantizable, quantizable_layers
 from .nn import QuantConv2d, QuantLinear
+from . import _hf_hook
 from .rollback import Journal
 from .solver import quantize_weight
 
@@ -902,4 +903,5 @@ def _finish(model, mcfg: ModelQuantConfig, report: QuantReport, t_start: float, 
     info("quantized %d layers in %.1fs", len(report.layers), report.seconds)
     model.decoupleq_config = mcfg.to_dict()
     model.decoupleq_report = report
+    _hf_hook.attach(model)  # a transformers model: save_pretrained / from_pretrained carry it
     return model

@@ -225,8 +225,11 @@ def test_mismatched_shapes_are_named(quantized_llama, tmp_path):
 
 
 def test_save_rejects_bad_paths(quantized_llama, tmp_path):
-    with pytest.raises(ValueError, match="is a directory"):
+    # A folder is now the Hugging Face layout; a folder holding other files is never replaced.
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="other files in it"):
         save(quantized_llama, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="does not exist"):
         save(quantized_llama, tmp_path / "no" / "such" / "m.safetensors")
     with pytest.raises(TypeError, match="model must be"):
