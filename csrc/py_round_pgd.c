@@ -62,7 +62,7 @@ static PyObject *py_round_pgd(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
-    const int64_t m = a.m, n = a.n, G = a.n / a.group_size;
+    const int64_t m = a.m, n = a.n, G = dq_num_groups(a.n, a.group_size);
     if (!(S = dq_py_take_params(S_obj, "S", m, G)) || !(Z = dq_py_take_params(Z_obj, "Z", m, G))) goto fail;
     npy_intp dims_A[2] = {m, n}, dims_e[1] = {m};
     if (!(A = dq_py_zeros(2, dims_A, NPY_INT8)) || !(err = dq_py_zeros(1, dims_e, NPY_FLOAT64)))

@@ -157,6 +157,7 @@ def packed_mb(model) -> float:
     (``bits * out * in / 8`` bytes) and its scale and zero in float16 (a BCQ layer: its packed
     words and its alpha and offset in float16); other tensors as they are."""
     from .bcq import bits_per_weight
+    from .config import num_groups
     from .nn import QUANT_MODULES
     from .nn_bcq import BCQLinear
 
@@ -166,7 +167,7 @@ def packed_mb(model) -> float:
         if isinstance(m, QUANT_MODULES + (BCQLinear,)):
             info = m.quant_info()
             out, n = int(info["out_features"]), int(info["in_features"])
-            g = 1 if int(info["group_size"]) == -1 else n // int(info["group_size"])
+            g = num_groups(n, int(info["group_size"]))  # a short last group has its own scale
             if isinstance(m, BCQLinear):
                 total += bits_per_weight(m.bits, n, m.group_size, param_bits=16) * out * n / 8
             else:
@@ -432,11 +433,12 @@ def _stored_bits(info: dict) -> tuple:
     """(weights, bits per weight as stored in the file) of one layer description: codes or
     indices with their layout padding, plus every float32 scale/zero or alpha/offset."""
     from .bcq import bits_per_weight
+    from .config import num_groups
     from .packing import row_words
 
     out, n, bits = int(info["out_features"]), int(info["in_features"]), int(info["bits"])
     gs = int(info["group_size"])
-    G = 1 if gs == -1 else n // gs
+    G = num_groups(n, gs)  # ceil(n / gs): a short last group stores a whole scale and zero
     if info.get("type") == "bcq_linear":
         return out * n, bits_per_weight(bits, n, gs)
     code_bits = 32 * row_words(bits, n) if info.get("codes", "int8") != "int8" else 8 * n
