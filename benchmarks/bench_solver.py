@@ -163,9 +163,6 @@ def main(argv=None):
         W, H = given if given is not None else synthetic_problem(m, n, seed=0)
         for bits, group in settings:
             setting = setting_name(bits, group)
-            if group != -1 and n % group:
-                print(f"{m}x{n:<5} {setting:>9}  skipped: group size {group} does not divide in_features {n}")
-                continue
             for (method, rounding), init in ((mr, i) for mr in methods for i in inits):
                 config = QuantConfig(method=method, bits=bits, group_size=group, rounding=rounding,
                                      iterations=4, pgd_steps_per_column=args.pgd_steps, init=init)

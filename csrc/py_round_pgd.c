@@ -21,7 +21,7 @@ PyDoc_STRVAR(round_pgd_doc,
 "layers: n = 4096 with K2 = 5 is about 1e11 m multiply-adds.\n"
 "\n"
 "W: float32 (m, n); S, Z: float32 (m, G) with G = 1 (group_size -1) or\n"
-"n / group_size (Z is ignored when symmetric); H00: float64 (n, n), damped;\n"
+"ceil(n / group_size) (Z is ignored when symmetric); H00: float64 (n, n), damped;\n"
 "bits: 2..8; rule: 'half_up' or 'half_even'; steps_before_round,\n"
 "steps_per_column: >= 0; lr: > 0.  Returns A int8 (m, n) in [-2^(b-1),\n"
 "2^(b-1) - 1] and err float64 (m,), the row errors of A measured with H00.\n"

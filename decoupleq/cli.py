@@ -44,7 +44,7 @@ def _group_size(text):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import INITS, METHODS, ROUNDINGS, TUNE_TARGETS
+    from .config import INDIVISIBLE_POLICIES, INITS, METHODS, ROUNDINGS, TUNE_TARGETS
     from .data import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
     from .evaluate import DEFAULT_MAX_WINDOWS, DEFAULT_SEQ_LEN as EVAL_SEQ_LEN
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=2, help="code width, 2..8 (default 2)")
     q.add_argument("--group-size", type=_group_size, default=64,
                    help="inputs per scale/zero; -1 for per-channel (default 64)")
+    q.add_argument("--indivisible", choices=INDIVISIBLE_POLICIES, default="short",
+                   help="a layer whose inputs the group size does not divide: 'short' (default: a shorter "
+                        "last group), 'per_channel', 'skip' (full precision) or 'error'")
     q.add_argument("--symmetric", action="store_true", help="zero fixed at 0")
     q.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="visit columns in natural order instead of by decreasing Hessian diagonal")
@@ -319,7 +322,8 @@ def cmd_quantize(args) -> int:
         tune = dataclasses.replace(tune, epochs=args.blockwise_epochs)
     if args.blockwise_target is not None:
         tune = dataclasses.replace(tune, target=args.blockwise_target)
-    mcfg = ModelQuantConfig(quant=quant, blockwise=tune, skip=tuple(args.skip), verbose=not args.quiet)
+    mcfg = ModelQuantConfig(quant=quant, blockwise=tune, skip=tuple(args.skip), indivisible=args.indivisible,
+                            verbose=not args.quiet)
     if args.eval_text is not None and not args.eval_text.is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} does not exist")
     check_out_folder(args.out)
