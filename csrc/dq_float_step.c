@@ -490,7 +490,8 @@ dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float
         for (int64_t j = 0; j < G; j++)
             for (int64_t k = 0; k < G; k++) {
                 double s = 0;
-                for (int64_t c = j * g; c < j * g + dq_group_width(n, g, j); c++) s += Hs[c * G + k];
+                const int64_t c1 = j * g + dq_group_width(n, g, j);
+                for (int64_t c = j * g; c < c1; c++) s += Hs[c * G + k];
                 P22[j * G + k] = s;
             }
     }

@@ -204,7 +204,8 @@ dq_status dq_xprep_init(dq_xprep_t *X, const dq_packed_t *W, const float *x, int
         float *sx = X->sx + b * W->G;
         for (int64_t grp = 0; grp < W->G; grp++) {
             float acc = 0.0f;
-            for (int64_t c = grp * W->g; c < grp * W->g + dq_group_width(n, W->g, grp); c++) acc += xb[c];
+            const int64_t c1 = grp * W->g + dq_group_width(n, W->g, grp);
+            for (int64_t c = grp * W->g; c < c1; c++) acc += xb[c];
             sx[grp] = acc;
         }
         int e = 0;

@@ -986,7 +986,8 @@ dq_status dq_shrink_search_choose(const dq_layer_t *L, const double *err_start, 
 {
     const int64_t m = L->m, n = L->n;
     if (m == 0) return DQ_OK;
-    if (!L->Hf || !L->V || !L->c || n < 1 || L->g < 1 || L->G != dq_num_groups(n, L->g)) return DQ_EINVAL;
+    if (!L->Hf || !L->V || !L->c || n < 1 || L->g < 1 || L->G != dq_num_groups(n, L->g))
+        return DQ_EINVAL;
     int64_t mb = BLOCK_BYTES / (8 * n);
     if (mb < 64) mb = 64;
     if (mb > m) mb = m;
