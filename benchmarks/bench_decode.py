@@ -1,9 +1,7 @@
 """Greedy decoding speed of SmolLM2-135M: QuantLinear (packed kernels) against the float model.
 
 Loads the packaged SmolLM2-135M (``decoupleq.zoo.load_model("smollm2-135m")``),
-quantizes two copies of it, W2 g64 and W4 per-channel (128 does not divide
-the model's 576 hidden size, so g128 would be per-channel for most layers
-anyway), and times
+quantizes two copies of it, W2 g64 and W4 per-channel, and times
 ``model.generate(..., do_sample=False, use_cache=True)`` on the same prompt with
 the same number of new tokens (``min_new_tokens == max_new_tokens``, so an
 end-of-text token cannot shorten a run) for the float32 model and both

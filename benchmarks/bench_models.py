@@ -67,6 +67,7 @@ def quantized_bits_per_weight(model) -> float:
     """Bits per quantized weight with the float parts counted (float16, as ``packed`` stores
     them): codes (or BCQ sign slots) plus scale/zero (or alpha/offset)."""
     from decoupleq.bcq import bits_per_weight
+    from decoupleq.config import num_groups
     from decoupleq.nn import QUANT_MODULES
     from decoupleq.nn_bcq import BCQLinear
 
@@ -78,7 +79,7 @@ def quantized_bits_per_weight(model) -> float:
             if isinstance(m, BCQLinear):
                 bits += bits_per_weight(m.bits, n, m.group_size, param_bits=16) * out * n
             else:
-                g = 1 if int(info["group_size"]) == -1 else n // int(info["group_size"])
+                g = num_groups(n, int(info["group_size"]))  # a short last group counts whole
                 floats = out * g * (1 if info.get("symmetric") else 2)
                 bits += int(info["bits"]) * out * n + 16 * floats
             weights += out * n

@@ -61,6 +61,16 @@ def setting_name(bits, group):
     return f"W{bits} " + ("pc" if group == -1 else f"g{group}")
 
 
+def parse_setting(text):
+    """'W3g128' -> (3, 128), 'W4pc' -> (4, -1): any bits and group size, not only SETTINGS."""
+    import re
+
+    m = re.fullmatch(r"W(\d+)(?:pc|g(\d+))", text.replace(" ", ""))
+    if not m:
+        raise SystemExit(f"--settings: {text!r} is not W<bits>pc or W<bits>g<group>, e.g. W2g64 W4pc")
+    return int(m[1]), -1 if m[2] is None else int(m[2])
+
+
 def predicted(history, key, m, n, power):
     """Scale the last measured time of `key` to shape (m, n) by m * n**power."""
     if key not in history:
@@ -130,7 +140,7 @@ def main(argv=None):
     parser.add_argument("--pgd-steps", type=int, default=5, help="PGD steps per column (K2)")
     parser.add_argument("--shapes", nargs="+", metavar="MxN", help="only these shapes, e.g. 2048x2048")
     parser.add_argument("--settings", nargs="+", metavar="SETTING",
-                        help="only these settings, e.g. W2g64 W2pc")
+                        help="these settings instead of the default four, e.g. W2g64 W3pc")
     parser.add_argument("--methods", nargs="+", choices=[label(*mr) for mr in METHODS],
                         help="only these methods")
     parser.add_argument("--inits", nargs="+", choices=INITS, metavar="INIT",
@@ -144,7 +154,7 @@ def main(argv=None):
     shapes = [s for s in SHAPES if not args.quick or max(s) <= 2048]
     if args.shapes:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    settings = [s for s in SETTINGS if not args.settings or setting_name(*s).replace(" ", "") in args.settings]
+    settings = [parse_setting(s) for s in args.settings] if args.settings else list(SETTINGS)
     methods = [mr for mr in METHODS if not args.methods or label(*mr) in args.methods]
     info = decoupleq.backend_info()
     print(f"# decoupleq {decoupleq.__version__}; BLAS {info['blas_config']}; threads {info['blas_threads']}")
@@ -163,9 +173,6 @@ def main(argv=None):
         W, H = given if given is not None else synthetic_problem(m, n, seed=0)
         for bits, group in settings:
             setting = setting_name(bits, group)
-            if group != -1 and n % group:
-                print(f"{m}x{n:<5} {setting:>9}  skipped: group size {group} does not divide in_features {n}")
-                continue
             for (method, rounding), init in ((mr, i) for mr in methods for i in inits):
                 config = QuantConfig(method=method, bits=bits, group_size=group, rounding=rounding,
                                      iterations=4, pgd_steps_per_column=args.pgd_steps, init=init)

@@ -89,6 +89,17 @@ static inline double dq_safe_div(double x, double y)
 static inline int dq_qmin(int bits) { return -(1 << (bits - 1)); }
 static inline int dq_qmax(int bits) { return (1 << (bits - 1)) - 1; }
 
+/* Groups of g columns over n columns: ceil(n / g).  The last group is
+ * shorter when g does not divide n (n - (G - 1) g columns); every group
+ * starts at a multiple of g, so column c is in group c / g. */
+static inline int64_t dq_num_groups(int64_t n, int64_t g) { return (n + g - 1) / g; }
+/* Columns of group j (g, or fewer for the last). */
+static inline int64_t dq_group_width(int64_t n, int64_t g, int64_t j)
+{
+    const int64_t left = n - j * g;
+    return left < g ? left : g;
+}
+
 /* Aligned allocation for SIMD-friendly buffers; free with dq_free. */
 void *dq_malloc(size_t bytes);
 void *dq_calloc(size_t bytes);

@@ -229,7 +229,8 @@ static inline __attribute__((always_inline)) void accumulate_p11(void *vctx, int
         } else {
             int64_t j = b0 / g;
             double *out = P11 + upper_index(j, j, G);
-            for (int64_t k = j; k < G; k++) out[k - j] = dot_fa(t + (k - j) * g, a + (k - j) * g, g);
+            for (int64_t k = j; k < G; k++)
+                out[k - j] = dot_fa(t + (k - j) * g, a + (k - j) * g, dq_group_width(n, g, k));
         }
     }
 }
@@ -340,9 +341,10 @@ static inline __attribute__((always_inline)) void finish_rows(void *vctx, int64_
         for (int64_t j = 0; j < G; j++) {
             const int8_t *aj = a + j * g;
             const float *vj = v + j * g;
+            const int64_t gw = dq_group_width(n, g, j); /* the last group may be short */
             double s1 = 0, s2 = 0;
             int all_equal = 1;
-            for (int64_t c = 0; c < g; c++) {
+            for (int64_t c = 0; c < gw; c++) {
                 s1 += (double)vj[c] * aj[c];
                 s2 += (double)vj[c];
                 all_equal &= aj[c] == aj[0];
@@ -360,7 +362,7 @@ static inline __attribute__((always_inline)) void finish_rows(void *vctx, int64_
             /* P12[j, k] = sum_{c in j} a_c Hs[c, k];  P22 is shared. */
             for (int64_t j = 0; j < G; j++) {
                 double *row = P + j * N + G;
-                p12_row(a + j * g, X->Hs + j * g * G, g, G, row);
+                p12_row(a + j * g, X->Hs + j * g * G, dq_group_width(n, g, j), G, row);
                 for (int64_t k = 0; k < G; k++) P[(G + k) * N + j] = row[k];
             }
             for (int64_t j = 0; j < G; j++)
@@ -453,7 +455,7 @@ dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float
 {
     int64_t m = L->m, n = L->n, g = L->g, G = L->G;
     if (m == 0) return DQ_OK;
-    if (!L->Hf || !L->V || n < 1 || g < 1 || G * g != n) return DQ_EINVAL;
+    if (!L->Hf || !L->V || n < 1 || g < 1 || G != dq_num_groups(n, g)) return DQ_EINVAL;
     int64_t N = L->symmetric ? G : 2 * G;
 
     int64_t npair = G * (G + 1) / 2;
@@ -481,14 +483,15 @@ dq_status dq_float_step_update(const dq_layer_t *L, const int8_t *A, const float
             const double *h = L->H + c * n;
             for (int64_t k = 0; k < G; k++) {
                 double s = 0;
-                for (int64_t t = k * g; t < (k + 1) * g; t++) s += h[t];
+                for (int64_t t = k * g; t < k * g + dq_group_width(n, g, k); t++) s += h[t];
                 Hs[c * G + k] = s;
             }
         }
         for (int64_t j = 0; j < G; j++)
             for (int64_t k = 0; k < G; k++) {
                 double s = 0;
-                for (int64_t c = j * g; c < (j + 1) * g; c++) s += Hs[c * G + k];
+                const int64_t c1 = j * g + dq_group_width(n, g, j);
+                for (int64_t c = j * g; c < c1; c++) s += Hs[c * G + k];
                 P22[j * G + k] = s;
             }
     }

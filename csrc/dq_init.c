@@ -47,9 +47,10 @@ static void minmax_range(void *vctx, int64_t begin, int64_t end)
         const float *w = L->W + r * L->n;
         for (int64_t j = 0; j < L->G; j++) {
             const float *wg = w + j * L->g;
+            const int64_t gw = dq_group_width(L->n, L->g, j);
             /* The range always contains 0. */
             float lo = 0.0f, hi = 0.0f;
-            for (int64_t c = 0; c < L->g; c++) {
+            for (int64_t c = 0; c < gw; c++) {
                 if (wg[c] < lo) lo = wg[c];
                 if (wg[c] > hi) hi = wg[c];
             }
@@ -98,7 +99,7 @@ static void rtn_range(void *vctx, int64_t begin, int64_t end)
         for (int64_t j = 0; j < L->G; j++) {
             const float s = x->S[r * L->G + j];
             const float z = L->symmetric ? 0.0f : x->Z[r * L->G + j];
-            for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
+            for (int64_t c = j * L->g; c < j * L->g + dq_group_width(L->n, L->g, j); c++) {
                 const float t = safe_divf(L->symmetric ? w[c] : w[c] - z, s);
                 float q = dq_round(t, L->rule);
                 if (!(q >= qmin)) q = qmin; /* NaN too: the cast stays defined */
@@ -143,7 +144,7 @@ static void diff_range(void *vctx, int64_t begin, int64_t end)
         float *d = x->D + i * L->n;
         for (int64_t j = 0; j < L->G; j++) {
             const float s = x->S[r * L->G + j], z = x->Z ? x->Z[r * L->G + j] : 0.0f;
-            for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
+            for (int64_t c = j * L->g; c < j * L->g + dq_group_width(L->n, L->g, j); c++) {
                 const float what = (float)a[c] * s + z;
                 d[c] = what - w[c];
             }

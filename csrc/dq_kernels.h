@@ -32,7 +32,8 @@ typedef struct {
     int bits;              /* 2, 3 or 4 */
     int qmin;              /* -2^(bits-1) */
     int64_t g;             /* group size in columns (== in when per-channel) */
-    int64_t G;             /* groups per row */
+    int64_t G;             /* groups per row: ceil(in / g), the last one shorter
+                            * when g does not divide in */
     int64_t steps;         /* ceil(in / 8) */
     int64_t row_words;     /* uint32 per packed row, a multiple of 8 */
     const uint32_t *codes; /* out x row_words */

@@ -240,7 +240,8 @@ AVX2_INL void gemvr(const dq_packed_t *W, const dq_xprep_t *X, int64_t r, float 
     const float *sr = scales_f32(W, r, R, sbuf);
     const uint32_t *p = W->codes + r * rw;
     const float *xs = X->xs;
-    /* Per-channel: one group as long as the row (a multiple of any half). */
+    /* Per-channel: one group as long as the row (a multiple of any half).
+     * A short last group ends at the row's end (flushed after the loops). */
     const int64_t gsteps = G == 1 ? 8 * T : W->g / 8;
     int64_t left = gsteps, grp = 0, t = 0;
     accr_t A;
@@ -288,7 +289,10 @@ AVX2_INL void gemvr(const dq_packed_t *W, const dq_xprep_t *X, int64_t r, float 
             left = gsteps;
         }
     }
-    if (G == 1 && left != gsteps) flushr(&A, sr, G, 0);
+    /* The last group ends at the row's end without a flush when it is
+     * shorter than gsteps (a short last group, or the one group of a
+     * per-channel row). */
+    if (grp < G) flushr(&A, sr, G, grp);
     for (int i = 0; i < R; i++) {
         float zt = zero_term_avx2(W, r + i, X->sx);
         Y[r + i] = dq_finish(hsum(A.tot[i]), X->e[0], X->post[0], zt);
@@ -378,7 +382,7 @@ AVX2_INL void rowb(const dq_packed_t *W, const dq_xprep_t *X, int64_t r, int64_t
             left = gsteps;
         }
     }
-    if (W->G == 1) flushb(&A, s1[0], nb);
+    if (grp < W->G) flushb(&A, s1[grp], nb); /* a short last group, or per-channel */
     for (int b = 0; b < nb; b++) {
         float zt = zero_term_avx2(W, r, X->sx + (b0 + b) * W->G);
         Y[(b0 + b) * ldy + r] = dq_finish(hsum(A.tot[b]), X->e[b0 + b], X->post[b0 + b], zt);

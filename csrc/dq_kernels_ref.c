@@ -24,7 +24,7 @@ dq_status dq_qdot_ref(const dq_packed_t *W, const dq_xprep_t *X, int64_t r0, int
             float acc = 0.0f;
             for (int64_t grp = 0; grp < W->G; grp++) {
                 float dot = 0.0f;
-                for (int64_t c = grp * W->g; c < (grp + 1) * W->g; c++)
+                for (int64_t c = grp * W->g; c < grp * W->g + dq_group_width(W->in, W->g, grp); c++)
                     dot += (float)dq_pack_get(row, W->bits, c) * x[c];
                 acc += dq_packed_scale(W, r, grp) * dot;
             }

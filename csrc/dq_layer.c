@@ -45,11 +45,12 @@ static dq_status layer_setup(dq_layer_t *L, const float *W, const double *H, int
     if (bits < 2 || bits > 8) return DQ_EINVAL;
     if (rule != DQ_ROUND_HALF_UP && rule != DQ_ROUND_HALF_EVEN) return DQ_EINVAL;
     int64_t g = group_size == -1 ? n : group_size;
-    if (g < 1 || n % g != 0) return DQ_EINVAL;
+    if (g < 1) return DQ_EINVAL;
+    if (g > n) g = n; /* one group per row either way */
     L->m = m;
     L->n = n;
     L->g = g;
-    L->G = n / g;
+    L->G = dq_num_groups(n, g); /* the last group is short when g does not divide n */
     L->bits = bits;
     L->qmin = dq_qmin(bits);
     L->qmax = dq_qmax(bits);

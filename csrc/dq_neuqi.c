@@ -93,11 +93,13 @@ static int ws_alloc(group_ws_t *ws, int64_t g)
     return 0;
 }
 
-/* Load one group: w (g floats) and its weights hd (g doubles, or NULL for
- * equal weights), sorted by w, h normalised to sum 1. */
-static void ws_load(group_ws_t *ws, const float *w, const double *hd)
+/* Load one group: w (len floats, len <= the allocated g; the last group of
+ * a row is shorter when the group size does not divide n) and its weights hd
+ * (len doubles, or NULL for equal weights), sorted by w, h normalised to sum
+ * 1.  The group's length is ws->g from here on. */
+static void ws_load(group_ws_t *ws, const float *w, const double *hd, int64_t len)
 {
-    const int64_t g = ws->g;
+    const int64_t g = ws->g = len;
     double hsum = 0.0;
     for (int64_t c = 0; c < g; c++) {
         const double h = hd ? hd[c] : 1.0;
@@ -509,10 +511,11 @@ static void neuqi_range(void *vctx, int64_t begin, int64_t end)
         }
         for (int64_t j = 0; j < G; j++) {
             const float *w = L->W + r * L->n + j * g;
+            const int64_t gw = dq_group_width(L->n, g, j);
             double lo, hi;
-            minmax_range(w, g, L->symmetric, &lo, &hi);
+            minmax_range(w, gw, L->symmetric, &lo, &hi);
             const double s0 = (hi - lo) / (double)(nl - 1);
-            ws_load(&ws, w, x->hdiag ? x->hdiag + j * g : NULL);
+            ws_load(&ws, w, x->hdiag ? x->hdiag + j * g : NULL, gw);
             double s, z;
             const double v = search_group(&ws, R, s0, lo, nl, qmin, L->symmetric, x->integer_zero,
                                           &s, &z);

@@ -156,13 +156,14 @@ dq_status dq_packed_describe(dq_packed_t *W, int64_t out, int64_t in, int bits,
 {
     if (bits < 2 || bits > 4 || in < 1 || out < 0) return DQ_EINVAL;
     if (group_size == -1) group_size = in;
-    if (group_size < 1 || in % group_size != 0) return DQ_EINVAL;
+    if (group_size < 1) return DQ_EINVAL;
+    if (group_size > in) group_size = in; /* one group per row either way */
     W->out = out;
     W->in = in;
     W->bits = bits;
     W->qmin = dq_qmin(bits);
     W->g = group_size;
-    W->G = in / group_size;
+    W->G = dq_num_groups(in, group_size); /* the last group is short if g does not divide in */
     W->steps = (in + 7) / 8;
     W->row_words = dq_pack_row_words(bits, in);
     return DQ_OK;
@@ -203,7 +204,8 @@ dq_status dq_xprep_init(dq_xprep_t *X, const dq_packed_t *W, const float *x, int
         float *sx = X->sx + b * W->G;
         for (int64_t grp = 0; grp < W->G; grp++) {
             float acc = 0.0f;
-            for (int64_t c = grp * W->g; c < (grp + 1) * W->g; c++) acc += xb[c];
+            const int64_t c1 = grp * W->g + dq_group_width(n, W->g, grp);
+            for (int64_t c = grp * W->g; c < c1; c++) acc += xb[c];
             sx[grp] = acc;
         }
         int e = 0;

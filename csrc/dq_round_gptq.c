@@ -403,8 +403,8 @@ static void static_params_range(void *vctx, int64_t begin, int64_t end)
     const dq_layer_t *L = x->L;
     for (int64_t r = begin; r < end; r++)
         for (int64_t j = 0; j < L->G; j++)
-            baseline_params(L->W + r * L->n + j * L->g, L->g, L, x->Sb + r * L->G + j,
-                            x->zeta + r * L->G + j);
+            baseline_params(L->W + r * L->n + j * L->g, dq_group_width(L->n, L->g, j), L,
+                            x->Sb + r * L->G + j, x->zeta + r * L->G + j);
 }
 
 /* The GPTQ baseline on rows [r0, r0 + nr) of the current block. */
@@ -429,8 +429,8 @@ static inline __attribute__((always_inline)) void baseline_tile(const sweep_t *x
          * updates of the columns before it. */
         if (!x->static_groups && c % g == 0)
             for (int64_t t = 0; t < nr; t++)
-                baseline_params(x->Wp + (r0 + t) * n + c, g, L, x->Sb + (r0 + t) * G + c / g,
-                                x->zeta + (r0 + t) * G + c / g);
+                baseline_params(x->Wp + (r0 + t) * n + c, dq_group_width(n, g, c / g), L,
+                                x->Sb + (r0 + t) * G + c / g, x->zeta + (r0 + t) * G + c / g);
         for (int64_t t = 0; t < nr; t++) {
             const int64_t r = r0 + t;
             const float s = x->Sb[r * G + gi];
@@ -486,7 +486,8 @@ __attribute__((target("avx2,fma"))) static void baseline_range_avx2(void *vctx, 
 static int64_t block_end(int64_t i1, int64_t B, int64_t n, int64_t g, int cut_at_groups)
 {
     int64_t end = i1 + B < n ? i1 + B : n;
-    if (cut_at_groups) {
+    /* A block that reaches n ends with the last (possibly short) group. */
+    if (cut_at_groups && end < n) {
         const int64_t gb = (end / g) * g;
         if (gb > i1) end = gb;
     }

@@ -85,8 +85,9 @@ static void base_range(const dq_layer_t *L, int64_t r, float *lo_out, float *hi_
     const float *w = L->W + r * L->n;
     for (int64_t j = 0; j < L->G; j++) {
         const float *wg = w + j * L->g;
+        const int64_t gw = dq_group_width(L->n, L->g, j); /* the last group may be short */
         float lo = 0.0f, hi = 0.0f;
-        for (int64_t c = 0; c < L->g; c++) {
+        for (int64_t c = 0; c < gw; c++) {
             if (wg[c] < lo) lo = wg[c];
             if (wg[c] > hi) hi = wg[c];
         }
@@ -123,7 +124,7 @@ static void codes_at(const dq_layer_t *L, const float *w, const float *s, const 
     const float qmin = (float)L->qmin, qmax = (float)L->qmax;
     for (int64_t j = 0; j < L->G; j++) {
         const float sj = s[j], zj = L->symmetric ? 0.0f : z[j];
-        for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
+        for (int64_t c = j * L->g; c < j * L->g + dq_group_width(L->n, L->g, j); c++) {
             const float t = L->symmetric ? w[c] / sj : (w[c] - zj) / sj;
             float v = dq_round(t, L->rule);
             if (!(v >= qmin)) v = qmin;
@@ -262,10 +263,10 @@ static int64_t estimate_flips(const dq_layer_t *L, const float *w, const row_gri
         double x0, inv_s1;
         group_geometry(L, T->s[j], T->z[j], &x0, &inv_s1);
         if (!(inv_s1 < 1e30)) {
-            cnt += L->g * (L->qmax - L->qmin);
+            cnt += dq_group_width(L->n, L->g, j) * (L->qmax - L->qmin);
             continue;
         }
-        for (int64_t c = j * L->g; c < (j + 1) * L->g; c++) {
+        for (int64_t c = j * L->g; c < j * L->g + dq_group_width(L->n, L->g, j); c++) {
             const double u = (double)w[c] * inv_s1, tol = element_tol(L, x0, u);
             const double xa = x0 + u, xb = x0 + u * rmax;
             int k0, k1;
@@ -311,7 +312,7 @@ static int64_t row_flips(const dq_layer_t *L, const float *w, const int8_t *q0,
         /* A scale that underflowed (a subnormal range): no geometry to
          * trust, so every step is evaluated. */
         const int degenerate = !(inv_s1 < 1e30);
-        for (int64_t c = j * g; c < (j + 1) * g; c++) {
+        for (int64_t c = j * g; c < j * g + dq_group_width(L->n, g, j); c++) {
             stepset_t m = {{0}};
             if (degenerate) {
                 for (int i = 1; i < N_STEPS; i++) mark(&m, i);
@@ -429,7 +430,7 @@ static void fill_rows(void *vctx, int64_t begin, int64_t end)
         row_grid(L, B->lo + i * G, B->hi + i * G, &T);
         float *u1 = B->U1 + i * npad;
         for (int64_t j = 0; j < G; j++)
-            for (int64_t c = j * g; c < (j + 1) * g; c++) {
+            for (int64_t c = j * g; c < j * g + dq_group_width(L->n, g, j); c++) {
                 const int qi = code_one(w[c], T.s[j], T.z[j], L);
                 const float q = (float)qi;
                 q0[c] = (int8_t)qi;
@@ -983,7 +984,8 @@ dq_status dq_shrink_search_choose(const dq_layer_t *L, const double *err_start, 
 {
     const int64_t m = L->m, n = L->n;
     if (m == 0) return DQ_OK;
-    if (!L->Hf || !L->V || !L->c || n < 1 || L->G * L->g != n) return DQ_EINVAL;
+    if (!L->Hf || !L->V || !L->c || n < 1 || L->g < 1 || L->G != dq_num_groups(n, L->g))
+        return DQ_EINVAL;
     int64_t mb = BLOCK_BYTES / (8 * n);
     if (mb < 64) mb = 64;
     if (mb > m) mb = m;

@@ -1,7 +1,8 @@
 /* Internal API of the layer solver: the contract between the solver's C files.
  *
  * Notation follows ALGORITHM.md: W is m x n (rows = output channels), H00 is
- * the damped n x n Hessian, g the group size (g == n for per-channel), G = n/g.
+ * the damped n x n Hessian, g the group size (g == n for per-channel),
+ * G = ceil(n/g): the last group has n - (G-1) g columns when g does not divide n.
  * Codes A are signed int8 in [qmin, qmax]; scales S and zeros Z are m x G
  * float32; the dequantised weight is A*S + Z (symmetric: A*S, Z stays 0).
  * Row errors are e_r = (w^_r - w_r) H00 (w^_r - w_r)^T, in float64.
@@ -24,7 +25,7 @@ typedef struct {
     double *c;           /* m, w_r H w_r^T, owned */
 } dq_layer_t;
 
-/* Validate sizes (g divides n, 2 <= bits <= 8), and compute Hf, V and c. */
+/* Validate sizes (g >= 1, clipped to n; 2 <= bits <= 8), and compute Hf, V and c. */
 dq_status dq_layer_init(dq_layer_t *L, const float *W, const double *H, int64_t m, int64_t n,
                         int64_t group_size, int bits, int symmetric, int rule);
 /* The same validation and Hf (NULL when H is NULL) without the O(m n^2)

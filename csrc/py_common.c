@@ -244,12 +244,10 @@ int dq_py_layer_args(PyObject *W, PyObject *H, long group_size, int bits, int sy
     } else if (group_size < 1) {
         PyErr_Format(PyExc_ValueError, "group_size must be -1 (per-channel) or positive, got %ld", group_size);
         goto fail;
-    } else if (out->n % group_size != 0) {
-        PyErr_Format(PyExc_ValueError, "group_size %ld does not divide in_features %lld", group_size,
-                     (long long)out->n);
-        goto fail;
     } else {
-        out->group_size = group_size;
+        /* Any size: the last group is shorter when it does not divide n, and
+         * a size past n is one group per row. */
+        out->group_size = group_size < out->n ? group_size : out->n;
     }
     if (dq_py_check_finite(out->W, "W") < 0 || dq_py_check_weight_range(out->W, "W") < 0) goto fail;
     if (dq_py_check_hessian(out->H, "H00", out->W, "W") < 0) goto fail;

@@ -61,7 +61,8 @@ int dq_py_kernels_info(PyObject *dict);
 
 /* The arguments every layer-solver entry point shares, taken and checked
  * once: W float32 (m, n), H00 float64 (n, n), both finite; bits in 2..8;
- * group_size -1 (per-channel) or a positive divisor of n; rule a string. */
+ * group_size -1 (per-channel) or positive (the last group is shorter when it
+ * does not divide n; past n it is n); rule a string. */
 typedef struct {
     PyArrayObject *W, *H;
     int64_t m, n, group_size; /* group_size resolved: n when per-channel */

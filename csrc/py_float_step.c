@@ -29,7 +29,7 @@ static PyObject *py_float_step(PyObject *self, PyObject *args, PyObject *kwargs)
                      (long long)PyArray_DIM(A, 1));
         goto fail;
     }
-    npy_intp dims[2] = {(npy_intp)la.m, (npy_intp)(la.n / la.group_size)};
+    npy_intp dims[2] = {(npy_intp)la.m, (npy_intp)dq_num_groups(la.n, la.group_size)};
     if (!(S = dq_py_zeros(2, dims, NPY_FLOAT32)) || !(Z = dq_py_zeros(2, dims, NPY_FLOAT32)) ||
         !(E = dq_py_zeros(1, dims, NPY_FLOAT64)))
         goto fail;
@@ -75,7 +75,7 @@ static PyObject *py_shrink_search(PyObject *self, PyObject *args, PyObject *kwar
                                      &bits, &group_size, &symmetric, &rule))
         return NULL;
     if (dq_py_layer_args(oW, oH, group_size, bits, symmetric, rule, &la) < 0) goto fail;
-    npy_intp dims[2] = {(npy_intp)la.m, (npy_intp)(la.n / la.group_size)};
+    npy_intp dims[2] = {(npy_intp)la.m, (npy_intp)dq_num_groups(la.n, la.group_size)};
     if (!(S = dq_py_zeros(2, dims, NPY_FLOAT32)) || !(Z = dq_py_zeros(2, dims, NPY_FLOAT32)) ||
         !(P = dq_py_zeros(1, dims, NPY_FLOAT32)) || !(E = dq_py_zeros(1, dims, NPY_FLOAT64)))
         goto fail;

@@ -48,30 +48,61 @@ static int resolve_group(long group_size, int64_t n, int64_t *g)
                      group_size);
         return -1;
     }
-    if (n % group_size != 0) {
-        PyErr_Format(PyExc_ValueError, "group_size %ld does not divide in_features %lld", group_size,
-                     (long long)n);
-        return -1;
-    }
-    *g = group_size;
+    /* The last group is shorter when group_size does not divide n. */
+    *g = group_size < n ? group_size : n;
     return 0;
 }
 
-/* S and Z float32 (m, G), finite, with G dividing n; *G_out gets G. */
-static int take_SZ(PyObject *S_obj, PyObject *Z_obj, int64_t m, int64_t n, PyArrayObject **S,
-                   PyArrayObject **Z, int64_t *G_out)
+/* An optional group_size argument: None (0 here: infer it from S) or an int. */
+static int parse_opt_group(PyObject *obj, long *out)
+{
+    *out = 0;
+    if (obj == Py_None) return 0;
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "group_size must be an int or None, got %s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = PyLong_AsLong(obj);
+    if (*out == -1 && PyErr_Occurred()) return -1;
+    if (*out == 0) {
+        PyErr_SetString(PyExc_ValueError, "group_size must be -1 (per-channel) or positive, got 0");
+        return -1;
+    }
+    return 0;
+}
+
+/* S and Z float32 (m, G), finite; *g_out gets the group size.  group_size 0
+ * (not given) infers it as n / G, which needs G to divide n: a layer with a
+ * short last group has G = ceil(n / g) for several g, so its caller must
+ * pass group_size, and then G must be ceil(n / group_size). */
+static int take_SZ(PyObject *S_obj, PyObject *Z_obj, int64_t m, int64_t n, long group_size,
+                   PyArrayObject **S, PyArrayObject **Z, int64_t *g_out)
 {
     *S = dq_py_take(S_obj, "S", NPY_FLOAT32, 2);
     if (!*S) return -1;
     *Z = dq_py_take(Z_obj, "Z", NPY_FLOAT32, 2);
     if (!*Z) return -1;
     const int64_t G = PyArray_DIM(*S, 1);
-    if (PyArray_DIM(*S, 0) != m || G < 1 || n % G != 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "S must have shape (%lld, G) with G groups dividing in_features %lld, got "
-                     "(%lld, %lld)",
-                     (long long)m, (long long)n, (long long)PyArray_DIM(*S, 0), (long long)G);
-        return -1;
+    int64_t g = 0;
+    if (group_size != 0) {
+        if (resolve_group(group_size, n, &g) < 0) return -1;
+        if (PyArray_DIM(*S, 0) != m || G != dq_num_groups(n, g)) {
+            PyErr_Format(PyExc_ValueError,
+                         "S must have shape (%lld, %lld) (rows, groups of group_size %ld over "
+                         "in_features %lld), got (%lld, %lld)",
+                         (long long)m, (long long)dq_num_groups(n, g), group_size, (long long)n,
+                         (long long)PyArray_DIM(*S, 0), (long long)G);
+            return -1;
+        }
+    } else {
+        if (PyArray_DIM(*S, 0) != m || G < 1 || n % G != 0) {
+            PyErr_Format(PyExc_ValueError,
+                         "S must have shape (%lld, G) with G groups dividing in_features %lld, got "
+                         "(%lld, %lld) (pass group_size for a shorter last group)",
+                         (long long)m, (long long)n, (long long)PyArray_DIM(*S, 0), (long long)G);
+            return -1;
+        }
+        g = n / G;
     }
     if (PyArray_DIM(*Z, 0) != m || PyArray_DIM(*Z, 1) != G) {
         PyErr_Format(PyExc_ValueError, "Z must have the shape of S (%lld, %lld), got (%lld, %lld)",
@@ -80,7 +111,7 @@ static int take_SZ(PyObject *S_obj, PyObject *Z_obj, int64_t m, int64_t n, PyArr
         return -1;
     }
     if (dq_py_check_finite(*S, "S") < 0 || dq_py_check_finite(*Z, "Z") < 0) return -1;
-    *G_out = G;
+    *g_out = g;
     return 0;
 }
 
@@ -89,7 +120,8 @@ static int take_SZ(PyObject *S_obj, PyObject *Z_obj, int64_t m, int64_t n, PyArr
 PyDoc_STRVAR(minmax_params_doc,
 "minmax_params(W, bits, group_size, symmetric, p_row=None) -> (S, Z)\n\n"
 "Min-max scale and zero per row and group (ALGORITHM 1.2). W float32 (m, n);\n"
-"group_size -1 (per-channel) or a divisor of n; p_row float32 (m,) shrinks each\n"
+"group_size -1 (per-channel) or positive (a last group that it does not fill is\n"
+"shorter); p_row float32 (m,) shrinks each\n"
 "row's range to (p*lo, p*hi). Returns S and Z float32 (m, G); Z is 0 when symmetric.");
 
 static PyObject *py_minmax_params(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -127,7 +159,7 @@ static PyObject *py_minmax_params(PyObject *self, PyObject *args, PyObject *kwar
             }
         }
     }
-    npy_intp dims[2] = {m, n / g};
+    npy_intp dims[2] = {m, dq_num_groups(n, g)};
     if (!(S = dq_py_zeros(2, dims, NPY_FLOAT32)) || !(Z = dq_py_zeros(2, dims, NPY_FLOAT32))) goto fail;
     dq_layer_t L;
     dq_status st;
@@ -155,32 +187,35 @@ fail:
 /* ---- rtn_codes ---------------------------------------------------------- */
 
 PyDoc_STRVAR(rtn_codes_doc,
-"rtn_codes(W, S, Z, bits, symmetric, rule) -> A\n\n"
+"rtn_codes(W, S, Z, bits, symmetric, rule, group_size=None) -> A\n\n"
 "Round to the grid: A = clamp(R((W - Z)/S), qmin, qmax) per group (symmetric:\n"
-"R(W/S)). W float32 (m, n); S, Z float32 (m, G) with G dividing n; rule 'half_up'\n"
+"R(W/S)). W float32 (m, n); S, Z float32 (m, G) with G = ceil(n / group_size)\n"
+"(group_size None: n / G, G dividing n; pass it when the last group is short); rule 'half_up'\n"
 "or 'half_even'. Returns A int8 (m, n) in [-2^(bits-1), 2^(bits-1) - 1].");
 
 static PyObject *py_rtn_codes(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"W", "S", "Z", "bits", "symmetric", "rule", NULL};
-    PyObject *W_obj, *S_obj, *Z_obj;
+    static char *kwlist[] = {"W", "S", "Z", "bits", "symmetric", "rule", "group_size", NULL};
+    PyObject *W_obj, *S_obj, *Z_obj, *g_obj = Py_None;
     int bits, symmetric, rule;
+    long group_size;
     const char *rule_s;
     PyArrayObject *W = NULL, *S = NULL, *Z = NULL, *A = NULL;
-    int64_t m, n, G;
+    int64_t m, n, g;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOips", kwlist, &W_obj, &S_obj, &Z_obj, &bits,
-                                     &symmetric, &rule_s))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOips|O", kwlist, &W_obj, &S_obj, &Z_obj, &bits,
+                                     &symmetric, &rule_s, &g_obj))
         return NULL;
     if (check_bits(bits) < 0 || dq_py_parse_rule(rule_s, &rule) < 0) return NULL;
+    if (parse_opt_group(g_obj, &group_size) < 0) return NULL;
     if (!(W = take_W(W_obj, &m, &n))) goto fail;
-    if (take_SZ(S_obj, Z_obj, m, n, &S, &Z, &G) < 0) goto fail;
+    if (take_SZ(S_obj, Z_obj, m, n, group_size, &S, &Z, &g) < 0) goto fail;
     npy_intp dims[2] = {m, n};
     if (!(A = dq_py_zeros(2, dims, NPY_INT8))) goto fail;
     dq_layer_t L;
     dq_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = dq_layer_init_basic(&L, PyArray_DATA(W), NULL, m, n, n / G, bits, symmetric, rule);
+    st = dq_layer_init_basic(&L, PyArray_DATA(W), NULL, m, n, g, bits, symmetric, rule);
     if (st == DQ_OK) {
         dq_rtn_codes(&L, PyArray_DATA(S), PyArray_DATA(Z), PyArray_DATA(A));
         dq_layer_free(&L);
@@ -205,21 +240,24 @@ fail:
 /* ---- row_errors --------------------------------------------------------- */
 
 PyDoc_STRVAR(row_errors_doc,
-"row_errors(W, A, S, Z, H00) -> err\n\n"
+"row_errors(W, A, S, Z, H00, group_size=None) -> err\n\n"
 "Per-row error e_r = (w^_r - w_r) H00 (w^_r - w_r)^T of W^ = A*S + Z. W float32\n"
-"(m, n); A int8 (m, n); S, Z float32 (m, G) with G dividing n; H00 float64 (n, n).\n"
+"(m, n); A int8 (m, n); S, Z float32 (m, G) with G = ceil(n / group_size) (None:\n"
+"n / G, G dividing n; pass it when the last group is short); H00 float64 (n, n).\n"
 "Returns err float64 (m,). One float32 GEMM, row sums in float64.");
 
 static PyObject *py_row_errors(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"W", "A", "S", "Z", "H00", NULL};
-    PyObject *W_obj, *A_obj, *S_obj, *Z_obj, *H_obj;
+    static char *kwlist[] = {"W", "A", "S", "Z", "H00", "group_size", NULL};
+    PyObject *W_obj, *A_obj, *S_obj, *Z_obj, *H_obj, *g_obj = Py_None;
     PyArrayObject *W = NULL, *A = NULL, *S = NULL, *Z = NULL, *H = NULL, *err = NULL;
-    int64_t m, n, G;
+    long group_size;
+    int64_t m, n, g;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO", kwlist, &W_obj, &A_obj, &S_obj, &Z_obj,
-                                     &H_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|O", kwlist, &W_obj, &A_obj, &S_obj, &Z_obj,
+                                     &H_obj, &g_obj))
         return NULL;
+    if (parse_opt_group(g_obj, &group_size) < 0) return NULL;
     if (!(W = take_W(W_obj, &m, &n))) goto fail;
     if (!(A = dq_py_take(A_obj, "A", NPY_INT8, 2))) goto fail;
     if (PyArray_DIM(A, 0) != m || PyArray_DIM(A, 1) != n) {
@@ -228,7 +266,7 @@ static PyObject *py_row_errors(PyObject *self, PyObject *args, PyObject *kwargs)
                      (long long)PyArray_DIM(A, 1));
         goto fail;
     }
-    if (take_SZ(S_obj, Z_obj, m, n, &S, &Z, &G) < 0) goto fail;
+    if (take_SZ(S_obj, Z_obj, m, n, group_size, &S, &Z, &g) < 0) goto fail;
     if (!(H = dq_py_take(H_obj, "H00", NPY_FLOAT64, 2))) goto fail;
     if (PyArray_DIM(H, 0) != n || PyArray_DIM(H, 1) != n) {
         PyErr_Format(PyExc_ValueError,
@@ -244,7 +282,7 @@ static PyObject *py_row_errors(PyObject *self, PyObject *args, PyObject *kwargs)
     dq_status st;
     Py_BEGIN_ALLOW_THREADS
     /* bits and rule play no part in the error: any valid value does. */
-    st = dq_layer_init_basic(&L, PyArray_DATA(W), PyArray_DATA(H), m, n, n / G, 8, 0,
+    st = dq_layer_init_basic(&L, PyArray_DATA(W), PyArray_DATA(H), m, n, g, 8, 0,
                              DQ_ROUND_HALF_UP);
     if (st == DQ_OK) {
         st = dq_row_errors(&L, PyArray_DATA(A), PyArray_DATA(S), PyArray_DATA(Z), PyArray_DATA(err));
@@ -294,7 +332,7 @@ static PyObject *py_rtn(PyObject *self, PyObject *args, PyObject *kwargs)
                                      &group_size, &symmetric, &rule))
         return NULL;
     if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
-    const int64_t m = a.m, n = a.n, G = a.n / a.group_size;
+    const int64_t m = a.m, n = a.n, G = dq_num_groups(a.n, a.group_size);
     npy_intp dims_A[2] = {m, n}, dims_S[2] = {m, G}, dims_e[1] = {m};
     if (!(A = dq_py_zeros(2, dims_A, NPY_INT8)) || !(S = dq_py_zeros(2, dims_S, NPY_FLOAT32)) ||
         !(Z = dq_py_zeros(2, dims_S, NPY_FLOAT32)) || !(err = dq_py_zeros(1, dims_e, NPY_FLOAT64)))
@@ -331,7 +369,7 @@ fail:
 PyDoc_STRVAR(neuqi_params_doc,
 "neuqi_params(W, bits, group_size, symmetric, hdiag=None, integer_zero=False) -> (S, Z, obj)\n\n"
 "NeUQI's scale and zero of every row and group (ALGORITHM 7). W float32 (m, n), finite;\n"
-"group_size -1 (per-channel) or a divisor of n; hdiag float64 (n,), finite and >= 0:\n"
+"group_size -1 (per-channel) or positive (a shorter last group); hdiag float64 (n,), finite and >= 0:\n"
 "per-column weights (the damped Hessian diagonal), None for equal weights; each group's\n"
 "weights are normalised to sum 1. integer_zero: NeUQI_int (integer zero point, 2048\n"
 "scale steps). symmetric: Z = 0, the scale alone is searched. Returns S, Z float32\n"
@@ -372,7 +410,7 @@ static PyObject *py_neuqi_params(PyObject *self, PyObject *args, PyObject *kwarg
             }
         }
     }
-    npy_intp dims[2] = {m, n / g};
+    npy_intp dims[2] = {m, dq_num_groups(n, g)};
     if (!(S = dq_py_zeros(2, dims, NPY_FLOAT32)) || !(Z = dq_py_zeros(2, dims, NPY_FLOAT32)) ||
         !(obj = dq_py_zeros(2, dims, NPY_FLOAT64)))
         goto fail;

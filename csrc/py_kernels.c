@@ -84,11 +84,7 @@ static int take_packed(PyObject *packed, PyObject *scale, PyObject *zero, int bi
                      group_size);
         return -1;
     }
-    if (group_size > 0 && in_features % group_size != 0) {
-        PyErr_Format(PyExc_ValueError, "group_size %zd does not divide in_features %zd", group_size,
-                     in_features);
-        return -1;
-    }
+    /* Any group_size: the last group is shorter when it does not divide in_features. */
     if (!(*pk = dq_py_take(packed, "packed", NPY_UINT32, 2))) return -1;
     if (check_rows(PyArray_DIM(*pk, 0), "packed's row count (out_features)") < 0) goto fail;
     dq_packed_describe(W, PyArray_DIM(*pk, 0), in_features, bits, group_size);

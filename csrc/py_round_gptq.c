@@ -45,7 +45,7 @@ static PyObject *py_round_gptq(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     if (check_blocksize(blocksize) < 0) return NULL;
     if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
-    const int64_t m = a.m, n = a.n, G = a.n / a.group_size;
+    const int64_t m = a.m, n = a.n, G = dq_num_groups(a.n, a.group_size);
     if (!(S = dq_py_take_params(S_obj, "S", m, G)) || !(Z = dq_py_take_params(Z_obj, "Z", m, G))) goto fail;
     npy_intp dims_A[2] = {m, n}, dims_e[1] = {m};
     if (!(A = dq_py_zeros(2, dims_A, NPY_INT8)) || !(err = dq_py_zeros(1, dims_e, NPY_FLOAT64)))
@@ -112,7 +112,7 @@ static PyObject *py_gptq(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     if (check_blocksize(blocksize) < 0) return NULL;
     if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
-    const int64_t m = a.m, n = a.n, G = a.n / a.group_size;
+    const int64_t m = a.m, n = a.n, G = dq_num_groups(a.n, a.group_size);
     npy_intp dims_A[2] = {m, n}, dims_S[2] = {m, G}, dims_e[1] = {m};
     if (!(A = dq_py_zeros(2, dims_A, NPY_INT8)) || !(S = dq_py_zeros(2, dims_S, NPY_FLOAT32)) ||
         !(Z = dq_py_zeros(2, dims_S, NPY_FLOAT32)) || !(err = dq_py_zeros(1, dims_e, NPY_FLOAT64)))

@@ -21,7 +21,7 @@ PyDoc_STRVAR(round_pgd_doc,
 "layers: n = 4096 with K2 = 5 is about 1e11 m multiply-adds.\n"
 "\n"
 "W: float32 (m, n); S, Z: float32 (m, G) with G = 1 (group_size -1) or\n"
-"n / group_size (Z is ignored when symmetric); H00: float64 (n, n), damped;\n"
+"ceil(n / group_size) (Z is ignored when symmetric); H00: float64 (n, n), damped;\n"
 "bits: 2..8; rule: 'half_up' or 'half_even'; steps_before_round,\n"
 "steps_per_column: >= 0; lr: > 0.  Returns A int8 (m, n) in [-2^(b-1),\n"
 "2^(b-1) - 1] and err float64 (m,), the row errors of A measured with H00.\n"
@@ -62,7 +62,7 @@ static PyObject *py_round_pgd(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
-    const int64_t m = a.m, n = a.n, G = a.n / a.group_size;
+    const int64_t m = a.m, n = a.n, G = dq_num_groups(a.n, a.group_size);
     if (!(S = dq_py_take_params(S_obj, "S", m, G)) || !(Z = dq_py_take_params(Z_obj, "Z", m, G))) goto fail;
     npy_intp dims_A[2] = {m, n}, dims_e[1] = {m};
     if (!(A = dq_py_zeros(2, dims_A, NPY_INT8)) || !(err = dq_py_zeros(1, dims_e, NPY_FLOAT64)))

@@ -78,7 +78,7 @@ static PyObject *py_decoupleq(PyObject *self, PyObject *args, PyObject *kwargs)
     opts.pgd.lr = lr;
 
     if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
-    const int64_t m = a.m, n = a.n, G = a.n / a.group_size;
+    const int64_t m = a.m, n = a.n, G = dq_num_groups(a.n, a.group_size);
     const int64_t max_trace = 2 + 2 * (int64_t)(iterations - 1);
     npy_intp dims_A[2] = {m, n}, dims_S[2] = {m, G}, dims_e[1] = {m}, dims_t[2] = {max_trace, m};
     A = dq_py_zeros(2, dims_A, NPY_INT8);

@@ -47,7 +47,7 @@ static PyObject *py_start_params(PyObject *self, PyObject *args, PyObject *kwarg
         return NULL;
     if (dq_py_parse_init(init_s, &init) < 0) return NULL;
     if (dq_py_layer_args(W_obj, H_obj, group_size, bits, symmetric, rule, &a) < 0) return NULL;
-    npy_intp dims[2] = {a.m, a.n / a.group_size};
+    npy_intp dims[2] = {a.m, dq_num_groups(a.n, a.group_size)};
     if (!(S = dq_py_zeros(2, dims, NPY_FLOAT32)) || !(Z = dq_py_zeros(2, dims, NPY_FLOAT32)))
         goto fail;
     dq_layer_t L = {0};

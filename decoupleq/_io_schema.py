@@ -156,8 +156,10 @@ def _check_common(where: str, info: dict, low_bits: int, high_bits: int):
     if n * out > 1 << 40:
         raise ValueError(f"{where}: {out} x {n} weights is past any real layer")
     gs = info.get("group_size")
-    if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or 1 <= gs <= n) or (gs != -1 and n % gs):
-        raise ValueError(f"{where}: 'group_size' must be -1 or a divisor of in_features {n}, got {gs!r}")
+    # A uniform layer's last group may be shorter (G = ceil(n / g)); the
+    # stored layout is the same, so older files (all dividing) still load.
+    if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or 1 <= gs <= n):
+        raise ValueError(f"{where}: 'group_size' must be -1 or in 1..in_features {n}, got {gs!r}")
     has_bias = _bool(info, "bias", where)
     bias_dtype = info.get("bias_dtype")
     if has_bias and bias_dtype not in BIAS_DTYPES:
@@ -178,7 +180,10 @@ def _check_bcq_layer(where: str, info: dict, version: int) -> dict:
 
     if version < 3:
         raise ValueError(f"{where}: BCQ layers need format_version >= 3, the file has {version}")
-    _check_common(where, info, 1, MAX_BITS)
+    bits, n, out = _check_common(where, info, 1, MAX_BITS)
+    gs = info["group_size"]
+    if gs != -1 and n % gs:  # BCQ layers have no short last group
+        raise ValueError(f"{where}: a BCQ layer's 'group_size' must be -1 or a divisor of in_features {n}, got {gs}")
     if info.get("codes") != BCQ_FORMAT:
         raise ValueError(f"{where}: BCQ indices stored as {info.get('codes')!r}: this decoupleq reads {BCQ_FORMAT!r}")
     origin = info.get("origin", "linear")

@@ -47,7 +47,7 @@ def _group_size(text):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import INITS, METHODS, ROUNDINGS, TUNE_TARGETS
+    from .config import INDIVISIBLE_POLICIES, INITS, METHODS, ROUNDINGS, TUNE_TARGETS
     from .data import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
     from .evaluate import DEFAULT_MAX_WINDOWS, DEFAULT_SEQ_LEN as EVAL_SEQ_LEN
 
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=2, help="code width, 2..8 (default 2)")
     q.add_argument("--group-size", type=_group_size, default=64,
                    help="inputs per scale/zero; -1 for per-channel (default 64)")
+    q.add_argument("--indivisible", choices=INDIVISIBLE_POLICIES, default="short",
+                   help="a layer whose inputs the group size does not divide: 'short' (default: a shorter "
+                        "last group), 'per_channel', 'skip' (full precision) or 'error'")
     q.add_argument("--symmetric", action="store_true", help="zero fixed at 0")
     q.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="visit columns in natural order instead of by decreasing Hessian diagonal")
@@ -168,6 +171,7 @@ def packed_mb(model) -> float:
     (``bits * out * in / 8`` bytes) and its scale and zero in float16 (a BCQ layer: its packed
     words and its alpha and offset in float16); other tensors as they are."""
     from .bcq import bits_per_weight
+    from .config import num_groups
     from .nn import QUANT_MODULES
     from .nn_bcq import BCQLinear
 
@@ -177,7 +181,7 @@ def packed_mb(model) -> float:
         if isinstance(m, QUANT_MODULES + (BCQLinear,)):
             info = m.quant_info()
             out, n = int(info["out_features"]), int(info["in_features"])
-            g = 1 if int(info["group_size"]) == -1 else n // int(info["group_size"])
+            g = num_groups(n, int(info["group_size"]))  # a short last group has its own scale
             if isinstance(m, BCQLinear):
                 total += bits_per_weight(m.bits, n, m.group_size, param_bits=16) * out * n / 8
             else:
@@ -333,7 +337,8 @@ def cmd_quantize(args) -> int:
         tune = dataclasses.replace(tune, epochs=args.blockwise_epochs)
     if args.blockwise_target is not None:
         tune = dataclasses.replace(tune, target=args.blockwise_target)
-    mcfg = ModelQuantConfig(quant=quant, blockwise=tune, skip=tuple(args.skip), verbose=not args.quiet)
+    mcfg = ModelQuantConfig(quant=quant, blockwise=tune, skip=tuple(args.skip), indivisible=args.indivisible,
+                            verbose=not args.quiet)
     if args.eval_text is not None and not args.eval_text.is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} does not exist")
     check_out_folder(args.out)
@@ -462,11 +467,12 @@ def _stored_bits(info: dict) -> tuple:
     """(weights, bits per weight as stored in the file) of one layer description: codes or
     indices with their layout padding, plus every float32 scale/zero or alpha/offset."""
     from .bcq import bits_per_weight
+    from .config import num_groups
     from .packing import row_words
 
     out, n, bits = int(info["out_features"]), int(info["in_features"]), int(info["bits"])
     gs = int(info["group_size"])
-    G = 1 if gs == -1 else n // gs
+    G = num_groups(n, gs)  # ceil(n / gs): a short last group stores a whole scale and zero
     if info.get("type") == "bcq_linear":
         return out * n, bits_per_weight(bits, n, gs)
     code_bits = 32 * row_words(bits, n) if info.get("codes", "int8") != "int8" else 8 * n

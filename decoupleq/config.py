@@ -102,7 +102,11 @@ class QuantConfig:
             GPTQ, min-max groups recomputed along the sweep) or ``"decoupleq"``.
         bits: code width, 2 to 8. Codes are signed, ``-2**(bits-1) .. 2**(bits-1)-1``.
         group_size: input features sharing one scale and zero; ``-1`` for one
-            per output channel. Must divide ``in_features``.
+            per output channel. When it does not divide a layer's
+            ``in_features`` the last group of each row is shorter (group
+            ``j`` is columns ``j*g .. j*g+g-1``, cut at ``in_features``; there
+            are ``ceil(in_features / g)`` groups); ``ModelQuantConfig.indivisible``
+            can choose the old per-channel fallback instead.
         symmetric: zero fixed at 0 and only the scale solved for.
         act_order: integer step visits columns by decreasing Hessian diagonal.
         iterations: decoupleQ's ``max_iter_num``: one GPTQ pass plus
@@ -204,18 +208,25 @@ class QuantConfig:
         return asdict(self)
 
     def groups(self, in_features: int) -> int:
-        """Number of groups per row for a layer with ``in_features`` columns.
+        """Number of groups per row for a layer with ``in_features`` columns:
+        ``ceil(in_features / group_size)`` (the last group is shorter when
+        ``group_size`` does not divide it), 1 per-channel."""
+        return num_groups(in_features, self.group_size)
 
-        Raises:
-            ValueError: if ``group_size`` does not divide ``in_features``.
-        """
-        if self.group_size == -1:
-            return 1
-        if in_features % self.group_size != 0:
-            raise ValueError(
-                f"group_size {self.group_size} does not divide in_features {in_features}"
-            )
-        return in_features // self.group_size
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Groups per row: ``ceil(in_features / group_size)``, or 1 when ``group_size == -1``.
+
+    Every group starts at a multiple of ``group_size``, so column ``c`` is in
+    group ``c // group_size``; the last group holds what is left
+    (``in_features - (G - 1) * group_size`` columns).
+    """
+    g = None if isinstance(group_size, bool) or not hasattr(group_size, "__index__") else group_size.__index__()
+    if g == -1:
+        return 1
+    if g is None or g < 1:
+        raise ValueError(f"group_size must be -1 (per-channel) or a positive int, got {group_size!r}")
+    return -(-int(in_features) // g)
 
 
 #: Upper bounds of QuantConfig's integer knobs: far past any useful setting; a value past
@@ -260,7 +271,7 @@ def _positive_float(name, value, allow_zero):
 
 from dataclasses import field  # noqa: E402  (kept here so the section above stays untouched)
 
-INDIVISIBLE_POLICIES = ("per_channel", "skip", "error")
+INDIVISIBLE_POLICIES = ("short", "per_channel", "skip", "error")
 TUNE_TARGETS = ("quantized_inputs", "fp_inputs")
 
 
@@ -365,9 +376,14 @@ class ModelQuantConfig:
             it, activations are memory-mapped files in a temporary directory.
         batch_size: rows of a calibration tensor run through the model at once.
         indivisible: what to do with a layer whose input width is not a multiple
-            of ``quant.group_size``: ``"per_channel"`` (quantize it with one
-            scale and zero per output channel, logged), ``"skip"`` (leave it in
-            full precision, logged) or ``"error"`` (ValueError before any work).
+            of ``quant.group_size``: ``"short"`` (default: groups of
+            ``group_size`` with a shorter last group, ``ceil(in / g)`` groups
+            per row, as HQQ and llama.cpp quantize such widths),
+            ``"per_channel"`` (the behaviour before short groups: one scale and
+            zero per output channel, logged), ``"skip"`` (leave it in full
+            precision, logged) or ``"error"`` (ValueError before any work).
+            ``method="uniquanf"`` (BCQ layers) has no short last group: with
+            ``"short"`` such a layer is a ValueError before any work.
         tmpdir: parent directory of the temporary activation files (default:
             the system temporary directory, never the working directory).
         verbose: progress bars and INFO logs; ``False`` is quiet.
@@ -379,7 +395,7 @@ class ModelQuantConfig:
     skip: object = ()
     cache_budget_mb: float = 4096.0
     batch_size: int = 1
-    indivisible: str = "per_channel"
+    indivisible: str = "short"
     tmpdir: object = None
     verbose: bool = True
 

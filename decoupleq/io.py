@@ -409,7 +409,7 @@ def _layer_shapes(name: str, info: dict, packed: bool) -> dict:
     if info["type"] == "bcq_linear":
         return _bcq_shapes(name, info)
     out, n, gs = info["out_features"], info["in_features"], info["group_size"]
-    G = 1 if gs == -1 else n // gs
+    G = 1 if gs == -1 else -(-n // gs)  # the last group may be short
     shapes = {f"{name}.codes": ((out, n), "I8")} if not packed else {
         f"{name}.packed": ((out, row_words(info["bits"], n)), "U32")
     }

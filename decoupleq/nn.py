@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _C, torch_ops
+from .config import num_groups
 
 ORIGINS = ("linear", "conv1d")
 #: Bit widths stored packed (and run by the packed kernels).
@@ -77,11 +78,23 @@ def is_hf_conv1d(module) -> bool:
 
 
 def _num_groups(in_features: int, group_size: int) -> int:
-    if group_size == -1:
-        return 1
-    if group_size <= 0 or in_features % group_size:
-        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
-    return in_features // group_size
+    """ceil(in_features / group_size): the last group is shorter when it does not divide."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
+        raise ValueError(f"group_size must be -1 (per-channel) or a positive int, got {group_size!r}")
+    return num_groups(in_features, group_size)
+
+
+def _qweight_group_size(qw, n_groups: int) -> int:
+    """The group size of a QuantizedWeight-like ``qw`` (-1 for one group per row).
+
+    Read from ``qw.group_size`` or its config, not from the shapes: with a
+    short last group several sizes give the same number of groups."""
+    if n_groups == 1:
+        return -1
+    g = getattr(qw, "group_size", None)
+    if g is None:
+        g = qw.config.group_size
+    return int(g)
 
 
 def _check_qweight(qw, out_features: int, in_features: int, what: str):
@@ -94,10 +107,15 @@ def _check_qweight(qw, out_features: int, in_features: int, what: str):
         )
     if codes.dtype != torch.int8:
         raise TypeError(f"qw.codes must be int8, got {codes.dtype}")
-    if scale.ndim != 2 or scale.shape[0] != out_features or in_features % max(scale.shape[1], 1):
+    if scale.ndim != 2 or scale.shape[0] != out_features or scale.shape[1] < 1:
         raise ValueError(
-            f"qw.scale has shape {tuple(scale.shape)}, not (out_features={out_features}, G) "
-            f"with G dividing in_features={in_features}"
+            f"qw.scale has shape {tuple(scale.shape)}, not (out_features={out_features}, G)"
+        )
+    g = _qweight_group_size(qw, scale.shape[1])
+    if scale.shape[1] != num_groups(in_features, g):
+        raise ValueError(
+            f"qw.scale has {scale.shape[1]} groups, but group_size {g} over in_features={in_features} "
+            f"makes {num_groups(in_features, g)}"
         )
     if tuple(zero.shape) != tuple(scale.shape):
         raise ValueError(f"qw.zero has shape {tuple(zero.shape)}, qw.scale {tuple(scale.shape)}")
@@ -188,7 +206,13 @@ class _QuantWeightMixin:
         codes = self.codes
         m, n = codes.shape
         g_count = self.scale.shape[1]
-        grouped = codes.reshape(m, g_count, n // g_count).to(torch.float32)
+        g = n if g_count == 1 else self.group_size
+        if g * g_count != n:
+            # A short last group: every group's scale repeated over its columns, cut at n.
+            s = self.scale.repeat_interleave(g, dim=1)[:, :n]
+            z = self.zero.repeat_interleave(g, dim=1)[:, :n]
+            return codes.to(torch.float32) * s + z
+        grouped = codes.reshape(m, g_count, g).to(torch.float32)
         # Two separately rounded ops (not addcmul) so the result equals NumPy's float32 dequantize.
         w = grouped * self.scale.unsqueeze(-1)
         w = w + self.zero.unsqueeze(-1)
@@ -280,7 +304,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
             raise TypeError(f"layer must be nn.Linear or transformers Conv1D, got {type(layer).__name__}")
         codes, scale, zero = _check_qweight(qw, out_f, in_f, f"{type(layer).__name__}({in_f} -> {out_f})")
         cfg = qw.config
-        group_size = -1 if scale.shape[1] == 1 else in_f // scale.shape[1]
+        group_size = _qweight_group_size(qw, scale.shape[1])
         q = cls(
             in_f,
             out_f,
@@ -495,7 +519,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Module):
         out_c, in_c, kh, kw = layer.weight.shape
         codes, scale, zero = _check_qweight(qw, out_c, in_c * kh * kw, f"Conv2d({in_c} -> {out_c}, {kh}x{kw})")
         in_flat = in_c * kh * kw
-        group_size = -1 if scale.shape[1] == 1 else in_flat // scale.shape[1]
+        group_size = _qweight_group_size(qw, scale.shape[1])
         q = cls(
             in_c, out_c, (kh, kw), stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
             padding_mode=layer.padding_mode, bits=qw.config.bits, group_size=group_size,

@@ -24,8 +24,10 @@ Arrays
   weight is row r of the array (rows are independent, so a row range is a
   slice). ``row_words`` depends only on ``(bits, in_features)``
   (:func:`row_words`) and is a multiple of 8 (32 bytes).
-- ``scale``: shape ``(out_features, G)`` with ``G = in_features // group_size``,
-  or ``G = 1`` when ``group_size == -1`` (per-channel). ``float16`` by
+- ``scale``: shape ``(out_features, G)`` with ``G = ceil(in_features / group_size)``
+  (when ``group_size`` does not divide ``in_features`` the last group is
+  shorter: columns ``(G-1)*group_size .. in_features-1``), or ``G = 1`` when
+  ``group_size == -1`` (per-channel). ``float16`` by
   default, ``float32`` as an option.
 - ``zero``: the same shape and dtype as ``scale``, or absent (symmetric).
 - Alignment: the kernels need only the natural 4-byte alignment of uint32
@@ -85,6 +87,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _C
+from .config import num_groups
 
 __all__ = ["FORMAT", "PackedWeight", "pack", "row_words", "unpack"]
 
@@ -209,8 +212,6 @@ class PackedWeight:
         g = self.group_size
         if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or (g != -1 and g < 1):
             raise ValueError(f"group_size must be -1 or a positive int, got {g!r}")
-        if g != -1 and n % g:
-            raise ValueError(f"group_size {g} does not divide in_features {n}")
         for name in ("codes", "scale"):
             if not isinstance(getattr(self, name), np.ndarray):
                 raise TypeError(f"{name} must be a numpy.ndarray, got {type(getattr(self, name)).__name__}")
@@ -240,7 +241,7 @@ class PackedWeight:
     @property
     def n_groups(self) -> int:
         """G: groups per row."""
-        return 1 if self.group_size == -1 else self.in_features // self.group_size
+        return num_groups(self.in_features, self.group_size)
 
     @property
     def symmetric(self) -> bool:
@@ -262,7 +263,7 @@ class PackedWeight:
             scale: float ``(out, G)``.
             zero: float ``(out, G)``, or None for symmetric (z = 0).
             bits: 2, 3 or 4.
-            group_size: -1 (per-channel) or a divisor of ``in``.
+            group_size: -1 (per-channel) or positive; ``G = ceil(in / group_size)``.
             scale_dtype: ``"float16"`` (default) or ``"float32"``: storage of
                 scale and zero. float16 raises ValueError if a value overflows.
         """
@@ -274,10 +275,10 @@ class PackedWeight:
             raise TypeError("codes must be a 2-D numpy.ndarray of int8")
         out, n = codes.shape
         if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or (
-            group_size != -1 and (group_size < 1 or n % group_size)
+            group_size != -1 and group_size < 1
         ):
-            raise ValueError(f"group_size {group_size!r} must be -1 or a positive divisor of in_features {n}")
-        G = 1 if group_size == -1 else n // group_size
+            raise ValueError(f"group_size {group_size!r} must be -1 or a positive int")
+        G = num_groups(n, int(group_size))
         s = _as_sz("scale", scale, (out, G), dtype)
         z = None if zero is None else _as_sz("zero", zero, (out, G), dtype)
         return cls(pack(codes, bits), s, z, bits, int(n), int(group_size))

@@ -240,6 +240,15 @@ def _layer_config(name, module, qcfg: QuantConfig, policy: str, fallbacks: dict)
     n = layer_in_features(module)
     if qcfg.group_size == -1 or n % qcfg.group_size == 0:
         return qcfg
+    if policy == "short":
+        if qcfg.method == "uniquanf":
+            raise ValueError(
+                f"group_size {qcfg.group_size} does not divide in_features {n} of layer {name}: method "
+                "'uniquanf' (BCQ layers) has no shorter last group; pass indivisible='per_channel', "
+                "'skip' or 'error', or a group_size that divides it"
+            )
+        fallbacks.setdefault(n, []).append(name)
+        return qcfg  # groups of group_size, the last one shorter
     if policy == "error":
         raise ValueError(
             f"group_size {qcfg.group_size} does not divide in_features {n} of layer {name} (indivisible='error')"
@@ -253,6 +262,11 @@ def _warn_fallbacks(fallbacks: dict, group_size: int, policy: str) -> None:
     what = "left in full precision" if policy == "skip" else "quantized per channel"
     for n, names in fallbacks.items():
         shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+        if policy == "short":  # the intended behaviour: said once, not warned about
+            log.info("group_size %d does not divide in_features %d of %d layer%s (%s): %d groups per row, "
+                     "the last of %d columns", group_size, n, len(names), "" if len(names) == 1 else "s", shown,
+                     -(-n // group_size), n - (n // group_size) * group_size)
+            continue
         log.warning("group_size %d does not divide in_features %d of %d layer%s (%s): %s",
                     group_size, n, len(names), "" if len(names) == 1 else "s", shown, what)
 

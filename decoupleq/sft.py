@@ -55,33 +55,58 @@ def _row_tiles(out_features: int, in_features: int, tile_rows: int | None):
     return [(r0, min(r0 + rows, out_features)) for r0 in range(0, out_features, rows)]
 
 
-def _dequant_rows(codes, scale, zero, r0: int, r1: int, dtype):
+def _group_split(n: int, n_groups: int, g: int) -> int:
+    """Columns covered by the full groups: n, or (G - 1) g when the last group is short."""
+    return n if n_groups * g == n else (n_groups - 1) * g
+
+
+def _dequant_rows(codes, scale, zero, r0: int, r1: int, dtype, g: int):
     """Rows r0:r1 of ``codes * scale + zero`` as a (rows, in) tensor of ``dtype``.
 
-    The multiply and the add are two separately rounded operations, as in
-    ``QuantLinear.dequantize``, so float32 tiles equal its rows bit for bit.
+    ``g`` is the group size (in when per-channel); the last of the ``G``
+    groups is shorter when g does not divide in. The multiply and the add are
+    two separately rounded operations, as in ``QuantLinear.dequantize``, so
+    float32 tiles equal its rows bit for bit.
     """
     rows, n = r1 - r0, codes.shape[1]
-    g = scale.shape[1]
-    w = codes[r0:r1].to(dtype).view(rows, g, n // g)
+    G = scale.shape[1]
+    full = _group_split(n, G, g)
     # In place: one buffer per tile (it is recomputed for every step anyway).
-    w.mul_(scale[r0:r1].unsqueeze(-1))
+    w = codes[r0:r1].to(dtype)
+    head = w[:, :full].unflatten(1, (-1, g))  # a view of the full groups
+    head.mul_(scale[r0:r1, :full // g].unsqueeze(-1))
     if zero is not None:
-        w.add_(zero[r0:r1].unsqueeze(-1))
-    return w.view(rows, n)
+        head.add_(zero[r0:r1, :full // g].unsqueeze(-1))
+    if full < n:  # the short last group
+        w[:, full:].mul_(scale[r0:r1, G - 1:])
+        if zero is not None:
+            w[:, full:].add_(zero[r0:r1, G - 1:])
+    return w
+
+
+def _group_sums(t, n_groups: int, g: int):
+    """(rows, in) -> (rows, G): the sum over each group's columns (the last may be short)."""
+    rows, n = t.shape
+    full = _group_split(n, n_groups, g)
+    head = t[:, :full].unflatten(1, (-1, g)).sum(-1)
+    if full == n:
+        return head
+    return torch.cat([head, t[:, full:].sum(-1, keepdim=True)], dim=1)
 
 
 class QuantLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with ``W = codes * scale + zero``, gradients straight from the codes.
 
-    ``apply(x, codes, scale, zero, bias, tile_rows)``:
+    ``apply(x, codes, scale, zero, bias, tile_rows, group_size)``:
         x: (N, in) float tensor (any float dtype).
         codes: int8 (out, in); never differentiated.
-        scale: float (out, G), G dividing in.
+        scale: float (out, G), G = ceil(in / group_size) (1 per-channel).
         zero: float (out, G), or None (symmetric: zero fixed at 0, no gradient).
         bias: (out,) or None.
         tile_rows: output rows per tile of W, or None for the default
             (``TILE_ELEMENTS // in``).
+        group_size: columns per group (``in`` or -1 per-channel); the last
+            group is shorter when it does not divide in.
     Returns (N, out): the autocast dtype under CPU autocast (for float32 and
     lower inputs), else ``x.dtype``. Prefer :func:`quant_linear`, which checks
     its arguments and accepts any leading shape.
@@ -89,7 +114,7 @@ class QuantLinearFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, x, codes, scale, zero, bias, tile_rows):
+    def forward(ctx, x, codes, scale, zero, bias, tile_rows, group_size):
         wide = [t for t in (x, scale, zero) if t is not None]
         cdtype = torch.float64 if any(t.dtype == torch.float64 for t in wide) else torch.float32
         if torch.is_autocast_enabled("cpu") and x.dtype in _LOW_PRECISION:
@@ -97,6 +122,7 @@ class QuantLinearFunction(torch.autograd.Function):
         else:
             out_dtype = x.dtype
         out_f, in_f = codes.shape
+        g = in_f if scale.shape[1] == 1 else group_size
         tiles = _row_tiles(out_f, in_f, tile_rows)
         # Autocast would run the matmuls below in bf16; the point is float32 accuracy.
         with torch.autocast("cpu", enabled=False):
@@ -104,11 +130,11 @@ class QuantLinearFunction(torch.autograd.Function):
             s = scale.to(cdtype)
             z = None if zero is None else zero.to(cdtype)
             if len(tiles) == 1:
-                y = xc @ _dequant_rows(codes, s, z, 0, out_f, cdtype).t()
+                y = xc @ _dequant_rows(codes, s, z, 0, out_f, cdtype, g).t()
             else:
                 y = torch.empty(x.shape[0], out_f, dtype=cdtype, device=x.device)
                 for r0, r1 in tiles:
-                    y[:, r0:r1] = xc @ _dequant_rows(codes, s, z, r0, r1, cdtype).t()
+                    y[:, r0:r1] = xc @ _dequant_rows(codes, s, z, r0, r1, cdtype, g).t()
             if bias is not None:
                 y += bias.to(cdtype)
         need_x = ctx.needs_input_grad[2] or (zero is not None and ctx.needs_input_grad[3])
@@ -116,6 +142,7 @@ class QuantLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x if need_x else None, codes, scale, zero)
         ctx.cdtype = cdtype
         ctx.tiles = tiles
+        ctx.group = g
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.to(out_dtype)
@@ -124,7 +151,7 @@ class QuantLinearFunction(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_y):
         x, codes, scale, zero = ctx.saved_tensors
-        cdtype, tiles = ctx.cdtype, ctx.tiles
+        cdtype, tiles, g = ctx.cdtype, ctx.tiles, ctx.group
         need_gx, _, need_gs, need_gz, need_gb = ctx.needs_input_grad[:5]
         need_gz = need_gz and zero is not None
         gx = gs = gz = gb = None
@@ -143,20 +170,20 @@ class QuantLinearFunction(torch.autograd.Function):
                 rows = r1 - r0
                 gy_t = gy[:, r0:r1]
                 if need_gx:
-                    w = _dequant_rows(codes, s, z, r0, r1, cdtype)
+                    w = _dequant_rows(codes, s, z, r0, r1, cdtype, g)
                     if gx is None:
                         gx = gy_t @ w
                     else:
                         gx.addmm_(gy_t, w)
                     del w
                 if need_gs or need_gz:
-                    gw = (gy_t.t() @ xc).view(rows, n_groups, in_f // n_groups)
+                    gw = gy_t.t() @ xc  # (rows, in)
                     if need_gz:
-                        gz[r0:r1] = gw.sum(-1)
+                        gz[r0:r1] = _group_sums(gw, n_groups, g)
                     if need_gs:
                         # In place: this tile's grad_W is not needed after this.
-                        gw.mul_(codes[r0:r1].to(cdtype).view(rows, n_groups, -1))
-                        gs[r0:r1] = gw.sum(-1)
+                        gw.mul_(codes[r0:r1].to(cdtype))
+                        gs[r0:r1] = _group_sums(gw, n_groups, g)
                     del gw
             if need_gb:
                 gb = gy.sum(0).to(ctx.bias_dtype)
@@ -166,7 +193,7 @@ class QuantLinearFunction(torch.autograd.Function):
             gs = gs.to(scale.dtype)
         if gz is not None:
             gz = gz.to(zero.dtype)
-        return gx, None, gs, gz, gb, None
+        return gx, None, gs, gz, gb, None, None
 
 
 def quant_linear(x, codes, scale, zero, bias, group_size, *, tile_rows=None):
@@ -175,7 +202,8 @@ def quant_linear(x, codes, scale, zero, bias, group_size, *, tile_rows=None):
     Args:
         x: float tensor (..., in).
         codes: int8 (out, in) integer codes (not differentiated).
-        scale: float (out, G) with ``G = in // group_size`` (1 when ``group_size == -1``).
+        scale: float (out, G) with ``G = ceil(in / group_size)`` (1 when ``group_size == -1``;
+            the last group is shorter when group_size does not divide in).
         zero: float (out, G), or None for symmetric quantization (zero fixed at 0).
         bias: (out,) or None.
         group_size: columns per group, or -1 for per-channel.
@@ -198,10 +226,10 @@ def quant_linear(x, codes, scale, zero, bias, group_size, *, tile_rows=None):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
     if group_size == -1:
         n_groups = 1
-    elif group_size > 0 and in_f % group_size == 0:
-        n_groups = in_f // group_size
+    elif group_size > 0:
+        n_groups = -(-in_f // group_size)
     else:
-        raise ValueError(f"group_size {group_size} does not divide in_features {in_f}")
+        raise ValueError(f"group_size must be -1 (per-channel) or positive, got {group_size}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.ndim == 0 or x.shape[-1] != in_f:
@@ -221,7 +249,8 @@ def quant_linear(x, codes, scale, zero, bias, group_size, *, tile_rows=None):
     if tile_rows is not None and (isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1):
         raise ValueError(f"tile_rows must be None or a positive int, got {tile_rows!r}")
     lead = x.shape[:-1]
-    y = QuantLinearFunction.apply(x.reshape(-1, in_f), codes, scale, zero, bias, tile_rows)
+    g = in_f if n_groups == 1 else group_size
+    y = QuantLinearFunction.apply(x.reshape(-1, in_f), codes, scale, zero, bias, tile_rows, g)
     return y.reshape(*lead, out_f)
 
 

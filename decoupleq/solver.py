@@ -21,7 +21,8 @@ class QuantizedWeight:
 
     Attributes:
         codes: int8 (m, n), signed integers in ``[-2**(bits-1), 2**(bits-1)-1]``.
-        scale: float32 (m, G), one per output row and group of ``group_size`` inputs.
+        scale: float32 (m, G), one per output row and group of ``group_size`` inputs,
+            ``G = ceil(n / group_size)`` (the last group shorter when it does not divide n).
         zero: float32 (m, G), added after scaling (all zero when symmetric).
         loss: float64 (m,), each row's error ``(w^ - w) H00 (w^ - w)^T`` with the
             damped Hessian H00.
@@ -43,16 +44,23 @@ class QuantizedWeight:
 
     @property
     def group_size(self) -> int:
-        """Inputs per group, resolved (``in_features`` when per-channel)."""
-        return self.codes.shape[1] // self.scale.shape[1]
+        """Inputs per group, resolved (``in_features`` when there is one group per row).
+
+        Taken from the config: with a short last group, G = ceil(n / g) holds
+        for several g, so the shapes alone do not tell it."""
+        n = self.codes.shape[1]
+        if self.scale.shape[1] == 1:
+            return n
+        return self.config.group_size
 
     def dequantize(self) -> np.ndarray:
         """The float32 (m, n) weight ``codes * scale + zero`` groupwise."""
-        m, n = self.codes.shape
+        n = self.codes.shape[1]
         g = self.group_size
-        grouped = self.codes.reshape(m, n // g, g).astype(np.float32)
-        w = grouped * self.scale[:, :, None] + self.zero[:, :, None]
-        return w.reshape(m, n)
+        # Group j covers columns j*g .. j*g + g - 1, the last one cut at n.
+        s = np.repeat(self.scale, g, axis=1)[:, :n]
+        z = np.repeat(self.zero, g, axis=1)[:, :n]
+        return self.codes.astype(np.float32) * s + z
 
 
 def _backend(impl: str):
@@ -114,7 +122,6 @@ def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c")
     if H is None and config.method != "rtn":
         raise ValueError(f"H is required for method {config.method!r} (only 'rtn' rounds without one)")
     H64 = None if H is None else as_float_matrix(H, "H", np.float64, shape=(n, n))
-    config.groups(n)  # raises if group_size does not divide n
 
     common = dict(
         bits=config.bits,
@@ -124,7 +131,8 @@ def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c")
     )
     if H64 is None:
         S, Z = _data_free_params(backend, W32, config)
-        A = backend.rtn_codes(W32, S, Z, config.bits, config.symmetric, config.rounding_rule)
+        A = backend.rtn_codes(W32, S, Z, config.bits, config.symmetric, config.rounding_rule,
+                              group_size=config.group_size)
         err = np.full(m, np.nan)
         return QuantizedWeight(codes=A, scale=S, zero=Z, loss=err, config=config, trace=err[None, :].copy())
     H00 = backend.damp(H64, config.damping)
@@ -133,8 +141,9 @@ def quantize_weight(W, H, config: QuantConfig | None = None, *, impl: str = "c")
             A, S, Z, err = backend.rtn(W32, H00, **common)
         else:
             S, Z = backend.start_params(W32, H00, init=config.init, **common)
-            A = backend.rtn_codes(W32, S, Z, config.bits, config.symmetric, config.rounding_rule)
-            err = backend.row_errors(W32, A, S, Z, H00)
+            A = backend.rtn_codes(W32, S, Z, config.bits, config.symmetric, config.rounding_rule,
+                                  group_size=config.group_size)
+            err = backend.row_errors(W32, A, S, Z, H00, group_size=config.group_size)
         trace = err[None, :].copy()
     elif config.method == "gptq":
         if config.init == "minmax":

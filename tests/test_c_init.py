@@ -169,7 +169,7 @@ def good():
     (lambda W, H, S, Z, A: C.minmax_params(W[0], 2, 4, False), ValueError, "W must be 2-dimensional"),
     (lambda W, H, S, Z, A: C.minmax_params(W, 9, 4, False), ValueError, "bits must be in 2..8, got 9"),
     (lambda W, H, S, Z, A: C.minmax_params(W, 1, 4, False), ValueError, "bits"),
-    (lambda W, H, S, Z, A: C.minmax_params(W, 2, 5, False), ValueError, "group_size 5 does not divide in_features 12"),
+    (lambda W, H, S, Z, A: C.minmax_params(W, 2, -2, False), ValueError, "group_size must be -1 (per-channel) or positive, got -2"),
     (lambda W, H, S, Z, A: C.minmax_params(W, 2, 0, False), ValueError, "group_size"),
     (lambda W, H, S, Z, A: C.minmax_params(W, 2, 4, False, p_row=np.ones(7, F32)), ValueError, "p_row"),
     (lambda W, H, S, Z, A: C.minmax_params(W, 2, 4, False, p_row=np.zeros(8, F32)), ValueError, "p_row must lie in (0, 1]"),
@@ -181,7 +181,7 @@ def good():
     (lambda W, H, S, Z, A: C.row_errors(W, A[:4].copy(), S, Z, H), ValueError, "A must have W's shape"),
     (lambda W, H, S, Z, A: C.row_errors(W, A, S, Z, H[:5, :5].copy()), ValueError, "H00 must have shape (12, 12)"),
     (lambda W, H, S, Z, A: C.row_errors(W, A, S, Z, H.astype(F32)), TypeError, "H00 must have dtype float64"),
-    (lambda W, H, S, Z, A: C.rtn(W, H, 2, 48, False, "half_up"), ValueError, "group_size 48 does not divide in_features 12"),
+    (lambda W, H, S, Z, A: C.rtn(W, H, 2, -5, False, "half_up"), ValueError, "group_size must be -1 (per-channel) or positive, got -5"),
     (lambda W, H, S, Z, A: C.rtn(np.zeros((0, 12), F32), H, 2, -1, False, "half_up"), ValueError, "at least one row"),
 ])
 def test_bad_input_names_the_argument(call, exc, words):

@@ -254,7 +254,7 @@ def test_bad_arguments_name_the_argument():
         (ValueError, "H00 must have shape", dict(H00=H00[:8, :8].copy())),
         (TypeError, "H00 must have dtype float64", dict(H00=H00.astype(np.float32))),
         (ValueError, "bits must be in 2..8", dict(bits=1)),
-        (ValueError, "group_size 5 does not divide in_features 16", dict(group_size=5)),
+        (ValueError, "group_size must be -1 .per-channel. or positive, got -2", dict(group_size=-2)),
         (ValueError, "rule must be", dict(rule="nearest")),
         (ValueError, "steps_before_round must be >= 0", dict(steps_before_round=-1)),
         (ValueError, "steps_per_column must be >= 0", dict(steps_per_column=-2)),

@@ -155,8 +155,8 @@ def test_bad_arguments_name_the_argument():
         C.shrink_search(W, H, 1, -1, False, "half_up")
     with pytest.raises(ValueError, match="rule must be 'half_up' or 'half_even', got 'nearest'"):
         C.shrink_search(W, H, 2, -1, False, "nearest")
-    with pytest.raises(ValueError, match="group_size 3 does not divide in_features 16"):
-        C.shrink_search(W, H, 2, 3, False, "half_up")
+    with pytest.raises(ValueError, match="group_size must be -1 .per-channel. or positive, got 0"):
+        C.shrink_search(W, H, 2, 0, False, "half_up")
     with pytest.raises(TypeError, match="W must have dtype float32"):
         C.shrink_search(W.astype(np.float64), H, 2, -1, False, "half_up")
     with pytest.raises(ValueError, match="H00 must have shape"):

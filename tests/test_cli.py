@@ -50,6 +50,8 @@ def test_bad_arguments_fail_before_work(tmp_path, capsys):
     assert "bits" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["quantize", "x", "--group-size", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "x", "--indivisible", "pad", "--out", str(tmp_path)])
     assert cli.main(["info", str(tmp_path)]) == 2
     assert not (tmp_path / "o").exists()
 
@@ -92,6 +94,7 @@ def test_quantize_eval_info_round_trip(llama_dir, texts, tmp_path, capsys):
     assert summary["kind"] == "causal-lm" and summary["layers"] == 14  # 7 linears x 2 blocks
     assert summary["config"]["quant"]["bits"] == 4 and summary["config"]["blockwise"]["enabled"] is False
     assert summary["config"]["quant"]["init"] == "neuqi_int"
+    assert summary["config"]["indivisible"] == "short"
     assert summary["file_mb"] > 0 and summary["packed_mb"] < summary["fp_mb"]
 
     model, tok, _ = cli.load_quantized(out)

@@ -239,7 +239,7 @@ def _args(pw):
          r"scale must have shape \(4, 2\), got \(4, 1\)"),
         (lambda x, a: (x, (a[0], a[1], a[2].astype(np.float32), *a[3:])), TypeError,
          "zero must have the dtype of scale"),
-        (lambda x, a: (x, (*a[:5], 6)), ValueError, "group_size 6 does not divide in_features 16"),
+        (lambda x, a: (x, (*a[:5], 0)), ValueError, r"group_size must be -1 \(per-channel\) or positive, got 0"),
         (lambda x, a: (x, (a[0], a[1].astype(np.float64), *a[2:])), TypeError, "scale must have dtype float16 or float32"),
         (lambda x, a: (x, (a[0][:, :4].copy(), *a[1:])), ValueError, "packed has 4 words per row"),
         (lambda x, a: (x, (*a[:3], 6, *a[4:])), ValueError, "bits must be 2, 3 or 4, got 6"),

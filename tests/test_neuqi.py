@@ -66,8 +66,8 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
 
 def test_bad_arguments_name_what_is_wrong():
     W = nasty_weights(4, 16, seed=0)
-    with pytest.raises(ValueError, match="group_size"):
-        C.neuqi_params(W, 2, 5, False)
+    with pytest.raises(ValueError, match="group_size must be -1 .per-channel. or positive, got 0"):
+        C.neuqi_params(W, 2, 0, False)
     with pytest.raises(ValueError, match="hdiag"):
         C.neuqi_params(W, 2, 8, False, np.ones(15))
     with pytest.raises(ValueError, match="hdiag must be >= 0"):

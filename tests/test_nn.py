@@ -146,8 +146,8 @@ def test_from_quantized_rejects_mismatches():
         QuantLinear.from_quantized(nn.Conv2d(1, 4, 4), qw)
     with pytest.raises(ValueError, match="grouped"):
         QuantConv2d.from_quantized(nn.Conv2d(4, 4, 2, groups=2), qw)
-    with pytest.raises(ValueError, match="group_size 5 does not divide in_features 16"):
-        QuantLinear(16, 4, bits=2, group_size=5)
+    with pytest.raises(ValueError, match="group_size must be -1 .per-channel. or a positive int, got 0"):
+        QuantLinear(16, 4, bits=2, group_size=0)
     with pytest.raises(ValueError, match="bits"):
         QuantLinear(16, 4, bits=1, group_size=8)
     assert isinstance(QuantLinear.from_quantized(layer, qw), QuantLinear)

@@ -204,8 +204,10 @@ def test_packed_weight_arrays_and_meta_round_trip():
 def test_packed_weight_validates_its_parts():
     a, s, z = make_weight(np.random.default_rng(0), 4, 32, 2, 16)
     pw = PackedWeight.from_codes(a, s, z, 2, 16)
-    with pytest.raises(ValueError, match="group_size 48 must be -1 or a positive divisor of in_features 32"):
-        PackedWeight.from_codes(a, s, z, 2, 48)
+    with pytest.raises(ValueError, match="group_size -2 must be -1 or a positive int"):
+        PackedWeight.from_codes(a, s, z, 2, -2)
+    with pytest.raises(ValueError, match=r"scale must have shape \(4, 3\)"):  # 32 = 12 + 12 + 8
+        PackedWeight.from_codes(a, s, z, 2, 12)
     with pytest.raises(ValueError, match=r"scale must have shape \(4, 2\)"):
         PackedWeight(pw.codes, pw.scale[:, :1].copy(), pw.zero, 2, 32, 16)
     with pytest.raises(TypeError, match="zero must be"):

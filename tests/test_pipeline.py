@@ -196,7 +196,8 @@ def test_cnn_with_conv2d_quantizes():
     assert isinstance(model.conv1, QuantConv2d) and isinstance(model.conv2, QuantConv2d)
     assert isinstance(model.head, QuantLinear)
     rep = {l.name: l for l in model.decoupleq_report.layers}
-    assert rep["conv1"].group_size == -1  # 3*3*3 = 27 inputs: 24 does not divide, per channel
+    assert rep["conv1"].group_size == 24  # 3*3*3 = 27 inputs: groups of 24 and 3
+    assert model.conv1.n_groups == 2
     assert rep["conv2"].group_size == 24 and rep["conv2"].shape == (16, 72)
     assert rep["conv1"].n_tokens == 12 * 12 * 12 and rep["conv2"].n_tokens == 12 * 6 * 6
     test = torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(1))

@@ -499,8 +499,8 @@ def test_bad_arguments_name_the_argument():
         R.rtn(W.astype(np.float64), H00, 2, -1, False, HALF_UP)
     with pytest.raises(ValueError, match="W must be C-contiguous"):
         R.rtn(np.asfortranarray(W), H00, 2, -1, False, HALF_UP)
-    with pytest.raises(ValueError, match="group_size 5 does not divide in_features 16"):
-        R.rtn(W, H00, 2, 5, False, HALF_UP)
+    with pytest.raises(ValueError, match="group_size must be -1 .per-channel. or a positive integer, got -3"):
+        R.rtn(W, H00, 2, -3, False, HALF_UP)
     with pytest.raises(ValueError, match="H00 must have shape"):
         R.rtn(W, H00[:8, :8].copy(), 2, -1, False, HALF_UP)
     with pytest.raises(ValueError, match="bits must be <= 8"):

@@ -228,7 +228,10 @@ def test_autocast_bfloat16_saves_input_as_given_and_computes_in_float32():
 def test_quant_linear_rejects_bad_arguments():
     codes, scale, zero, bias = quant_inputs(4, 8, 4, torch.float32)
     x = torch.randn(2, 8)
-    with pytest.raises(ValueError, match="group_size 3 does not divide in_features 8"):
+    with pytest.raises(ValueError, match="group_size must be -1 .per-channel. or positive, got 0"):
+        quant_linear(x, codes, scale, zero, bias, 0)
+    # 3 is a valid size over 8 inputs (3 + 3 + 2), but it makes 3 groups, not scale's 2.
+    with pytest.raises(ValueError, match=r"scale has shape \(4, 2\) \(torch.float32\), expected float \(4, 3\)"):
         quant_linear(x, codes, scale, zero, bias, 3)
     with pytest.raises(ValueError, match="x has shape"):
         quant_linear(torch.randn(2, 7), codes, scale, zero, bias, 4)

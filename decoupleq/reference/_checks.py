@@ -145,15 +145,42 @@ def bits(value) -> int:
 
 
 def group_size(value, n: int) -> int:
-    """Return the effective group size g (n for per-channel) after checking it."""
+    """Return the effective group size g (n for per-channel) after checking it.
+
+    Any positive size is allowed: when it does not divide n the last group is
+    shorter (n - (G - 1) g columns); a size past n is one group per row.
+    """
     value = integer("group_size", value)
     if value == -1:
         return n
     if value < 1:
         raise ValueError(f"group_size must be -1 (per-channel) or a positive integer, got {value}")
-    if n % value != 0:
-        raise ValueError(f"group_size {value} does not divide in_features {n}")
-    return value
+    return min(value, n)
+
+
+def num_groups(n: int, g: int) -> int:
+    """G = ceil(n / g): the groups of g columns over n, the last one possibly short."""
+    return -(-n // g)
+
+
+def params_group_size(S, n: int, group_size) -> int:
+    """The group size of parameters S (m, G) over n columns, checked.
+
+    group_size None infers n / G, which needs G to divide n (several sizes give
+    the same G when the last group is short, so such callers pass it).
+    """
+    array(S, "S", np.float32, 2)
+    G = S.shape[1]
+    if group_size is None:
+        if G < 1 or n % G != 0:
+            raise ValueError(f"S must have shape (m, G) with G dividing in_features {n}, got {S.shape} "
+                             "(pass group_size for a shorter last group)")
+        return n // G
+    g = globals()["group_size"](group_size, n)
+    if G != num_groups(n, g):
+        raise ValueError(f"S must have shape (m, {num_groups(n, g)}) (groups of group_size {group_size} over "
+                         f"in_features {n}), got {S.shape}")
+    return g
 
 
 def scale_zero(S, Z, m: int, G: int) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _checks
-from .grid import F32, _row_errors, safe_div
+from ._checks import num_groups
+from .grid import F32, _row_errors, group_starts, safe_div
 
 DET_GUARD = 1e-5        # absolute |det| floor of the 2x2 path (reference value)
 RETRY_DAMP = 0.01       # fraction of mean(diag P_r) added when a row's LU solve fails
@@ -68,14 +69,15 @@ def normal_equations(W64, A64, H, g):
     V ⊙ A and V with V = W H. This is exactly Bᵀ H B and Bᵀ H wᵀ per row.
     """
     m, n = W64.shape
-    G = n // g
+    G = num_groups(n, g)
+    starts = group_starts(n, g)
 
     def segsum(X):                   # (..., n) -> (..., G): sum over each group's columns
-        return X.reshape(*X.shape[:-1], G, g).sum(axis=-1)
+        return np.add.reduceat(X, starts, axis=-1)  # the last group may be short
 
     P = np.empty((m, 2 * G, 2 * G))
     for j in range(G):
-        cols = slice(j * g, (j + 1) * g)
+        cols = slice(j * g, min((j + 1) * g, n))
         U = A64[:, cols] @ H[cols, :]
         P[:, j, :G] = segsum(U * A64)
         P[:, j, G:] = segsum(U)
@@ -89,7 +91,7 @@ def normal_equations(W64, A64, H, g):
 
 def _per_group(W64, A64, H, g, symmetric):
     m, n = W64.shape
-    G = n // g
+    G = num_groups(n, g)
     P, y = normal_equations(W64, A64, H, g)
     S = np.empty((m, G))
     Z = np.zeros((m, G))
@@ -119,7 +121,7 @@ def _float_step(W, A, H00, g, symmetric):
         raise _NonFinite("float_step: a NaN or Inf appeared in the solution")
     if symmetric:
         Z[:] = 0
-    return S, Z, _row_errors(W, A, S, Z, H00)
+    return S, Z, _row_errors(W, A, S, Z, H00, g)
 
 
 def float_step(W, A, H00, group_size, symmetric):
@@ -143,9 +145,10 @@ def float_step(W, A, H00, group_size, symmetric):
 
     Args:
         W: float32 (m, n). A: int8 (m, n). H00: float64 (n, n) damped Hessian.
-        group_size: -1 or a positive divisor of n. symmetric: bool.
+        group_size: -1 or positive (the last group is shorter when it does not
+            divide n; its block of P sums over its own columns). symmetric: bool.
     Returns:
-        S, Z: float32 (m, G); err: float64 (m,).
+        S, Z: float32 (m, G), G = ceil(n / group_size); err: float64 (m,).
     Raises:
         ValueError: if the solution is not finite (the reference's fatal error)
             or a row stays singular after the retry.

@@ -140,8 +140,8 @@ def _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize,
         Z = np.zeros_like(S)
     perm = act_order_perm(H00, act_order)
     # Each column keeps its natural group's (s, z): static groups, no g_idx.
-    Sp = expand(S, g)[:, perm]
-    Zp = expand(Z, g)[:, perm]
+    Sp = expand(S, g, n)[:, perm]
+    Zp = expand(Z, g, n)[:, perm]
     if baseline_damping:
         # As the baseline factors: H00 itself first, a zero diagonal counted as 1.
         H = H00.copy()
@@ -161,8 +161,8 @@ def _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize,
     Q = np.empty_like(Qp)
     Q[:, perm] = Qp
     # Integers recovered from the dequantised weights, as the reference does.
-    A = quantize_codes(Q, expand(S, g), expand(Z, g), qmin, qmax, symmetric, rule).astype(np.int8)
-    return A, _row_errors(W, A, S, Z, H00)
+    A = quantize_codes(Q, expand(S, g, n), expand(Z, g, n), qmin, qmax, symmetric, rule).astype(np.int8)
+    return A, _row_errors(W, A, S, Z, H00, g)
 
 
 def round_gptq(W, S, Z, H00, bits, group_size, symmetric, act_order, rule, blocksize=128,
@@ -183,7 +183,7 @@ def round_gptq(W, S, Z, H00, bits, group_size, symmetric, act_order, rule, block
 
     Args:
         W: float32 (m, n). S, Z: float32 (m, G). H00: float64 (n, n).
-        bits: 2..8. group_size: -1 or divisor of n. symmetric, act_order: bool.
+        bits: 2..8. group_size: -1 or positive (shorter last group). symmetric, act_order: bool.
         rule: "half_up" | "half_even". blocksize: int >= 1. baseline_damping: bool.
     Returns:
         A: int8 (m, n); err: float64 (m,).
@@ -194,7 +194,7 @@ def round_gptq(W, S, Z, H00, bits, group_size, symmetric, act_order, rule, block
     _checks.hessian(H00, n, W)
     bits = _checks.bits(bits)
     g = _checks.group_size(group_size, n)
-    _checks.scale_zero(S, Z, m, n // g)
+    _checks.scale_zero(S, Z, m, _checks.num_groups(n, g))
     symmetric = _checks.flag("symmetric", symmetric)
     act_order = _checks.flag("act_order", act_order)
     rule = _checks.choice("rule", rule, _checks.ROUNDING_RULES)
@@ -234,7 +234,7 @@ def gptq_group_params(block, bits, symmetric, rule):
 
 def _gptq(W, H00, bits, g, symmetric, act_order, rule, blocksize):
     m, n = W.shape
-    G = n // g
+    G = _checks.num_groups(n, g)
     qmin, _ = qrange(bits)
     maxq = F32(2**bits - 1)
     # Dead inputs: a zero diagonal means the feature never fired.
@@ -274,7 +274,7 @@ def _gptq(W, H00, bits, g, symmetric, act_order, rule, blocksize):
     A = np.empty((m, n), np.int8)
     A[:, perm] = (codes + F32(qmin)).astype(np.int8)
     Z = np.zeros((m, G), F32) if symmetric else -(S * (zeta + F32(qmin)))
-    return A, S, Z, _row_errors(W, A, S, Z, H00)
+    return A, S, Z, _row_errors(W, A, S, Z, H00, g)
 
 
 def gptq(W, H00, bits, group_size, symmetric, act_order, rule, blocksize=128):
@@ -299,7 +299,7 @@ def gptq(W, H00, bits, group_size, symmetric, act_order, rule, blocksize=128):
 
     Args:
         W: float32 (m, n). H00: float64 (n, n) damped Hessian. bits: 2..8.
-        group_size: -1 or divisor of n. symmetric, act_order: bool.
+        group_size: -1 or positive (shorter last group). symmetric, act_order: bool.
         rule: "half_up" | "half_even" (reference GPTQ is half_even).
         blocksize: int >= 1.
     Returns:

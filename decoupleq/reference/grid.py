@@ -49,9 +49,18 @@ def safe_div(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return x / np.where(y < 0, -ay, ay)
 
 
-def expand(P: np.ndarray, g: int) -> np.ndarray:
-    """S↑: (m, G) -> (m, G*g), every group's value repeated over its g columns."""
-    return np.repeat(P, g, axis=1)
+def expand(P: np.ndarray, g: int, n: int) -> np.ndarray:
+    """S↑: (m, G) -> (m, n), every group's value repeated over its columns.
+
+    Group j covers columns j·g .. j·g + g - 1; the last one stops at n (it is
+    shorter when g does not divide n).
+    """
+    return np.repeat(P, g, axis=1)[:, :n]
+
+
+def group_starts(n: int, g: int) -> np.ndarray:
+    """First column of every group: 0, g, 2g, ... below n."""
+    return np.arange(0, n, g)
 
 
 def quantize_codes(X, S_up, Z_up, qmin: int, qmax: int, symmetric: bool, rule: str) -> np.ndarray:
@@ -68,7 +77,8 @@ def quantize_codes(X, S_up, Z_up, qmin: int, qmax: int, symmetric: bool, rule: s
 
 def dequantize(A, S, Z, g: int) -> np.ndarray:
     """Ŵ = A ⊙ S↑ + Z↑ in float32 (one rounding for the product, one for the sum)."""
-    return A.astype(F32) * expand(S, g) + expand(Z, g)
+    n = A.shape[1]
+    return A.astype(F32) * expand(S, g, n) + expand(Z, g, n)
 
 
 # ---------------------------------------------------------------- public API
@@ -77,9 +87,9 @@ def dequantize(A, S, Z, g: int) -> np.ndarray:
 def _minmax_params(W, bits, g, symmetric, p_row=None):
     m, n = W.shape
     qmin, _ = qrange(bits)
-    groups = W.reshape(m, n // g, g)
-    lo = np.minimum(groups.min(axis=2), F32(0))
-    hi = np.maximum(groups.max(axis=2), F32(0))
+    starts = group_starts(n, g)  # the last group may be short
+    lo = np.minimum(np.minimum.reduceat(W, starts, axis=1), F32(0))
+    hi = np.maximum(np.maximum.reduceat(W, starts, axis=1), F32(0))
     if symmetric:
         hi = np.maximum(np.abs(lo), hi)
         lo = np.where(lo < 0, -hi, lo)
@@ -110,7 +120,8 @@ def minmax_params(W, bits, group_size, symmetric, p_row=None):
     Args:
         W: float32 (m, n), C-contiguous, finite.
         bits: int in 2..8.
-        group_size: -1 (per-channel, G = 1) or a positive divisor of n.
+        group_size: -1 (per-channel, G = 1) or positive; G = ceil(n / group_size),
+            the last group shorter when group_size does not divide n.
         symmetric: bool.
         p_row: optional float32 (m,), each in (0, 1]: the range factor of each row.
     Returns:
@@ -129,60 +140,56 @@ def minmax_params(W, bits, group_size, symmetric, p_row=None):
     return _minmax_params(W, bits, g, symmetric, p_row)
 
 
-def _rtn_codes(W, S, Z, bits, symmetric, rule):
-    g = W.shape[1] // S.shape[1]
+def _rtn_codes(W, S, Z, bits, symmetric, rule, g):
+    n = W.shape[1]
     qmin, qmax = qrange(bits)
-    q = quantize_codes(W, expand(S, g), expand(Z, g), qmin, qmax, symmetric, rule)
+    q = quantize_codes(W, expand(S, g, n), expand(Z, g, n), qmin, qmax, symmetric, rule)
     return q.astype(np.int8)
 
 
-def rtn_codes(W, S, Z, bits, symmetric, rule):
+def rtn_codes(W, S, Z, bits, symmetric, rule, group_size=None):
     """Round to the grid: A = clamp(R((W - Z↑) ⊘ S↑), qmin, qmax) (symmetric: R(W ⊘ S↑)).
 
     Args:
-        W: float32 (m, n). S, Z: float32 (m, G) with G dividing n (Z is
-            ignored when symmetric). bits: 2..8. symmetric: bool.
+        W: float32 (m, n). S, Z: float32 (m, G) (Z is ignored when
+            symmetric). bits: 2..8. symmetric: bool.
         rule: "half_up" or "half_even".
+        group_size: columns per group, G = ceil(n / group_size); None infers
+            n / G (G must divide n then).
     Returns:
         A: int8 (m, n), signed codes in [-2^(b-1), 2^(b-1) - 1].
     """
     m, n = _checks.weight(W)
-    _checks.array(S, "S", np.float32, 2)
-    G = S.shape[1]
-    if G < 1 or n % G != 0:
-        raise ValueError(f"S must have shape (m, G) with G dividing in_features {n}, got {S.shape}")
-    _checks.scale_zero(S, Z, m, G)
+    g = _checks.params_group_size(S, n, group_size)
+    _checks.scale_zero(S, Z, m, S.shape[1])
     bits = _checks.bits(bits)
     symmetric = _checks.flag("symmetric", symmetric)
     rule = _checks.choice("rule", rule, _checks.ROUNDING_RULES)
-    return _rtn_codes(W, S, Z, bits, symmetric, rule)
+    return _rtn_codes(W, S, Z, bits, symmetric, rule, g)
 
 
-def _row_errors(W, A, S, Z, H00):
-    g = W.shape[1] // S.shape[1]
+def _row_errors(W, A, S, Z, H00, g):
     D = dequantize(A, S, Z, g) - W
     DH = D @ H00.astype(F32)
     return np.sum(DH.astype(np.float64) * D.astype(np.float64), axis=1)
 
 
-def row_errors(W, A, S, Z, H00):
+def row_errors(W, A, S, Z, H00, group_size=None):
     """Per-row error e_r = (ŵ_r - w_r) H00 (ŵ_r - w_r)ᵀ (ALGORITHM 1.1).
 
     D = A ⊙ S↑ + Z↑ - W in float32, DH = D @ float32(H00) (float32 GEMM), then
     e_r = Σ_c DH[r, c] * D[r, c] accumulated in float64.
 
     Args:
-        W: float32 (m, n). A: int8 (m, n). S, Z: float32 (m, G), G dividing n.
+        W: float32 (m, n). A: int8 (m, n). S, Z: float32 (m, G).
         H00: float64 (n, n), the damped Hessian.
+        group_size: as rtn_codes (None: n / G, G dividing n).
     Returns:
         err: float64 (m,).
     """
     m, n = _checks.weight(W)
-    _checks.array(S, "S", np.float32, 2)
-    G = S.shape[1]
-    if G < 1 or n % G != 0:
-        raise ValueError(f"S must have shape (m, G) with G dividing in_features {n}, got {S.shape}")
-    _checks.scale_zero(S, Z, m, G)
+    g = _checks.params_group_size(S, n, group_size)
+    _checks.scale_zero(S, Z, m, S.shape[1])
     _checks.codes(A, m, n)
     _checks.hessian(H00, n, W)
-    return _row_errors(W, A, S, Z, H00)
+    return _row_errors(W, A, S, Z, H00, g)

@@ -224,7 +224,8 @@ def neuqi_params(W, bits, group_size, symmetric, hdiag=None, integer_zero=False)
     """NeUQI's (S, Z) of every row and group, in this library's signed convention.
 
     Args:
-        W: float32 (m, n), finite. bits: 2..8. group_size: -1 or a divisor of n.
+        W: float32 (m, n), finite. bits: 2..8. group_size: -1 or positive (a shorter last group
+            when it does not divide n).
         symmetric: Z = 0 and only the scale is searched.
         hdiag: float64 (n,), >= 0: per-column weights (the damped Hessian
             diagonal), normalised to sum 1 per group; None: equal weights.
@@ -245,15 +246,16 @@ def neuqi_params(W, bits, group_size, symmetric, hdiag=None, integer_zero=False)
         _checks.finite(hdiag, "hdiag")
         if np.any(hdiag < 0):
             raise ValueError("hdiag must be >= 0")
-    G = n // g
+    G = _checks.num_groups(n, g)
     qmin = -(2 ** (bits - 1))
     S = np.zeros((m, G), np.float32)
     Z = np.zeros((m, G), np.float32)
     obj = np.zeros((m, G), np.float64)
     for j in range(G):
-        cols = slice(j * g, (j + 1) * g)
-        h = np.ones(g) if hdiag is None else hdiag[cols].astype(np.float64)
-        h = h / h.sum() if h.sum() > 0 else np.full(g, 1.0 / g)
+        cols = slice(j * g, min((j + 1) * g, n))  # the last group may be short
+        width = cols.stop - cols.start
+        h = np.ones(width) if hdiag is None else hdiag[cols].astype(np.float64)
+        h = h / h.sum() if h.sum() > 0 else np.full(width, 1.0 / width)
         for r in range(m):
             w = W[r, cols].astype(np.float64)
             value, s, z = search_group(w, h, bits, symmetric, integer_zero)

@@ -90,10 +90,11 @@ def dequantize_packed(packed, scale, zero, bits: int, in_features: int, group_si
     """float32 ``(out, in_features)``: ``code * s + z``, product and sum rounded in float32."""
     codes = unpack_codes(packed, bits, in_features).astype(np.float32)
     g = in_features if group_size == -1 else group_size
-    s = np.repeat(np.asarray(scale).astype(np.float32), g, axis=1)
+    # Group j covers columns j*g .. j*g + g - 1; the last one stops at in_features.
+    s = np.repeat(np.asarray(scale).astype(np.float32), g, axis=1)[:, :in_features]
     w = codes * s
     if zero is not None:
-        w = w + np.repeat(np.asarray(zero).astype(np.float32), g, axis=1)
+        w = w + np.repeat(np.asarray(zero).astype(np.float32), g, axis=1)[:, :in_features]
     return w.astype(np.float32)
 
 

@@ -60,8 +60,8 @@ def _round_pgd(W, S, Z, H00, bits, g, symmetric, act_order, rule, k1, k2, lr):
         Z = np.zeros_like(S)
     perm = act_order_perm(H00, act_order)
     Wp = W[:, perm]
-    Sp = expand(S, g)[:, perm]
-    Zp = expand(Z, g)[:, perm]
+    Sp = expand(S, g, n)[:, perm]
+    Zp = expand(Z, g, n)[:, perm]
     Hp = H00[np.ix_(perm, perm)].astype(F32)
     # The box of each element; min/max keeps it valid for a negative scale.
     ends = (F32(qmin) * Sp + Zp, F32(qmax) * Sp + Zp)
@@ -81,8 +81,8 @@ def _round_pgd(W, S, Z, H00, bits, g, symmetric, act_order, rule, k1, k2, lr):
 
     Q = np.empty_like(V)
     Q[:, perm] = V
-    A = quantize_codes(Q, expand(S, g), expand(Z, g), qmin, qmax, symmetric, rule).astype(np.int8)
-    return A, _row_errors(W, A, S, Z, H00)
+    A = quantize_codes(Q, expand(S, g, n), expand(Z, g, n), qmin, qmax, symmetric, rule).astype(np.int8)
+    return A, _row_errors(W, A, S, Z, H00, g)
 
 
 def round_pgd(W, S, Z, H00, bits, group_size, symmetric, act_order, rule,
@@ -104,7 +104,7 @@ def round_pgd(W, S, Z, H00, bits, group_size, symmetric, act_order, rule,
 
     Args:
         W: float32 (m, n). S, Z: float32 (m, G). H00: float64 (n, n).
-        bits: 2..8. group_size: -1 or divisor of n. symmetric, act_order: bool.
+        bits: 2..8. group_size: -1 or positive (shorter last group). symmetric, act_order: bool.
         rule: "half_up" | "half_even". steps_before_round, steps_per_column:
         int >= 0. lr: float > 0 (phase A).
     Returns:
@@ -114,7 +114,7 @@ def round_pgd(W, S, Z, H00, bits, group_size, symmetric, act_order, rule,
     _checks.hessian(H00, n, W)
     bits = _checks.bits(bits)
     g = _checks.group_size(group_size, n)
-    _checks.scale_zero(S, Z, m, n // g)
+    _checks.scale_zero(S, Z, m, _checks.num_groups(n, g))
     symmetric = _checks.flag("symmetric", symmetric)
     act_order = _checks.flag("act_order", act_order)
     rule = _checks.choice("rule", rule, _checks.ROUNDING_RULES)

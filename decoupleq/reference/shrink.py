@@ -20,14 +20,14 @@ def shrink_factor(i: int) -> np.float32:
 def _shrink_search(W, H00, bits, g, symmetric, rule):
     m = W.shape[0]
     S, Z = _minmax_params(W, bits, g, symmetric)
-    err = _row_errors(W, _rtn_codes(W, S, Z, bits, symmetric, rule), S, Z, H00)
+    err = _row_errors(W, _rtn_codes(W, S, Z, bits, symmetric, rule, g), S, Z, H00, g)
     p_row = np.ones(m, np.float32)
     # All candidates are evaluated (no early exit); i = 0 is p = 1, the
     # starting point itself, which the strict < keeps from ever winning.
     for i in range(N_CANDIDATES):
         p = np.full(m, shrink_factor(i), np.float32)
         Sp, Zp = _minmax_params(W, bits, g, symmetric, p)
-        ep = _row_errors(W, _rtn_codes(W, Sp, Zp, bits, symmetric, rule), Sp, Zp, H00)
+        ep = _row_errors(W, _rtn_codes(W, Sp, Zp, bits, symmetric, rule, g), Sp, Zp, H00, g)
         better = ep < err
         S[better], Z[better], p_row[better], err[better] = Sp[better], Zp[better], p[better], ep[better]
     return S, Z, p_row, err
@@ -45,7 +45,7 @@ def shrink_search(W, H00, bits, group_size, symmetric, rule):
 
     Args:
         W: float32 (m, n). H00: float64 (n, n) damped Hessian. bits: 2..8.
-        group_size: -1 or a positive divisor of n. symmetric: bool.
+        group_size: -1 or positive (shorter last group). symmetric: bool.
         rule: "half_up" or "half_even".
     Returns:
         S, Z: float32 (m, G) of the best range; p_row: float32 (m,);

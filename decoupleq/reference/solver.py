@@ -20,8 +20,8 @@ EARLY_STOP_RATE = 1e-4
 
 def _rtn(W, H00, bits, g, symmetric, rule):
     S, Z = _minmax_params(W, bits, g, symmetric)
-    A = _rtn_codes(W, S, Z, bits, symmetric, rule)
-    return A, S, Z, _row_errors(W, A, S, Z, H00)
+    A = _rtn_codes(W, S, Z, bits, symmetric, rule, g)
+    return A, S, Z, _row_errors(W, A, S, Z, H00, g)
 
 
 def rtn(W, H00, bits, group_size, symmetric, rule):
@@ -29,7 +29,7 @@ def rtn(W, H00, bits, group_size, symmetric, rule):
 
     Args:
         W: float32 (m, n). H00: float64 (n, n) damped Hessian (only for err).
-        bits: 2..8. group_size: -1 or divisor of n. symmetric: bool.
+        bits: 2..8. group_size: -1 or positive (shorter last group). symmetric: bool.
         rule: "half_up" | "half_even".
     Returns:
         A: int8 (m, n); S, Z: float32 (m, G); err: float64 (m,).
@@ -62,8 +62,8 @@ def _decoupleq(W, H00, bits, g, symmetric, act_order, rule, iterations, rounding
         A, S, Z, err = _rtn(W, H00, bits, g, symmetric, rule)
     else:
         S, Z = _start_params(W, H00, bits, g, symmetric, rule, init)
-        A = _rtn_codes(W, S, Z, bits, symmetric, rule)
-        err = _row_errors(W, A, S, Z, H00)
+        A = _rtn_codes(W, S, Z, bits, symmetric, rule, g)
+        err = _row_errors(W, A, S, Z, H00, g)
     trace = [err.copy()]
     Ag, eg = _round_gptq(W, S, Z, H00, bits, g, symmetric, act_order, rule, blocksize)
     better = _keep_better(eg, err)
@@ -80,7 +80,7 @@ def _decoupleq(W, H00, bits, g, symmetric, act_order, rule, iterations, rounding
                 Ss, Zs, _, _ = _shrink_search(W, H00, bits, g, symmetric, rule)
             else:
                 Ss, Zs = S.copy(), Z.copy()
-            As = _rtn_codes(W, Ss, Zs, bits, symmetric, rule)
+            As = _rtn_codes(W, Ss, Zs, bits, symmetric, rule, g)
             try:
                 Sc, Zc, _ = _float_step(W, As, H00, g, symmetric)
             except _NonFinite as exc:
@@ -146,7 +146,7 @@ def decoupleq(W, H00, bits, group_size, symmetric, act_order, rule, iterations, 
 
     Args:
         W: float32 (m, n). H00: float64 (n, n) damped Hessian. bits: 2..8.
-        group_size: -1 or divisor of n. symmetric, act_order: bool.
+        group_size: -1 or positive (shorter last group). symmetric, act_order: bool.
         rule: "half_up" | "half_even". iterations: int >= 1 (max_iter_num).
         rounding: "gptq" | "pgd". blocksize: int >= 1 (GPTQ lazy blocks).
         steps_before_round, steps_per_column: int >= 0, lr: float > 0 (PGD).

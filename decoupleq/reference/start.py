@@ -32,7 +32,7 @@ def start_params(W, H00, bits, group_size, symmetric, rule, init):
 
     Args:
         W: float32 (m, n). H00: float64 (n, n), damped. bits: 2..8.
-        group_size: -1 or a divisor of n. symmetric: bool.
+        group_size: -1 or positive (shorter last group). symmetric: bool.
         rule: "half_up" | "half_even". init: one of INITS.
     Returns:
         S, Z: float32 (m, G).
