@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model and save it to a folder",
                        description="Quantize MODEL's linear layers block by block and save the result to --out.")
-    q.add_argument("model", help="packaged model name, local Hugging Face folder, or .gguf file")
+    q.add_argument("model", help="packaged model name, local Hugging Face folder, .gguf file, "
+                                 "or Hub id org/name[@revision] (from the local Hub cache when offline)")
     q.add_argument("--out", required=True, type=Path,
                    help="output folder: created, or an earlier quantized folder replaced as a whole")
     q.add_argument("--method", choices=METHODS, default="decoupleq")
@@ -326,7 +327,10 @@ def cmd_quantize(args) -> int:
     lm = load_model(args.model)
     if lm.note:
         print(f"note: {lm.name}: {lm.note}")
-    if args.calib == "self" and lm.kind != CAUSAL_LM:
+    # RTN without block tuning looks at no activation: build no calibration data at all
+    # (sampling "self" text costs a minute on SmolLM2), unless --distill trains on it.
+    needs_data = mcfg.needs_calibration or args.distill is not None
+    if needs_data and args.calib == "self" and lm.kind != CAUSAL_LM:
         raise ValueError(f"{lm.name} is an encoder: it cannot generate its own calibration text; pass --calib FILE")
     fp_mb = state_dict_mb(lm.model)
     results = {}
@@ -336,8 +340,12 @@ def cmd_quantize(args) -> int:
         results["fp"] = r.to_dict()
 
     t0 = time.perf_counter()
-    calib = calibration_data(args.calib, model=lm.model, tokenizer=lm.tokenizer, num_samples=args.num_samples,
-                             seq_len=args.seq_len, seed=args.seed)
+    calib = None
+    if needs_data:
+        calib = calibration_data(args.calib, model=lm.model, tokenizer=lm.tokenizer, num_samples=args.num_samples,
+                                 seq_len=args.seq_len, seed=args.seed)
+    else:
+        log.info("RTN without block tuning is data-free: no calibration data is built (--calib ignored)")
     t_calib = time.perf_counter() - t0
     quantize(lm.model, calib, mcfg)
     seconds = time.perf_counter() - t0
@@ -361,14 +369,15 @@ def cmd_quantize(args) -> int:
 
     pm = packaged_model(args.model) if not os.path.exists(args.model) else None
     summary = {
-        # What --compare reloads as the full-precision reference: a packaged name, or an absolute path.
-        "model": pm.name if pm is not None else str(Path(args.model).resolve()),
+        # What --compare reloads as the full-precision reference: a packaged name, a Hub id
+        # (resolved again through the Hub cache), or an absolute path.
+        "model": pm.name if pm is not None else (lm.extra.get("hub_id") or str(Path(args.model).resolve())),
         "source": lm.source,
         "name": lm.name,
         "kind": lm.kind,
         "note": lm.note,
-        "calibration": {"source": str(args.calib), "num_samples": args.num_samples, "seq_len": args.seq_len,
-                        "seed": args.seed, "seconds": t_calib},
+        "calibration": ({"source": str(args.calib), "num_samples": args.num_samples, "seq_len": args.seq_len,
+                         "seed": args.seed, "seconds": t_calib} if needs_data else {"source": None}),
         "config": mcfg.to_dict(),
         "seconds": seconds,
         "distill": distilled,
@@ -486,7 +495,11 @@ def cmd_info(args) -> int:
         print(line)
     if summary:
         cal = summary.get("calibration", {})
-        print(f"calib:     {cal.get('source')} ({cal.get('num_samples')} x {cal.get('seq_len')} tokens, seed {cal.get('seed')})")
+        if cal.get("source") is None:
+            print("calib:     none (data-free)")
+        else:
+            print(f"calib:     {cal.get('source')} ({cal.get('num_samples')} x {cal.get('seq_len')} tokens, "
+                  f"seed {cal.get('seed')})")
         print(f"time:      {summary.get('seconds', 0):.1f} s")
         print(f"size:      {summary.get('fp_mb', 0):.1f} MB full precision, {summary.get('packed_mb', 0):.1f} MB packed")
         for k, v in (summary.get("eval") or {}).items():
