@@ -42,6 +42,11 @@ def _group_size(text):
     return value
 
 
+_NO_BOS_HELP = ("score plain slices of the token stream, as published GPTQ-style figures do, instead of "
+                "starting each window with the BOS token the tokenizer adds (default; no change for "
+                "tokenizers that add none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import INITS, METHODS, ROUNDINGS, TUNE_TARGETS
@@ -102,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report perplexity before and after on this text file")
     q.add_argument("--eval-windows", type=_positive(int), default=DEFAULT_MAX_WINDOWS)
     q.add_argument("--eval-seq-len", type=_positive(int), default=EVAL_SEQ_LEN)
+    q.add_argument("--no-window-bos", dest="window_bos", action="store_false",
+                   help=_NO_BOS_HELP)
 
     e = sub.add_parser("eval", parents=[common], help="evaluate a quantized folder or any model on a text",
                        description="Perplexity (causal LMs) or embedding agreement (encoders) on a text.")
@@ -111,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=_positive(int), default=DEFAULT_MAX_WINDOWS,
                    help=f"token budget: the first N windows (default {DEFAULT_MAX_WINDOWS})")
     e.add_argument("--full", action="store_true", help="every whole window of the text instead of the budget")
+    e.add_argument("--no-window-bos", dest="window_bos", action="store_false", help=_NO_BOS_HELP)
     e.add_argument("--compare", action="store_true",
                    help="also compare with the full-precision model the folder was quantized from "
                         "(KL divergence and top-1 agreement; cosine similarity for encoders)")
@@ -249,6 +257,11 @@ def save_folder(out, model, tokenizer, summary: dict) -> dict:
     return summary
 
 
+def _bos(args):
+    """``bos=`` of the evaluation functions: "auto" unless --no-window-bos."""
+    return "auto" if args.window_bos else False
+
+
 def is_quantized_folder(path) -> bool:
     p = Path(path)
     return (p / MODEL_FILE).is_file() and (p / SUMMARY_FILE).is_file()
@@ -335,7 +348,8 @@ def cmd_quantize(args) -> int:
     fp_mb = state_dict_mb(lm.model)
     results = {}
     if args.eval_text is not None and lm.kind == CAUSAL_LM:
-        r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows)
+        r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
+                       bos=_bos(args))
         print(f"before: {r}")
         results["fp"] = r.to_dict()
 
@@ -360,7 +374,8 @@ def cmd_quantize(args) -> int:
               f"loss {distilled['loss_start']:.4g} -> {distilled['loss_end']:.4g}")
 
     if args.eval_text is not None and lm.kind == CAUSAL_LM:
-        r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows)
+        r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
+                       bos=_bos(args))
         print(f"after:  {r}")
         results["quantized"] = r.to_dict()
 
@@ -414,13 +429,14 @@ def cmd_eval(args) -> int:
     out = {"model": str(args.model), "text": str(args.text)}
     max_windows = None if args.full else args.max_windows
     if kind == CAUSAL_LM:
-        r = perplexity(model, args.text, tokenizer, seq_len=args.seq_len, max_windows=max_windows, full=args.full)
+        r = perplexity(model, args.text, tokenizer, seq_len=args.seq_len, max_windows=max_windows, full=args.full,
+                       bos=_bos(args))
         print(r)
         out["perplexity"] = r.to_dict()
         if ref_spec is not None:
             ref, _, _, _ = load_any(ref_spec)
             f = compare_logits(model, ref, args.text, tokenizer, seq_len=args.seq_len, max_windows=max_windows,
-                               full=args.full)
+                               full=args.full, bos=_bos(args))
             print(f"vs {ref_spec}: {f}")
             out["fidelity"] = {"reference": str(ref_spec), **f.to_dict()}
     else:

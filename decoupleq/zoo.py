@@ -503,6 +503,10 @@ def _convert_gguf(path: Path):
             raise
         return model.eval(), tokenizer
 
+    if not any(t.name == "output.weight" for t in reader.tensors):
+        # No output head in the file: llama.cpp ties it to the embedding. Older transformers
+        # (before 4.47) do not infer this from the GGUF and would leave the head random.
+        config.tie_word_embeddings = True
     model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     name_map = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)

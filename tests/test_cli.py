@@ -173,3 +173,15 @@ def test_out_folder_is_replaced_whole_and_foreign_folders_refused(llama_dir, tex
     (foreign / "notes.txt").write_text("keep me")
     assert cli.main(base[:-3] + ["--out", str(foreign), "-q", "--bits", "4"]) == 2
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_eval_no_window_bos_keeps_the_plain_slices(llama_dir, texts, tmp_path):
+    # This tokenizer adds no BOS: both layouts are the same windows, and the JSON says which ran.
+    outs = []
+    for extra in ([], ["--no-window-bos"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        assert cli.main(["eval", str(llama_dir), "--text", str(texts[1]), "--seq-len", "32", "--max-windows", "2",
+                         "--json", str(out), *extra]) == 0
+        outs.append(json.loads(out.read_text())["perplexity"])
+    assert outs[0]["bos"] is False and outs[1]["bos"] is False
+    assert outs[0]["ppl"] == outs[1]["ppl"]
