@@ -45,6 +45,11 @@ def _group_size(text):
     return value
 
 
+_NO_BOS_HELP = ("score plain slices of the token stream, as published GPTQ-style figures do, instead of "
+                "starting each window with the BOS token the tokenizer adds (default; no change for "
+                "tokenizers that add none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import INDIVISIBLE_POLICIES, INITS, METHODS, ROUNDINGS, TUNE_TARGETS
@@ -62,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model and save it to a folder",
                        description="Quantize MODEL's linear layers block by block and save the result to --out.")
-    q.add_argument("model", help="packaged model name, local Hugging Face folder, or .gguf file")
+    q.add_argument("model", help="packaged model name, local Hugging Face folder, .gguf file, "
+                                 "or Hub id org/name[@revision] (from the local Hub cache when offline)")
     q.add_argument("--out", required=True, type=Path,
                    help="output folder: created, or an earlier quantized folder replaced as a whole")
     q.add_argument("--method", choices=METHODS, default="decoupleq")
@@ -115,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report perplexity before and after on this text file")
     q.add_argument("--eval-windows", type=_positive(int), default=DEFAULT_MAX_WINDOWS)
     q.add_argument("--eval-seq-len", type=_positive(int), default=EVAL_SEQ_LEN)
+    q.add_argument("--no-window-bos", dest="window_bos", action="store_false",
+                   help=_NO_BOS_HELP)
 
     e = sub.add_parser("eval", parents=[common], help="evaluate a quantized folder or any model on a text",
                        description="Perplexity (causal LMs) or embedding agreement (encoders) on a text.")
@@ -124,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=_positive(int), default=DEFAULT_MAX_WINDOWS,
                    help=f"token budget: the first N windows (default {DEFAULT_MAX_WINDOWS})")
     e.add_argument("--full", action="store_true", help="every whole window of the text instead of the budget")
+    e.add_argument("--no-window-bos", dest="window_bos", action="store_false", help=_NO_BOS_HELP)
     e.add_argument("--compare", action="store_true",
                    help="also compare with the full-precision model the folder was quantized from "
                         "(KL divergence and top-1 agreement; cosine similarity for encoders)")
@@ -263,6 +272,11 @@ def save_folder(out, model, tokenizer, summary: dict) -> dict:
     return summary
 
 
+def _bos(args):
+    """``bos=`` of the evaluation functions: "auto" unless --no-window-bos."""
+    return "auto" if args.window_bos else False
+
+
 def is_quantized_folder(path) -> bool:
     """A folder written by ``decoupleq quantize``: a decoupleq Hugging Face folder, or (earlier
     versions) ``model.safetensors`` in the single-file format; either with ``decoupleq.json``."""
@@ -355,18 +369,26 @@ def cmd_quantize(args) -> int:
     lm = load_model(args.model)
     if lm.note:
         print(f"note: {lm.name}: {lm.note}")
-    if args.calib == "self" and lm.kind != CAUSAL_LM:
+    # RTN without block tuning looks at no activation: build no calibration data at all
+    # (sampling "self" text costs a minute on SmolLM2), unless --distill trains on it.
+    needs_data = mcfg.needs_calibration or args.distill is not None
+    if needs_data and args.calib == "self" and lm.kind != CAUSAL_LM:
         raise ValueError(f"{lm.name} is an encoder: it cannot generate its own calibration text; pass --calib FILE")
     fp_mb = state_dict_mb(lm.model)
     results = {}
     if args.eval_text is not None and lm.kind == CAUSAL_LM and rank0:
-        r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows)
+        r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
+                       bos=_bos(args))
         print(f"before: {r}")
         results["fp"] = r.to_dict()
 
     t0 = time.perf_counter()
-    calib = calibration_data(args.calib, model=lm.model, tokenizer=lm.tokenizer, num_samples=args.num_samples,
-                             seq_len=args.seq_len, seed=args.seed)
+    calib = None
+    if needs_data:
+        calib = calibration_data(args.calib, model=lm.model, tokenizer=lm.tokenizer, num_samples=args.num_samples,
+                                 seq_len=args.seq_len, seed=args.seed)
+    else:
+        log.info("RTN without block tuning is data-free: no calibration data is built (--calib ignored)")
     t_calib = time.perf_counter() - t0
     quantize(lm.model, calib, mcfg, checkpoint_dir=run_dir, resume=args.resume)
     seconds = time.perf_counter() - t0
@@ -383,7 +405,8 @@ def cmd_quantize(args) -> int:
               f"loss {distilled['loss_start']:.4g} -> {distilled['loss_end']:.4g}")
 
     if args.eval_text is not None and lm.kind == CAUSAL_LM:
-        r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows)
+        r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
+                       bos=_bos(args))
         print(f"after:  {r}")
         results["quantized"] = r.to_dict()
 
@@ -392,14 +415,15 @@ def cmd_quantize(args) -> int:
 
     pm = packaged_model(args.model) if not os.path.exists(args.model) else None
     summary = {
-        # What --compare reloads as the full-precision reference: a packaged name, or an absolute path.
-        "model": pm.name if pm is not None else str(Path(args.model).resolve()),
+        # What --compare reloads as the full-precision reference: a packaged name, a Hub id
+        # (resolved again through the Hub cache), or an absolute path.
+        "model": pm.name if pm is not None else (lm.extra.get("hub_id") or str(Path(args.model).resolve())),
         "source": lm.source,
         "name": lm.name,
         "kind": lm.kind,
         "note": lm.note,
-        "calibration": {"source": str(args.calib), "num_samples": args.num_samples, "seq_len": args.seq_len,
-                        "seed": args.seed, "seconds": t_calib},
+        "calibration": ({"source": str(args.calib), "num_samples": args.num_samples, "seq_len": args.seq_len,
+                         "seed": args.seed, "seconds": t_calib} if needs_data else {"source": None}),
         "config": mcfg.to_dict(),
         "seconds": seconds,
         "distill": distilled,
@@ -440,13 +464,14 @@ def cmd_eval(args) -> int:
     out = {"model": str(args.model), "text": str(args.text)}
     max_windows = None if args.full else args.max_windows
     if kind == CAUSAL_LM:
-        r = perplexity(model, args.text, tokenizer, seq_len=args.seq_len, max_windows=max_windows, full=args.full)
+        r = perplexity(model, args.text, tokenizer, seq_len=args.seq_len, max_windows=max_windows, full=args.full,
+                       bos=_bos(args))
         print(r)
         out["perplexity"] = r.to_dict()
         if ref_spec is not None:
             ref, _, _, _ = load_any(ref_spec)
             f = compare_logits(model, ref, args.text, tokenizer, seq_len=args.seq_len, max_windows=max_windows,
-                               full=args.full)
+                               full=args.full, bos=_bos(args))
             print(f"vs {ref_spec}: {f}")
             out["fidelity"] = {"reference": str(ref_spec), **f.to_dict()}
     else:
@@ -532,7 +557,11 @@ def cmd_info(args) -> int:
         print(line)
     if summary:
         cal = summary.get("calibration", {})
-        print(f"calib:     {cal.get('source')} ({cal.get('num_samples')} x {cal.get('seq_len')} tokens, seed {cal.get('seed')})")
+        if cal.get("source") is None:
+            print("calib:     none (data-free)")
+        else:
+            print(f"calib:     {cal.get('source')} ({cal.get('num_samples')} x {cal.get('seq_len')} tokens, "
+                  f"seed {cal.get('seed')})")
         print(f"time:      {summary.get('seconds', 0):.1f} s")
         print(f"size:      {summary.get('fp_mb', 0):.1f} MB full precision, {summary.get('packed_mb', 0):.1f} MB packed")
         for k, v in (summary.get("eval") or {}).items():

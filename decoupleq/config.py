@@ -419,6 +419,12 @@ class ModelQuantConfig:
         ):
             raise TypeError(f"tmpdir must be a path or None, got {type(self.tmpdir).__name__}")
 
+    @property
+    def needs_calibration(self) -> bool:
+        """False for RTN without block tuning: then no activation is ever looked at, and
+        ``decoupleq.quantize`` accepts ``calibration=None`` (callers need not build any)."""
+        return self.quant.method != "rtn" or self.blockwise.enabled
+
     def to_dict(self) -> dict:
         """A JSON-friendly summary (a callable ``skip`` is shown by its name)."""
         skip = self.skip

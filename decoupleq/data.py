@@ -204,10 +204,14 @@ def self_generated(model, tokenizer=None, *, num_samples: int = DEFAULT_NUM_SAMP
     """Token sequences sampled from a causal language model itself (data-free calibration).
 
     Each sequence starts from one token drawn uniformly from the vocabulary (special tokens
-    excluded when ``tokenizer`` is given), then continues by sampling the model's next-token
-    distribution at ``temperature`` (and among the ``top_k`` most likely tokens if > 0), with
-    a key/value cache. Activations on such text follow the model's own statistics, which is
-    what the layer Hessians need; no dataset has to be at hand.
+    excluded when ``tokenizer`` is given), then continues with ``model.generate`` sampling the
+    model's next-token distribution at ``temperature`` (and among the ``top_k`` most likely
+    tokens if > 0). Every other sampling setting of the model's own generation config (top-p,
+    repetition penalty, ...) is switched off so the text follows the model's plain
+    distribution, and the end-of-sequence token does not stop a row (``eos_token_id=None``):
+    it may be sampled like any other token and the model goes on after it, so every row runs
+    to ``seq_len`` tokens. Activations on such text follow the model's own
+    statistics, which is what the layer Hessians need; no dataset has to be at hand.
 
     Cost: ``ceil(num_samples / batch_size) * seq_len`` forward passes of ``batch_size`` tokens.
     On a CPU each pass streams every weight from memory once whatever the batch, so one
@@ -216,10 +220,12 @@ def self_generated(model, tokenizer=None, *, num_samples: int = DEFAULT_NUM_SAMP
     at 32 x 256).
 
     Args:
-        model: a causal LM returning ``logits`` (B, T, V) and accepting ``past_key_values``.
+        model: a causal LM with ``generate`` (a transformers ``GenerationMixin``) and
+            ``config.vocab_size``.
         tokenizer: optional, only to leave special tokens out of the first position.
         num_samples, seq_len: output shape.
-        seed: seed of a private ``torch.Generator``; the global RNG is not touched.
+        seed: seeds the first tokens (a private ``torch.Generator``) and the sampling (inside
+            ``torch.random.fork_rng``); the caller's global RNG state is left as it was.
         temperature: > 0.
         top_k: 0 samples the full distribution.
         batch_size: sequences generated together (default 32).
@@ -234,12 +240,15 @@ def self_generated(model, tokenizer=None, *, num_samples: int = DEFAULT_NUM_SAMP
     _positive_int("batch_size", batch_size)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if vocab is None:
         raise ValueError("model has no config.vocab_size: self-generated calibration needs a causal LM")
+    if not callable(getattr(model, "generate", None)):
+        raise ValueError(f"model ({type(model).__name__}) has no generate(): self-generated calibration "
+                         "needs a transformers causal LM")
     allowed = torch.ones(vocab, dtype=torch.bool)
     if tokenizer is not None:
         for i in getattr(tokenizer, "all_special_ids", []) or []:
@@ -247,33 +256,63 @@ def self_generated(model, tokenizer=None, *, num_samples: int = DEFAULT_NUM_SAMP
                 allowed[i] = False
     candidates = allowed.nonzero().flatten()
     gen = torch.Generator().manual_seed(seed)
+    settings = _sampling_settings(model, seq_len, temperature, top_k)
     was_training = model.training
     model.eval()
     out = []
     try:
-        with torch.no_grad():
+        # generate() samples from the global RNG: seed a forked copy so the caller's
+        # state is untouched and the same seed gives the same text.
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             for start in range(0, num_samples, batch_size):
                 b = min(batch_size, num_samples - start)
-                first = candidates[torch.randint(len(candidates), (b,), generator=gen)]
-                seq = [first]
-                token = first[:, None]
-                past = None
-                for _ in range(seq_len - 1):
-                    res = model(input_ids=token, past_key_values=past, use_cache=True)
-                    past = res.past_key_values
-                    # The LM head may be padded past the tokenizer's vocabulary.
-                    logits = res.logits[:, -1, :vocab].float() / temperature
-                    if top_k:
-                        kth = torch.topk(logits, min(top_k, vocab), dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    probs = torch.softmax(logits, dim=-1)
-                    token = torch.multinomial(probs, 1, generator=gen)
-                    seq.append(token[:, 0])
-                out.append(torch.stack(seq, dim=1))
+                first = candidates[torch.randint(len(candidates), (b,), generator=gen)][:, None]
+                if seq_len == 1:
+                    out.append(first)
+                    continue
+                seqs = model.generate(input_ids=first, attention_mask=torch.ones_like(first), **settings)
+                seqs = seqs.sequences if hasattr(seqs, "sequences") else seqs
+                if seqs.shape != (b, seq_len):
+                    raise RuntimeError(f"generate returned shape {tuple(seqs.shape)}, expected {(b, seq_len)}")
+                out.append(seqs.long())
                 logger.info("self-generated %d/%d calibration sequences", start + b, num_samples)
     finally:
         model.train(was_training)
     return torch.cat(out)
+
+
+def _sampling_settings(model, seq_len: int, temperature: float, top_k: int) -> dict:
+    """Keyword arguments of ``generate`` for plain ancestral sampling of ``seq_len - 1`` tokens.
+
+    A model's own generation config may carry top-p, repetition penalties and the like,
+    which would bend the calibration text away from the model's distribution: each is
+    reset here to its neutral value.
+    """
+    gc = getattr(model, "generation_config", None)
+    pad = getattr(gc, "pad_token_id", None) if gc is not None else None
+    return dict(
+        do_sample=True,
+        max_new_tokens=seq_len - 1,
+        # No stop token: rows of one batch stay equally long and unpadded, and the
+        # end-of-sequence token keeps its probability (min_new_tokens would zero it).
+        eos_token_id=None,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=1.0,
+        typical_p=1.0,
+        min_p=None,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=pad if pad is not None else 0,  # never used: no row finishes early
+    )
 
 
 def calibration_data(source=SELF, *, model=None, tokenizer=None, num_samples: int = DEFAULT_NUM_SAMPLES,

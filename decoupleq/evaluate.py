@@ -11,6 +11,18 @@ non-overlapping windows (the tail shorter than a window is dropped), each window
 on its own (no context carried over), and ``ppl = exp(mean over windows of the window's mean
 next-token cross-entropy)``. Windows are equally long, so this is also the exp of the mean
 over all predicted tokens.
+
+BOS (``bos=``, default ``"auto"``): a model whose tokenizer starts every input with a
+beginning-of-sequence token (Llama 2, Gemma: ``tokenizer("x")`` begins with ``bos_token_id``)
+was trained to always see one, and without it the first positions of a window are out of
+distribution (Gemma's perplexity is then far from meaningful). So each window is that BOS
+followed by ``seq_len - 1`` tokens of the stream (tokenized without special tokens), and
+every one of those ``seq_len - 1`` tokens is predicted, the first from the BOS alone.
+``bos=False`` is the older layout that published GPTQ-style figures use: the stream as the
+tokenizer encodes it (one BOS at the very start, if any) cut into windows of ``seq_len``
+tokens, whose first token is context only. Both predict ``seq_len - 1`` tokens per window;
+windows start at different places, so the numbers differ for BOS-adding tokenizers and are
+identical for the others (GPT-2, SmolLM2), for which ``"auto"`` adds nothing.
 """
 from __future__ import annotations
 
@@ -41,6 +53,7 @@ class Budget:
     windows: int
     seq_len: int
     available: int
+    bos: bool = False
 
     @property
     def tokens(self) -> int:
@@ -51,7 +64,7 @@ class Budget:
         return self.windows == self.available
 
     def __str__(self):
-        what = f"{self.windows} x {self.seq_len} tokens"
+        what = f"{self.windows} x {self.seq_len} tokens" + (", BOS each" if self.bos else "")
         if self.full:
             return f"{what}, whole text"
         return f"{what}, first {self.windows} of {self.available} windows"
@@ -109,17 +122,18 @@ class EmbeddingResult:
 
 def _budget_dict(b: Budget) -> dict:
     return {"windows": b.windows, "seq_len": b.seq_len, "tokens": b.tokens, "available_windows": b.available,
-            "full": b.full}
+            "full": b.full, "bos": b.bos}
 
 
-def token_stream(data, tokenizer=None):
+def token_stream(data, tokenizer=None, *, special_tokens: bool = True):
     """The token ids to evaluate on, as a 1-D LongTensor.
 
     Args:
         data: a text (str), a text file (``os.PathLike``, or a str naming an existing file),
-            or token ids (1-D tensor, array or list).
-        tokenizer: needed for text. The whole text is tokenized as one stream with the
-            tokenizer's usual special tokens (a BOS at the start for tokenizers that add one).
+            or token ids (1-D tensor, array or list; used as they are).
+        tokenizer: needed for text. The whole text is tokenized as one stream, with the
+            tokenizer's usual special tokens (a BOS at the start for tokenizers that add one)
+            unless ``special_tokens`` is False.
     """
     import numpy as np
     import torch
@@ -133,7 +147,10 @@ def token_stream(data, tokenizer=None):
             raise ValueError("evaluating on text needs the model's tokenizer")
         backend = getattr(tokenizer, "backend_tokenizer", None)
         # The backend encodes megabytes without the "longer than the model" warning.
-        ids = backend.encode(data).ids if backend is not None else tokenizer.encode(data)
+        if backend is not None:
+            ids = backend.encode(data, add_special_tokens=special_tokens).ids
+        else:
+            ids = tokenizer.encode(data, add_special_tokens=special_tokens)
         return torch.tensor(ids, dtype=torch.long)
     ids = torch.as_tensor(np.asarray(data) if isinstance(data, (list, tuple)) else data)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -144,26 +161,64 @@ def token_stream(data, tokenizer=None):
 
 
 def eval_windows(ids, *, seq_len: int = DEFAULT_SEQ_LEN, max_windows: Optional[int] = DEFAULT_MAX_WINDOWS,
-                 full: bool = False):
+                 full: bool = False, bos_id: Optional[int] = None):
     """Non-overlapping windows from the start of a token stream.
 
     Args:
         ids: 1-D LongTensor (n,).
-        seq_len: tokens per window, >= 2.
+        seq_len: tokens per window (BOS included), >= 2.
         max_windows: keep at most this many (ignored when ``full``; None means all).
         full: keep every whole window.
+        bos_id: when given, each window is ``[bos_id]`` + the next ``seq_len - 1`` tokens.
 
     Returns:
         (LongTensor (windows, seq_len), Budget).
     """
+    import torch
+
     _int_at_least("seq_len", seq_len, 2)
     if max_windows is not None:
         _int_at_least("max_windows", max_windows, 1)
-    available = ids.numel() // seq_len
+    body = seq_len - (bos_id is not None)
+    available = ids.numel() // body
     if available == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len {seq_len}")
     n = available if (full or max_windows is None) else min(available, max_windows)
-    return ids[: n * seq_len].view(n, seq_len), Budget(windows=n, seq_len=seq_len, available=available)
+    windows = ids[: n * body].view(n, body)
+    if bos_id is not None:
+        windows = torch.cat([torch.full((n, 1), int(bos_id), dtype=windows.dtype), windows], dim=1)
+    return windows, Budget(windows=n, seq_len=seq_len, available=available, bos=bos_id is not None)
+
+
+def window_bos(tokenizer, bos="auto") -> Optional[int]:
+    """The token id each evaluation window starts with, or None for none.
+
+    Args:
+        tokenizer: the model's tokenizer, or None.
+        bos: ``"auto"``: the tokenizer's ``bos_token_id`` when the tokenizer itself puts it
+            in front of an ordinary input (``tokenizer.encode("a")[0] == bos_token_id``),
+            else None; ``True``: ``bos_token_id`` (error if the tokenizer has none);
+            ``False``: None (windows are plain slices of the stream).
+    """
+    if bos is False:
+        return None
+    if bos is not True and bos != "auto":
+        raise ValueError(f"bos must be 'auto', True or False, got {bos!r}")
+    bos_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    if bos is True:
+        if bos_id is None:
+            raise ValueError("bos=True needs a tokenizer with a bos_token_id")
+        return int(bos_id)
+    if bos_id is None:
+        return None
+    ids = tokenizer.encode("a")
+    return int(bos_id) if len(ids) and ids[0] == bos_id else None
+
+
+def _windows(data, tokenizer, seq_len, max_windows, full, bos):
+    bos_id = window_bos(tokenizer, bos)
+    ids = token_stream(data, tokenizer, special_tokens=bos_id is None)
+    return eval_windows(ids, seq_len=seq_len, max_windows=max_windows, full=full, bos_id=bos_id)
 
 
 def _logits(model, batch):
@@ -173,7 +228,7 @@ def _logits(model, batch):
 
 def perplexity(model, data, tokenizer=None, *, seq_len: int = DEFAULT_SEQ_LEN,
                max_windows: Optional[int] = DEFAULT_MAX_WINDOWS, full: bool = False,
-               batch_size: int = 1) -> PerplexityResult:
+               batch_size: int = 1, bos="auto") -> PerplexityResult:
     """Perplexity of a causal language model on a text (ALGORITHM 4.2).
 
     Args:
@@ -183,6 +238,9 @@ def perplexity(model, data, tokenizer=None, *, seq_len: int = DEFAULT_SEQ_LEN,
         seq_len: window length in tokens (default 512).
         max_windows: the budget (default 64 windows); ``full=True`` scores every whole window.
         batch_size: windows per forward pass (memory: ``batch_size * seq_len * vocab`` floats).
+        bos: ``"auto"`` (default): each window starts with the BOS token when the tokenizer
+            adds one; ``False``: the older plain slices of the stream (as published GPTQ-style
+            figures); ``True``: always (see the module docstring and ``window_bos``).
 
     Returns:
         PerplexityResult; ``str()`` gives the number with its budget.
@@ -191,7 +249,7 @@ def perplexity(model, data, tokenizer=None, *, seq_len: int = DEFAULT_SEQ_LEN,
     import torch.nn.functional as F
 
     _int_at_least("batch_size", batch_size, 1)
-    windows, budget = eval_windows(token_stream(data, tokenizer), seq_len=seq_len, max_windows=max_windows, full=full)
+    windows, budget = _windows(data, tokenizer, seq_len, max_windows, full, bos)
     was_training = model.training
     model.eval()
     total = 0.0
@@ -211,7 +269,8 @@ def perplexity(model, data, tokenizer=None, *, seq_len: int = DEFAULT_SEQ_LEN,
 
 
 def compare_logits(model, reference, data, tokenizer=None, *, seq_len: int = DEFAULT_SEQ_LEN,
-                   max_windows: Optional[int] = DEFAULT_MAX_WINDOWS, full: bool = False) -> FidelityResult:
+                   max_windows: Optional[int] = DEFAULT_MAX_WINDOWS, full: bool = False,
+                   bos="auto") -> FidelityResult:
     """KL divergence and top-1 agreement of ``model``'s next-token distributions with ``reference``'s.
 
     Every position of every window counts (the last one too: both models predict a next
@@ -221,7 +280,7 @@ def compare_logits(model, reference, data, tokenizer=None, *, seq_len: int = DEF
     Args:
         model: the model under test (e.g. quantized).
         reference: the full-precision model; same vocabulary.
-        data, tokenizer, seq_len, max_windows, full: as in ``perplexity``.
+        data, tokenizer, seq_len, max_windows, full, bos: as in ``perplexity``.
 
     Returns:
         FidelityResult.
@@ -229,7 +288,7 @@ def compare_logits(model, reference, data, tokenizer=None, *, seq_len: int = DEF
     import torch
     import torch.nn.functional as F
 
-    windows, budget = eval_windows(token_stream(data, tokenizer), seq_len=seq_len, max_windows=max_windows, full=full)
+    windows, budget = _windows(data, tokenizer, seq_len, max_windows, full, bos)
     flags = (model.training, reference.training)
     model.eval()
     reference.eval()

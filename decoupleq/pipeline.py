@@ -685,6 +685,9 @@ def quantize(
         calibration: token id batches (a list of LongTensor ``[batch, seq]``
             or a tensor ``[num_samples, seq_len]``), float inputs for other
             models, or dicts of model inputs; see ``calibration_batches``.
+            Data-free runs (RTN without block tuning, see
+            ``ModelQuantConfig.needs_calibration``) take ``None`` and do not
+            read anything given; other runs refuse ``None``.
         config: a ``QuantConfig`` (layer settings, other options default) or a
             ``ModelQuantConfig``; None means ``ModelQuantConfig()``.
         blocks: where the blocks are: None (family adapter, else the largest
@@ -733,7 +736,20 @@ def quantize(
     if mcfg.tmpdir is not None and not os.path.isdir(mcfg.tmpdir):
         raise ValueError(f"tmpdir {os.fspath(mcfg.tmpdir)!r} is not an existing directory")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    batches = calibration_batches(calibration, mcfg.batch_size, vocab if isinstance(vocab, int) else None)
+    if not mcfg.needs_calibration:
+        # Data-free (RTN, no block tuning): None is the natural argument, and anything given
+        # is not even read (a generator of windows would be consumed for nothing).
+        if calibration is not None and mcfg.verbose:
+            log.info("RTN without block tuning is data-free: the calibration argument is not read")
+        batches = []
+    elif calibration is None:
+        raise ValueError(
+            f"calibration is None, but method {mcfg.quant.method!r}"
+            + (" with block tuning" if mcfg.blockwise.enabled else "")
+            + " needs calibration data; only RTN without block tuning is data-free"
+        )
+    else:
+        batches = calibration_batches(calibration, mcfg.batch_size, vocab if isinstance(vocab, int) else None)
     spec = find_blocks(model, blocks)
     report = QuantReport()
     plans = _plan(spec, mcfg, report)

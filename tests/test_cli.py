@@ -111,6 +111,26 @@ def test_quantize_eval_info_round_trip(llama_dir, texts, tmp_path, capsys):
     assert "rtn W4 group 16" in info and "14 quantized" in info
 
 
+def test_rtn_without_block_tuning_builds_no_calibration_data(llama_dir, tmp_path, capsys):
+    # A calibration source that cannot be read at all: the data-free run never reaches it,
+    # while any run that needs data fails on it, naming it.
+    unreadable = tmp_path / "no-such-calibration.txt"
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(llama_dir), "--method", "rtn", "--no-blockwise", "--bits", "4",
+                     "--group-size", "16", "--calib", str(unreadable), "--out", str(out), "-q"]) == 0
+    summary = json.loads((out / cli.SUMMARY_FILE).read_text())
+    assert summary["calibration"] == {"source": None} and summary["layers"] == 14
+    capsys.readouterr()
+    assert cli.main(["info", str(out)]) == 0
+    assert "calib:     none (data-free)" in capsys.readouterr().out
+    for extra in (["--method", "gptq", "--no-blockwise"], ["--method", "rtn", "--blockwise"],
+                  ["--method", "rtn", "--no-blockwise", "--distill", "1"]):
+        assert cli.main(["quantize", str(llama_dir), *extra, "--bits", "4", "--group-size", "16",
+                         "--calib", str(unreadable), "--out", str(tmp_path / "q2"), "-q"]) == 2
+        assert "no-such-calibration.txt" in capsys.readouterr().err
+        assert not (tmp_path / "q2").exists()
+
+
 @needs_solver
 def test_quantize_self_calibrated_with_block_tuning(llama_dir, tmp_path):
     out = tmp_path / "q2"
@@ -187,3 +207,15 @@ def test_interrupted_quantize_resumes_to_the_same_model_file(llama_dir, texts, t
     assert cli.main(base + ["--out", str(out), "--resume"]) == 0
     assert (out / cli.MODEL_FILE).read_bytes() == (tmp_path / "whole" / cli.MODEL_FILE).read_bytes()
     assert not (tmp_path / "q.run").exists()
+
+
+def test_eval_no_window_bos_keeps_the_plain_slices(llama_dir, texts, tmp_path):
+    # This tokenizer adds no BOS: both layouts are the same windows, and the JSON says which ran.
+    outs = []
+    for extra in ([], ["--no-window-bos"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        assert cli.main(["eval", str(llama_dir), "--text", str(texts[1]), "--seq-len", "32", "--max-windows", "2",
+                         "--json", str(out), *extra]) == 0
+        outs.append(json.loads(out.read_text())["perplexity"])
+    assert outs[0]["bos"] is False and outs[1]["bos"] is False
+    assert outs[0]["ppl"] == outs[1]["ppl"]

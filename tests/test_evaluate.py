@@ -156,3 +156,67 @@ def test_embedding_similarity():
         cos = (pooled(noisy) * pooled(bert)).sum(-1)
     assert r.cosine_mean == pytest.approx(cos.mean().item(), abs=1e-5)
     assert "9 sentences" in str(r)
+
+
+# ---------------------------------------------------------------------------
+# A BOS at the start of every window, for tokenizers that add one
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bos_pair():
+    """(tokenizer that adds no BOS, one that puts BOS in front of every input), same vocabulary."""
+    from tokenizers import processors
+
+    text = read("wikitext-2/valid.txt", limit=30_000)
+    plain, adds = train_tokenizer(text, vocab_size=200), train_tokenizer(text, vocab_size=200)
+    bos = adds.bos_token_id
+    adds.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{adds.bos_token} $A", special_tokens=[(adds.bos_token, bos)])
+    assert adds.encode("a")[0] == bos and plain.encode("a")[0] != bos
+    return plain, adds
+
+
+def test_window_bos_follows_what_the_tokenizer_adds(bos_pair):
+    plain, adds = bos_pair
+    assert evaluate.window_bos(adds) == adds.bos_token_id
+    assert evaluate.window_bos(plain) is None
+    assert evaluate.window_bos(adds, False) is None
+    assert evaluate.window_bos(plain, True) == plain.bos_token_id
+    assert evaluate.window_bos(None) is None
+    with pytest.raises(ValueError, match="bos_token_id"):
+        evaluate.window_bos(None, True)
+    with pytest.raises(ValueError, match="bos must be"):
+        evaluate.window_bos(adds, "yes")
+
+
+def test_bos_windows_score_every_text_token_after_a_bos(bos_pair):
+    plain, adds = bos_pair
+    text = read("wikitext-2/test.txt", limit=8_000)
+    model = tiny_llama(vocab_size=len(adds), seed=3)
+    seq_len, n = 24, 5
+    r = evaluate.perplexity(model, text, adds, seq_len=seq_len, max_windows=n)
+    assert r.budget.bos and r.budget.windows == n and "BOS each" in str(r) and r.to_dict()["bos"] is True
+    # Written out: the stream without special tokens, in runs of seq_len - 1, each after a BOS.
+    body = torch.tensor(adds(text, add_special_tokens=False).input_ids)
+    assert r.budget.available == len(body) // (seq_len - 1)
+    ces = []
+    with torch.no_grad():
+        for k in range(n):
+            w = torch.cat([torch.tensor([adds.bos_token_id]), body[k * (seq_len - 1):(k + 1) * (seq_len - 1)]])
+            logits = model(input_ids=w[None]).logits[0]
+            ces.append(F.cross_entropy(logits[:-1], w[1:]).item())
+    assert r.ppl == pytest.approx(math.exp(sum(ces) / n), rel=1e-6)
+
+    # bos=False: the older layout, the tokenizer's stream (its one BOS first) cut every seq_len.
+    old = evaluate.perplexity(model, text, adds, seq_len=seq_len, max_windows=n, bos=False)
+    stream = torch.tensor(adds(text).input_ids)
+    assert stream[0] == adds.bos_token_id and not old.budget.bos
+    assert old.ppl == pytest.approx(_direct_ppl(model, stream, seq_len, n), rel=1e-6)
+    f = evaluate.compare_logits(model, model, text, adds, seq_len=seq_len, max_windows=n)
+    assert f.budget.bos and f.kl == pytest.approx(0.0, abs=1e-7) and f.top1 == 1.0
+
+    # A tokenizer that adds no BOS: "auto" changes nothing.
+    a = evaluate.perplexity(model, text, plain, seq_len=seq_len, max_windows=n)
+    b = evaluate.perplexity(model, text, plain, seq_len=seq_len, max_windows=n, bos=False)
+    assert not a.budget.bos and a.ppl == b.ppl

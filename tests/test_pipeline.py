@@ -105,6 +105,41 @@ def test_rtn_without_block_tuning_runs_no_calibration_batch():
         np.testing.assert_array_equal(q.zero.detach().numpy(), expected.zero)
 
 
+class _Unreadable:
+    """A calibration source that fails the moment anything reads it."""
+
+    def __iter__(self):
+        raise AssertionError("calibration data was read")
+
+    def __len__(self):
+        raise AssertionError("calibration data was read")
+
+
+def test_rtn_without_block_tuning_needs_and_reads_no_data():
+    # Data-free means the caller need not build anything (None), and what is given is not read.
+    a, b = tiny_llama(seed=0), tiny_llama(seed=0)
+    decoupleq.quantize(a, None, RTN4, blockwise=False, verbose=False)
+    decoupleq.quantize(b, _Unreadable(), RTN4, blockwise=False, verbose=False)
+    qa, qb = _quant_linears(a), _quant_linears(b)
+    assert len(qa) == 14 and qa.keys() == qb.keys()
+    assert all(torch.equal(qa[n].codes, qb[n].codes) for n in qa)
+    assert ModelQuantConfig(quant=RTN4, blockwise=False).needs_calibration is False
+
+
+@pytest.mark.parametrize("config,blockwise,what", [
+    (W4, False, "method 'decoupleq' needs"),
+    (RTN4, True, "method 'rtn' with block tuning needs"),
+])
+def test_calibration_none_is_refused_when_data_is_needed(config, blockwise, what):
+    model = tiny_llama(seed=6, layers=1)
+    before = _state(model)
+    assert ModelQuantConfig(quant=config, blockwise=blockwise).needs_calibration is True
+    with pytest.raises(ValueError, match=f"calibration is None, but {what}"):
+        decoupleq.quantize(model, None, config, blockwise=blockwise, verbose=False)
+    assert not _quant_linears(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_rtn_with_block_tuning_still_uses_the_data():
     model = tiny_llama(seed=0)
     calls = []

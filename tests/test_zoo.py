@@ -152,3 +152,17 @@ def test_minilm_embeddings():
     assert e.shape == (3, 384)
     sim = e @ e.T
     assert sim[0, 1] > 0.6 and sim[0, 2] < 0.3 and sim[1, 2] < 0.3
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_loaded_config_stays_json_serializable(tmp_path, shakespeare_tok, dtype):
+    # transformers < 4.56 took an unknown dtype= keyword as a config attribute holding a
+    # torch.dtype, and the config's JSON (what decoupleq.save stores) then failed.
+    import json
+
+    tiny_llama(vocab_size=len(shakespeare_tok), seed=4).save_pretrained(tmp_path)
+    shakespeare_tok.save_pretrained(tmp_path)
+    lm = zoo.load_model(tmp_path, dtype=dtype)
+    assert lm.model.model.embed_tokens.weight.dtype == (dtype or torch.float32)
+    cfg = json.loads(lm.model.config.to_json_string(use_diff=False))
+    assert cfg["model_type"] == "llama"
