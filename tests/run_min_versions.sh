@@ -19,6 +19,17 @@ print(found["torch"], found["transformers"])
 EOF
 )
 echo "minimum versions from pyproject.toml: torch==$min_torch transformers==$min_transformers"
+# When the README's run (.venv) already had exactly these versions, a second venv would only repeat it.
+if [ -x .venv/bin/python ] && .venv/bin/python - "$min_torch" "$min_transformers" <<'EOF'
+import sys, torch, transformers
+from packaging.version import Version
+got = (Version(torch.__version__.split("+")[0]), Version(transformers.__version__))
+sys.exit(0 if got == tuple(Version(v) for v in sys.argv[1:3]) else 1)
+EOF
+then
+    echo "the main run (.venv) already tested torch $min_torch with transformers $min_transformers: nothing more to test"
+    exit 0
+fi
 if [ ! -x .venv-min/bin/python ]; then
     python3 -m venv .venv-min
 fi
