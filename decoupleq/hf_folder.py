@@ -94,6 +94,12 @@ def write_folder(model, path, tokenizer=None, max_shard_size=None) -> None:
         _hf_hook.attach(model)  # a model quantized before this decoupleq, or by hand
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(path), **kwargs)
+    # Equal models give equal bytes (resumed runs are compared byte for byte): safetensors
+    # writes its header maps in hash order, so sort them.
+    from .io import _canonical_header
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        _canonical_header(str(f))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
 
