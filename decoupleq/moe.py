@@ -32,8 +32,8 @@ stage of all experts.
 router never chose has 0) falls back to the *pooled* Hessian of its stage:
 the token-weighted mean ``sum_e n_e H_e / sum_e n_e`` over the same layer of
 every expert of that MoE block (for the first stage, the Hessian of every
-routed token of the block's input). The fallback is logged once per block and
-recorded in ``LayerReport.hessian`` ("pooled N" with the pool's token count)
+routed token of the block's input). The fallbacks are logged (one warning at the
+end of ``quantize``) and recorded in ``LayerReport.hessian`` ("pooled N" with the pool's token count)
 and in ``QuantReport.moe_fallbacks``. A fixed minimum rather than a multiple
 of the input width: with a CPU-sized calibration set (32 x 256 tokens) a
 real MoE model's experts see a few hundred to a few thousand tokens each, less
@@ -50,6 +50,7 @@ transformers 5's routers hold a bare ``weight`` parameter and are not layers.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -478,3 +479,57 @@ def parameter_counts(model: nn.Module) -> dict:
             if id(m) in expert_ids and t is not getattr(m, "bias", None):
                 ex_k += t.numel()
     return {"quantized": quantized, "kept": kept, "experts_quantized": ex_q, "experts_kept": ex_k}
+
+
+#: Tensors of a stored quantized layer that replace its weight (its bias is a kept parameter).
+_LAYER_TENSORS = ("packed", "codes", "scale", "zero", "planes", "alpha", "offset")
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_FUSED_NAME = re.compile(r"(^|\.)experts\.(gate_up_proj|down_proj|up_proj)$")
+
+
+def file_parameter_counts(layers: dict, shapes: dict, dtypes: dict) -> dict:
+    """``parameter_counts`` of a saved model, from its file's header alone.
+
+    Args:
+        layers: the file's quantized layer descriptions ({name: info with out_features, in_features}).
+        shapes, dtypes: {tensor name: shape} and {tensor name: safetensors dtype} of the stored
+            tensors (tied tensors are stored once).
+
+    Returns:
+        The same keys as ``parameter_counts``: "kept" counts the stored floating-point tensors
+        other than the quantized layers' codes, scales and zeros (persistent float buffers
+        included); expert weights are those under an ``experts`` module.
+    """
+    owned = {f"{name}.{t}" for name in layers for t in _LAYER_TENSORS}
+    quantized = ex_q = 0
+    for name, info in layers.items():
+        n = int(info["out_features"]) * int(info["in_features"])
+        quantized += n
+        if _is_expert_name(name):
+            ex_q += n
+    kept = ex_k = 0
+    for key, shape in shapes.items():
+        if key in owned or dtypes.get(key) not in _FLOAT_DTYPES:
+            continue
+        n = int(np.prod(shape)) if shape else 1
+        kept += n
+        if (_is_expert_name(key) and not key.endswith(".bias")) or _FUSED_NAME.search(key):
+            ex_k += n
+    return {"quantized": quantized, "kept": kept, "experts_quantized": ex_q, "experts_kept": ex_k}
+
+
+def _is_expert_name(name: str) -> bool:
+    """A layer or tensor inside an expert: ``...experts.<index>.<layer>``."""
+    return re.search(r"(^|\.)experts\.\d+\.", name) is not None
+
+
+def describe_counts(c: dict) -> list:
+    """Lines for a summary: weights quantized vs parameters kept, and the experts' share."""
+    total = c["quantized"] + c["kept"]
+    lines = [f"{c['quantized']:,} weights quantized ({100 * c['quantized'] / max(total, 1):.1f}% of "
+             f"{total:,}), {c['kept']:,} parameters kept in floating point"]
+    ex = c["experts_quantized"] + c["experts_kept"]
+    if ex:
+        lines.append(f"MoE experts: {c['experts_quantized']:,} of {ex:,} expert weights quantized "
+                     f"({100 * c['experts_quantized'] / ex:.1f}%), {c['experts_kept']:,} kept")
+    return lines

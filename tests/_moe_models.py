@@ -7,14 +7,14 @@ from torch import nn
 from _pipeline_models import _quiet_transformers, transformers
 
 
-def tiny_mixtral(seed=0, layers=2, experts=4, top_k=2):
+def tiny_mixtral(seed=0, layers=2, experts=4, top_k=2, init=0.02):
     _quiet_transformers()
     torch.manual_seed(seed)
     cfg = transformers.MixtralConfig(
         vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         num_local_experts=experts, num_experts_per_tok=top_k, bos_token_id=0, eos_token_id=1,
-        pad_token_id=None, tie_word_embeddings=False,
+        pad_token_id=None, tie_word_embeddings=False, initializer_range=init,
     )
     return transformers.MixtralForCausalLM(cfg).eval()
 
