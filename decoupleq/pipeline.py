@@ -700,7 +700,7 @@ def quantize(
         total_layers = sum(len(p.layers) for p in plans)
         if total_layers == 0:
             log.warning("no layer to quantize (all skipped or none found); the model is unchanged")
-            journal.restore()
+            moe.revert_unplanned(converted, ())
             return model
         _check_finite_weights(spec, plans)
     except BaseException:

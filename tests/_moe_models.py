@@ -32,6 +32,18 @@ def tiny_qwen2_moe(seed=0, layers=2):
     return transformers.Qwen2MoeForCausalLM(cfg).eval()
 
 
+def tiny_qwen3_moe(seed=0, layers=2):
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=128, decoder_sparse_step=1, mlp_only_layers=[],
+        bos_token_id=0, eos_token_id=1, pad_token_id=None, tie_word_embeddings=False,
+    )
+    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+
 def starve_last_expert(model, layer: int = 0) -> None:
     """Make the last expert of one Mixtral layer unreachable, whatever the tokens.
 

@@ -11,7 +11,7 @@ from decoupleq import moe
 from decoupleq.config import BlockTuneConfig, ModelQuantConfig, QuantConfig
 from decoupleq.nn import QuantLinear
 
-from _moe_models import ListMoENet, starve_last_expert, tiny_mixtral, tiny_qwen2_moe
+from _moe_models import ListMoENet, starve_last_expert, tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe
 from _pipeline_models import one_thread, token_batches
 
 
@@ -32,7 +32,7 @@ def _expert_counts(model):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe])
+@pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe])
 def test_routed_experts_computes_what_the_fused_module_computes(build):
     model = build()
     fused = model.model.layers[0].mlp.experts
@@ -150,7 +150,7 @@ def test_block_tuning_runs_on_moe_blocks_and_a_failure_restores_the_fused_expert
     assert fresh.model.layers[0].mlp.experts.__class__.__name__ == "MixtralExperts"
 
 
-def test_skipped_experts_keep_the_fused_module_and_are_counted_as_kept():
+def test_skipped_experts_keep_the_fused_module_and_are_counted_as_kept(tmp_path):
     model = tiny_mixtral()
     with one_thread():
         decoupleq.quantize(model, token_batches(n=2, seq=16), _config(method="rtn", skip=("*.experts.*",)))
@@ -159,6 +159,21 @@ def test_skipped_experts_keep_the_fused_module_and_are_counted_as_kept():
     assert q == 0 and kept == 2 * 4 * (128 * 64 + 64 * 64)
     counts = model.decoupleq_report.params
     assert counts["quantized"] == 2 * (64 * 64 * 2 + 32 * 64 * 2)  # q, o: 64x64; k, v: 32x64
+    # The fused experts are saved as they are, and load back (the file backs 4 experts
+    # with 2 blocks: the fused tensors' first dimension counts them).
+    path = tmp_path / "attn-only.safetensors"
+    decoupleq.save(model, path)
+    ids = token_batches(n=1, seq=12, seed=3)
+    with torch.no_grad():
+        assert torch.equal(decoupleq.load(path)(ids).logits, model(ids).logits)
+
+
+def test_nothing_planned_leaves_the_model_as_it_was():
+    model = tiny_mixtral()
+    fused = model.model.layers[0].mlp.experts
+    decoupleq.quantize(model, token_batches(n=1, seq=8), _config(method="rtn", skip=("*",)))
+    assert model.model.layers[0].mlp.experts is fused
+    assert not any(isinstance(m, (QuantLinear, moe.RoutedExperts)) for m in model.modules())
 
 
 def test_rtn_without_data_quantizes_the_experts_too():
@@ -193,7 +208,7 @@ def test_a_list_of_linear_experts_is_quantized_and_its_router_kept():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe])
+@pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe])
 def test_save_load_gives_the_quantized_models_logits(tmp_path, build):
     model = build()
     calib = token_batches(n=4, seq=32)
