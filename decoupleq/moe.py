@@ -82,6 +82,9 @@ class ExpertMLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, device=None, dtype=None):
         super().__init__()
+        #: While the expert runs inside ``RoutedExperts``: the (n,) indices of its tokens among
+        #: the block's flattened tokens, so calibration hooks can apply a padding mask.
+        self.routed = None
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False, device=device, dtype=dtype)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False, device=device, dtype=dtype)
         self.act_fn = act_fn
@@ -127,7 +130,12 @@ class RoutedExperts(nn.Module):
             if e == self.num_experts:
                 continue
             pos, tok = torch.where(mask[e])
-            y = self[e](hidden_states[tok]) * top_k_weights[tok, pos, None]
+            expert = self[e]
+            expert.routed = tok
+            try:
+                y = expert(hidden_states[tok]) * top_k_weights[tok, pos, None]
+            finally:
+                expert.routed = None
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 
@@ -294,6 +302,19 @@ class BlockExperts:
     pools: dict
     min_tokens: int
     _groups: list = field(default_factory=list)
+    experts: dict = field(default_factory=dict)  # layer name -> its ExpertMLP (RoutedExperts only)
+
+    def token_mask(self, name: str, mask):
+        """The calibration batch's (batch, seq) token mask restricted to the tokens routed to
+        expert layer ``name``'s expert (the rows of its input), or None (no mask, or an expert
+        list whose routing is not visible: every routed token then counts)."""
+        expert = self.experts.get(name)
+        if mask is None or expert is None or expert.routed is None:
+            return None
+        flat = mask.reshape(-1)
+        if expert.routed.numel() and int(expert.routed.max()) >= flat.numel():
+            return None  # not the block's tokens in the mask's order: count them all
+        return flat[expert.routed.to(flat.device)]
 
     def other_order(self, order: list) -> list:
         return [n for n in order if n not in self.names]
@@ -352,7 +373,7 @@ def block_experts(block: nn.Module, layers: dict, order: list, keys: dict, min_t
             the layers that ran on the first batch).
         min_tokens: ``ModelQuantConfig.expert_min_tokens``.
     """
-    names, stages, ekeys, pools, groups = set(), [], {}, {}, []
+    names, stages, ekeys, pools, groups, modules = set(), [], {}, {}, [], {}
     for cname, experts in _containers(block):
         prefix = f"{cname}." if cname else ""
         per_expert = []
@@ -376,13 +397,15 @@ def block_experts(block: nn.Module, layers: dict, order: list, keys: dict, min_t
                     # One accumulator per (expert, stage): w1 and w3 see the same tokens.
                     ekeys[full] = ("expert", cname, e, s)
                     pools[full] = (cname, s, layer)
+                    if isinstance(experts[e], ExpertMLP):
+                        modules[full] = experts[e]
             if group:
                 groups.append(group)
     if not names:
         return None
     # A pool per stage shared by all layers of the stage: key members by (container, stage).
     pools = {n: p[:2] for n, p in pools.items()}
-    return BlockExperts(names, stages, ekeys, pools, int(min_tokens), groups)
+    return BlockExperts(names, stages, ekeys, pools, int(min_tokens), groups, modules)
 
 
 def _stage_pattern(prefix: str, experts: list, per_expert: list, order: list, keys: dict) -> list:

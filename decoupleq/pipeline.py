@@ -438,10 +438,13 @@ def _quantize_block(
 
             def make(name, module, acc):
                 full = spec.full_name(i, name)
+                expert = experts is not None and name in experts.names
 
                 def hook(mod, inp, out):
+                    # An expert's input rows are its routed tokens: the batch's mask, restricted.
+                    mask = experts.token_mask(name, state["mask"]) if expert else state["mask"]
                     with _naming(full):  # a bad activation is this layer's Hessian's problem
-                        acc.add(layer_tokens(module, inp[0], state["mask"]))
+                        acc.add(layer_tokens(module, inp[0], mask))
                     fired.add(name)
                     if stop_early and len(fired) == len(rep_names):
                         raise _StopForward

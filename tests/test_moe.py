@@ -110,6 +110,22 @@ def test_every_expert_is_quantized_from_its_routed_tokens(build):
         assert isinstance(mlp.shared_expert.down_proj, QuantLinear)
 
 
+def test_padding_is_left_out_of_the_experts_hessians():
+    model = tiny_mixtral()
+    ids = token_batches(n=3, seq=32)
+    mask = torch.ones_like(ids)
+    mask[:, 24:] = 0  # the last 8 positions of each row are padding
+    calib = [{"input_ids": ids[j:j + 1], "attention_mask": mask[j:j + 1]} for j in range(3)]
+    with one_thread():
+        decoupleq.quantize(model, calib, _config())
+    by_name = {r.name: r for r in model.decoupleq_report.layers}
+    for layer in (0, 1):
+        for stage in ("gate_up_proj", "down_proj"):
+            routed = sum(by_name[f"model.layers.{layer}.mlp.experts.{e}.{stage}"].n_tokens for e in range(4))
+            assert routed == 2 * 3 * 24  # top-2 of the unmasked tokens only
+    assert by_name["model.layers.0.self_attn.q_proj"].n_tokens == 3 * 24
+
+
 def test_an_expert_that_sees_no_token_falls_back_and_is_reported(caplog):
     model = tiny_mixtral(layers=1, experts=5)
     starve_last_expert(model, layer=0)
