@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import moe
 from .blockwise import BlockTuneResult, tune_block
 from .capture import (
     ActivationCache,
@@ -64,7 +65,6 @@ from .capture import (
     run_block,
 )
 from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
-from . import moe
 from .hessian import HessianAccumulator
 from .models import BlockSpec, adapter_groups, find_blocks, is_quantizable, quantizable_layers
 from .nn import QuantConv2d, QuantLinear
@@ -426,7 +426,10 @@ def _quantize_block(
             # One accumulator per distinct input within the group.
             reps, owner = {}, {}
             for name in group:
-                k = experts.keys[name] if experts and name in experts.names else keys[name] if not reused else (name,)
+                if experts and name in experts.names:
+                    k = experts.keys[name]  # one per (expert, stage): its routed tokens
+                else:
+                    k = keys[name] if not reused else (name,)
                 if k not in reps:
                     m = layers[name][0]
                     reps[k] = (name, HessianAccumulator(layer_in_features(m)))
