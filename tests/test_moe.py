@@ -322,3 +322,35 @@ def test_info_counts_parameters_quantized_and_kept(tmp_path, capsys):
     assert f"{kept:,} parameters kept in floating point" in out
     assert f"MoE experts: {experts:,} of {experts:,} expert weights quantized (100.0%), 0 kept" in out
     assert "24 quantized" in out  # 8 attention layers and 2 x 4 x 2 expert layers
+
+
+def test_cli_quantizes_a_mixtral_folder_with_its_experts(tmp_path, capsys):
+    """``decoupleq quantize DIR`` on a Hugging Face Mixtral folder: the summary and ``info``
+    count the experts' weights, all quantized, and the folder loads back."""
+    import json
+
+    from decoupleq import cli
+    from zoo_helpers import read, text_slice, train_tokenizer
+
+    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=60_000), vocab_size=280)
+    model = tiny_mixtral()
+    model.resize_token_embeddings(len(tok))
+    src = tmp_path / "mixtral"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    calib = text_slice("wikitext-2/valid.txt", tmp_path / "valid.txt")
+    out = tmp_path / "q"
+    with one_thread():
+        assert cli.main(["quantize", str(src), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                         "--calib", str(calib), "--num-samples", "2", "--seq-len", "32", "--out", str(out),
+                         "-q"]) == 0
+    printed = capsys.readouterr().out
+    experts = 2 * 4 * (2 * 64 * 64 + 64 * 64)
+    assert f"MoE experts: {experts:,} of {experts:,} expert weights quantized (100.0%), 0 kept" in printed
+    summary = json.loads((out / cli.SUMMARY_FILE).read_text())
+    assert summary["layers"] == 24 and summary["params"]["experts_kept"] == 0
+    assert summary["params"]["experts_quantized"] == experts
+    assert cli.main(["info", str(out)]) == 0
+    assert "24 quantized" in capsys.readouterr().out
+    loaded, _, _ = cli.load_quantized(out)
+    assert isinstance(loaded.model.layers[0].mlp.experts[0].gate_up_proj, QuantLinear)
