@@ -32,14 +32,19 @@ stage of all experts.
 router never chose has 0) falls back to the *pooled* Hessian of its stage:
 the token-weighted mean ``sum_e n_e H_e / sum_e n_e`` over the same layer of
 every expert of that MoE block (for the first stage, the Hessian of every
-routed token of the block's input). The fallbacks are logged (one warning at the
-end of ``quantize``) and recorded in ``LayerReport.hessian`` ("pooled N" with the pool's token count)
-and in ``QuantReport.moe_fallbacks``. A fixed minimum rather than a multiple
+routed token of the block's input). The fallbacks are logged (one warning at
+the end of ``quantize``) and recorded in ``LayerReport.hessian`` ("pooled N",
+with the pool's token count) and in ``QuantReport.moe_fallbacks``. A fixed minimum rather than a multiple
 of the input width: with a CPU-sized calibration set (32 x 256 tokens) a
 real MoE model's experts see a few hundred to a few thousand tokens each, less
 than their input width, and a rule tied to the width would pool nearly all
-of them. If no expert of the stage saw a token, the layer is rounded as by
-RTN (identity Hessian) and reported "identity".
+of them. If no expert of the stage saw a token, the layer is solved against the
+identity (plain weight error) and reported "identity".
+
+**Padding.** A calibration batch's ``attention_mask`` is applied to each
+``RoutedExperts`` expert's routed rows, so padding tokens stay out of its
+Hessian; a list of expert MLPs does not show its routing, and there every
+routed token counts, padding included.
 
 **Routers stay in full precision.** An ``nn.Linear`` direct child of an MoE
 block with ``E`` or 1 outputs (the router of transformers 4's Mixtral, the
@@ -58,9 +63,6 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-
-#: Default ``ModelQuantConfig.expert_min_tokens``.
-DEFAULT_EXPERT_MIN_TOKENS = 64
 
 # Flags transformers' ``use_experts_implementation`` sets; the value each must have for
 # the layout RoutedExperts reproduces ([gate; up] concatenated, (out, in) matrices, no bias).
@@ -469,7 +471,8 @@ def parameter_counts(model: nn.Module) -> dict:
     Returns:
         {"quantized": weights stored as codes (out * in of every quantized layer),
          "kept": elements of every other parameter (embeddings, norms, routers,
-         quantized layers' bias; tied tensors once; scales and zeros not counted), "experts_quantized", "experts_kept": the same for expert weights}.
+         quantized layers' bias; tied tensors once; scales and zeros not counted),
+         "experts_quantized", "experts_kept": the same for expert weights}.
     """
     from .nn import QUANT_MODULES
     from .nn_bcq import BCQLinear
