@@ -10,10 +10,12 @@ import glob
 import os
 import shutil
 import subprocess
+import sysconfig
 
 import numpy as np
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import PlatformError
 
 COMPILE_ARGS = [
     "-O3",
@@ -71,8 +73,63 @@ def blas_settings():
     ), os.path.join(lib_dir, ob.get_library(fullname=True))
 
 
+def openblas_licence():
+    """Path of the licence file shipped with the pinned scipy-openblas32 wheel
+    (OpenBLAS, LAPACK and the GCC runtime linked into its library)."""
+    from importlib.metadata import distribution
+
+    dist = distribution("scipy-openblas32")
+    for f in dist.files or ():
+        if f.name.upper().startswith("LICENSE") and ".dist-info" in str(f):
+            return str(dist.locate_file(f))
+    raise RuntimeError("scipy-openblas32 ships no licence file: the vendored OpenBLAS cannot be "
+                       "redistributed without one")
+
+
+def _is_absolute_rpath(arg):
+    """True for a linker argument that adds a run-time search path outside the package."""
+    for prefix in ("-Wl,-rpath,", "-Wl,-rpath=", "-Wl,-R,", "-Wl,-R"):
+        if arg.startswith(prefix):
+            return not arg[len(prefix):].startswith("$ORIGIN")
+    return False
+
+
 class build_ext_vendoring(build_ext):
-    """build_ext that puts the vendored OpenBLAS beside the built extension."""
+    """build_ext that checks for a compiler first, keeps the extension's run-time search path
+    to ``$ORIGIN``, and puts the vendored OpenBLAS (and its licence) beside the extension."""
+
+    def build_extensions(self):
+        self._check_toolchain()
+        if VENDORED_LIB:
+            # Python's own LDSHARED may carry -Wl,-rpath,<its prefix>/lib (pyenv, some
+            # distributions): that path would be searched before $ORIGIN on the user's
+            # machine.  The vendored build needs no path but its own folder.
+            for attr in ("linker_so", "linker_so_cxx"):
+                cmd = getattr(self.compiler, attr, None)
+                if cmd:
+                    setattr(self.compiler, attr, [a for a in cmd if not _is_absolute_rpath(a)])
+        super().build_extensions()
+
+    def _check_toolchain(self):
+        """A clear error before any work when the compiler or Python's headers are missing
+        (setuptools would otherwise fail with a bare "No such file or directory")."""
+        tools = {"C compiler": getattr(self.compiler, "compiler_so", None),
+                 "linker": getattr(self.compiler, "linker_so", None)}
+        for what, cmd in tools.items():
+            if cmd and shutil.which(cmd[0]) is None:
+                src = " (from $CC)" if os.environ.get("CC", "").split()[:1] == cmd[:1] else ""
+                raise PlatformError(
+                    f"building decoupleq from source needs a C compiler, but the {what} "
+                    f"{cmd[0]!r}{src} was not found. Install one with the Python headers "
+                    "(Debian/Ubuntu: apt-get install gcc python3-dev; Fedora: dnf install gcc "
+                    "python3-devel), or install a prebuilt decoupleq wheel for this platform "
+                    "(pip install --only-binary decoupleq decoupleq).")
+        include = sysconfig.get_paths()["include"]
+        if not os.path.exists(os.path.join(include, "Python.h")):
+            raise PlatformError(
+                f"building decoupleq from source needs Python's C headers, and {include}/Python.h "
+                "does not exist (Debian/Ubuntu: apt-get install python3-dev), or install a "
+                "prebuilt decoupleq wheel for this platform.")
 
     def run(self):
         super().run()
@@ -82,9 +139,13 @@ class build_ext_vendoring(build_ext):
             target_dir = os.path.dirname(self.get_ext_fullpath(ext.name))
             os.makedirs(target_dir, exist_ok=True)
             shutil.copy2(VENDORED_LIB, os.path.join(target_dir, os.path.basename(VENDORED_LIB)))
+            # The library's licence travels with it (redistribution requires it).
+            shutil.copy2(OPENBLAS_LICENCE, os.path.join(target_dir, VENDORED_LICENCE_NAME))
 
 
 blas_kwargs, VENDORED_LIB = blas_settings()
+OPENBLAS_LICENCE = openblas_licence() if VENDORED_LIB else None
+VENDORED_LICENCE_NAME = "libscipy_openblas.LICENSE.txt"
 extension = Extension(
     "decoupleq._C",
     sources=sorted(glob.glob("csrc/*.c")),
@@ -104,5 +165,5 @@ setup(
     options={"build": {"build_base": "build/sanitize-build"}} if SANITIZE else {},
     ext_modules=[extension],
     cmdclass={"build_ext": build_ext_vendoring},
-    package_data={"decoupleq": ["libscipy_openblas*.so"]},
+    package_data={"decoupleq": ["libscipy_openblas*.so", "libscipy_openblas.LICENSE.txt"]},
 )

@@ -21,6 +21,7 @@ from torch import nn
 
 from .capture import ActivationCache, run_block
 from .config import BlockTuneConfig
+from .distributed import _SINGLE
 from .nn import QUANT_MODULES
 
 log = logging.getLogger(__name__)
@@ -127,12 +128,14 @@ def _masked_sq_error(y: torch.Tensor, target: torch.Tensor, mask):
     return d.sum(), d.numel()
 
 
-def block_loss(block, inputs: ActivationCache, calls, labels: ActivationCache, replace_labels=False) -> float:
+def block_loss(block, inputs: ActivationCache, calls, labels: ActivationCache, replace_labels=False,
+               dist=_SINGLE) -> float:
     """Mean squared error of ``block`` on the cached inputs against ``labels`` (float32, no grad).
 
     With ``replace_labels``, each label is overwritten by the block's output
     once its error is counted (saving a forward pass when those outputs are
-    needed next).
+    needed next). In a distributed run (``dist``) the error is over every
+    rank's batches.
     """
     total, count = 0.0, 0
     with torch.no_grad():
@@ -143,6 +146,8 @@ def block_loss(block, inputs: ActivationCache, calls, labels: ActivationCache, r
             count += n
             if replace_labels:
                 labels[i] = y
+    if dist.active:
+        total, count = dist.all_reduce_scalars(total, count)
     return total / max(count, 1)
 
 
@@ -179,6 +184,7 @@ def tune_block(
     cfg: BlockTuneConfig,
     progress=None,
     outputs_to_labels: bool = False,
+    dist=_SINGLE,
 ) -> BlockTuneResult:
     """Tune the float parts of ``block`` in place to match ``labels``.
 
@@ -193,6 +199,10 @@ def tune_block(
             entirely float32, overwrite ``labels`` with the block's outputs
             (the next block's inputs) instead of discarding them; the result's
             ``outputs_in_labels`` says whether that happened.
+        dist: this process's share of a distributed run (``decoupleq.distributed``):
+            ``inputs``, ``calls`` and ``labels`` hold its batches (global batch
+            ``rank + j * world_size`` is local ``j``); gradients and losses are
+            summed over ranks, so every rank takes the same steps.
 
     Returns:
         A ``BlockTuneResult``; the block ends with the better of the tuned
@@ -219,26 +229,43 @@ def tune_block(
         for p in params:
             p.requires_grad_(True)
         saved = [p.detach().clone() for p in params]
-        before = block_loss(block, inputs, calls, labels)
+        before = block_loss(block, inputs, calls, labels, dist=dist)
         steps = 0
         if params:
             opt = _Adam(params, lr=cfg.lr, betas=(0.9, 0.99), eps=2e-5, weight_decay=cfg.weight_decay)
+            n_global = len(inputs)
+            if dist.active:
+                n_global = int(dist.all_reduce_scalars(len(inputs))[0])
+            k = cfg.batches_per_step
             for _ in range(cfg.epochs):
-                for i in range(len(inputs)):
-                    y = run_block(block, calls[i], inputs[i], dtype=torch.float32)
-                    s, n = _masked_sq_error(y, labels[i].to(y.device, torch.float32), calls[i].mask)
-                    loss = s / max(n, 1)
+                for start in range(0, n_global, k):
+                    members = range(start, min(start + k, n_global))
                     opt.zero_grad()
-                    loss.backward()
+                    total = 0.0
+                    for g in members:
+                        owner, i = dist.owner(g)
+                        if owner != dist.rank:
+                            continue
+                        y = run_block(block, calls[i], inputs[i], dtype=torch.float32)
+                        s, n = _masked_sq_error(y, labels[i].to(y.device, torch.float32), calls[i].mask)
+                        loss = s / max(n, 1)
+                        loss.backward()  # gradients add up over the step's batches
+                        total += loss.item()
+                    if dist.active:
+                        dist.all_reduce_grads(params, len(members))
+                    elif len(members) > 1:
+                        for p in params:
+                            if p.grad is not None:
+                                p.grad /= len(members)
                     opt.step()
                     steps += 1
                     if progress is not None:
-                        progress(steps, loss.item())
+                        progress(steps, total / len(members))
             del opt
         # The labels are not needed after this pass, whatever happens next: if the
         # tuned parameters are restored, the caller recomputes the outputs instead.
         replace = reuse and steps > 0
-        after = block_loss(block, inputs, calls, labels, replace_labels=replace) if steps else before
+        after = block_loss(block, inputs, calls, labels, replace_labels=replace, dist=dist) if steps else before
         in_labels = replace
         restored = False
         if cfg.keep_best and not after < before:

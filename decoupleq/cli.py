@@ -1,6 +1,7 @@
 """Command line: ``decoupleq quantize | eval | info | models`` (also ``python -m decoupleq``).
 
     decoupleq quantize MODEL --bits 2 --group-size 64 --out DIR [--calib self|FILE|hf:NAME...] [--distill STEPS]
+        [--resume] [--checkpoint-dir RUN | --no-checkpoint]   (also under torchrun: rank 0 saves)
     decoupleq eval DIR --text FILE [--max-windows 64 | --full] [--compare]
     decoupleq info DIR
     decoupleq models
@@ -97,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after quantizing, train the scales and zeros for STEPS steps (one calibration window "
                         "each) on the MSE to the full-precision model's final hidden states (decoupleq.distill); "
                         "the full-precision teacher is MODEL loaded again after quantization")
+    q.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="run folder where each finished block is written (default OUT.run next to --out; "
+                        "removed once the output is saved)")
+    q.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                   help="write no run folder (an interrupted run then starts over)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in the run folder from its first unfinished block "
+                        "(same MODEL, calibration and settings; the output is that of an uninterrupted run)")
     q.add_argument("--eval-text", type=Path, default=None,
                    help="also report perplexity before and after on this text file")
     q.add_argument("--eval-windows", type=_positive(int), default=DEFAULT_MAX_WINDOWS)
@@ -322,6 +331,15 @@ def cmd_quantize(args) -> int:
     if args.eval_text is not None and not args.eval_text.is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} does not exist")
     check_out_folder(args.out)
+    run_dir = None
+    if args.checkpoint:
+        run_dir = args.checkpoint_dir or args.out.with_name(args.out.name + ".run")
+    elif args.resume:
+        raise ValueError("--resume needs the run folder: drop --no-checkpoint")
+    # Under torchrun every rank runs this command; rank 0 evaluates, prints and saves.
+    from .distributed import current
+
+    rank0 = current().rank == 0
 
     lm = load_model(args.model)
     if lm.note:
@@ -330,7 +348,7 @@ def cmd_quantize(args) -> int:
         raise ValueError(f"{lm.name} is an encoder: it cannot generate its own calibration text; pass --calib FILE")
     fp_mb = state_dict_mb(lm.model)
     results = {}
-    if args.eval_text is not None and lm.kind == CAUSAL_LM:
+    if args.eval_text is not None and lm.kind == CAUSAL_LM and rank0:
         r = perplexity(lm.model, args.eval_text, lm.tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows)
         print(f"before: {r}")
         results["fp"] = r.to_dict()
@@ -339,8 +357,10 @@ def cmd_quantize(args) -> int:
     calib = calibration_data(args.calib, model=lm.model, tokenizer=lm.tokenizer, num_samples=args.num_samples,
                              seq_len=args.seq_len, seed=args.seed)
     t_calib = time.perf_counter() - t0
-    quantize(lm.model, calib, mcfg)
+    quantize(lm.model, calib, mcfg, checkpoint_dir=run_dir, resume=args.resume)
     seconds = time.perf_counter() - t0
+    if not rank0:
+        return 0
     distilled = None
     if args.distill is not None:
         from .distill import distill
@@ -394,6 +414,10 @@ def cmd_quantize(args) -> int:
     print(f"size: {fp_mb:.1f} MB in memory before; file {summary['file_mb']:.1f} MB "
           f"({stored}, scales and zeros float32), {summary['packed_mb']:.1f} MB with float16 scales and zeros")
     print(f"saved to {args.out}")
+    if run_dir is not None:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)  # the output holds it all now
     return 0
 
 

@@ -310,6 +310,11 @@ class BlockTuneConfig:
             W4 per-channel decoupleQ, 64 x 256 WikiText-2 calibration tokens,
             2 epochs: test perplexity 32.84 with ``"quantized_inputs"``, 32.17
             with ``"fp_inputs"`` (full precision 29.60; 16 x 512 tokens).
+        batches_per_step: calibration batches whose gradients are averaged into
+            one Adam step (1: a step per batch). In a distributed run a step's
+            batches are computed by the ranks holding them, so a multiple of
+            the world size keeps every rank busy; the result is the same
+            (to float rounding) with any number of ranks.
     """
 
     enabled: bool = True
@@ -320,6 +325,7 @@ class BlockTuneConfig:
     train_bias: bool = False
     keep_best: bool = True
     target: str = "quantized_inputs"
+    batches_per_step: int = 1
 
     def __post_init__(self):
         _flag("enabled", self.enabled)
@@ -330,6 +336,7 @@ class BlockTuneConfig:
         _flag("train_bias", self.train_bias)
         _flag("keep_best", self.keep_best)
         _choice("target", self.target, TUNE_TARGETS)
+        _integer("batches_per_step", self.batches_per_step, low=1)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -185,6 +185,25 @@ def _atomic_write(path: str, write) -> None:
         pass
 
 
+def _canonical_header(path: str) -> None:
+    """Rewrite a safetensors file's header with sorted keys, in place and at the same length.
+
+    safetensors writes the header's maps in hash order, which differs from one
+    process to the next (the two metadata keys swap places), so the same model
+    saved twice gave different bytes; sorted, equal models give equal files."""
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # never seen (the writer's JSON is as compact); keep its header then
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 def _storage_key(t: torch.Tensor):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
@@ -270,7 +289,11 @@ def save(model: nn.Module, path) -> None:
     }
     text = json.dumps(meta, sort_keys=True)
     metadata = {METADATA_KEY: text, META_DIGEST_KEY: text_digest(text)}
-    _atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    def write(tmp):
+        save_file(tensors, tmp, metadata=metadata)
+        _canonical_header(tmp)
+
+    _atomic_write(target, write)
     log.info("saved %d tensors (%d quantized layers) to %s", len(tensors), len(layers), path)
 
 

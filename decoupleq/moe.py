@@ -333,36 +333,45 @@ class BlockExperts:
         at = next((k for k, g in enumerate(groups) if g and g[0] in after), len(groups))
         return groups[:at] + self._groups + groups[at:]
 
-    def hessian(self, name: str, accs: dict, cache: dict):
+    def hessian(self, name: str, accs: dict, cache: dict, reduce=None):
         """(H, own tokens, where H came from: "own", "pooled N" or "identity") of expert layer ``name``.
 
-        ``accs``: {Hessian key: HessianAccumulator} of the current group; ``cache``: a
-        dict kept over the group (each Hessian computed once)."""
-        key = self.keys[name]
-        acc = accs[key]
-        n_own = int(acc.n_tokens)
-        if n_own >= self.min_tokens:
+        Args:
+            accs: {Hessian key: HessianAccumulator} of the current group.
+            cache: a dict kept over the group, {key: (H, tokens)} (each Hessian reduced once).
+            reduce: ``acc -> (H, tokens)`` over every process (``Dist.hessian``; raises
+                ValueError when no process saw a token); None: this process's accumulator.
+                Every process makes the same calls in the same order, so collectives match.
+        """
+        def stats(key):
             if key not in cache:
-                cache[key] = acc.hessian()
-            return cache[key], n_own, "own"
+                acc = accs.get(key)
+                try:
+                    cache[key] = reduce(acc) if reduce is not None else (acc.hessian(), int(acc.n_tokens))
+                except ValueError:  # no token anywhere
+                    cache[key] = (None, 0)
+            return cache[key]
+
+        H, n_own = stats(self.keys[name])
+        if n_own >= self.min_tokens and H is not None:
+            return H, n_own, "own"
         pool = self.pools[name]
         if ("pool", pool) not in cache:
-            members = {self.keys[n] for n, p in self.pools.items() if p == pool}
-            total, H = 0, None
+            # Sorted, not a set's order: every process reduces the members in the same order.
+            members = sorted({self.keys[n] for n, p in self.pools.items() if p == pool}, key=repr)
+            total, Hp = 0, None
             for k in members:
-                a = accs.get(k)
-                n = int(a.n_tokens) if a is not None else 0
-                if n == 0:
+                Hk, nk = stats(k)
+                if Hk is None or nk == 0:
                     continue
                 # Weighted by tokens: the pool is the mean outer product over every routed token.
-                Hk = a.hessian() * float(a.total_weight)
-                H = Hk if H is None else H + Hk
-                total += float(a.total_weight)
-            cache[("pool", pool)] = (H / total, int(total)) if H is not None else (None, 0)
-        H, n_pool = cache[("pool", pool)]
-        if H is None:
-            return np.eye(acc.n_features), n_own, "identity"
-        return H, n_own, f"pooled {n_pool}"
+                Hp = Hk * nk if Hp is None else Hp + Hk * nk
+                total += nk
+            cache[("pool", pool)] = (Hp / total, total) if Hp is not None else (None, 0)
+        Hp, n_pool = cache[("pool", pool)]
+        if Hp is None:
+            return np.eye(accs[self.keys[name]].n_features), n_own, "identity"
+        return Hp, n_own, f"pooled {n_pool}"
 
 
 def block_experts(block: nn.Module, layers: dict, order: list, keys: dict, min_tokens: int):

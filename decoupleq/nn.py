@@ -33,7 +33,10 @@ rows are dequantized by the C core and multiplied by torch's GEMM, see
 ``_packed_forward``); inputs cross to NumPy without copies when
 float32 and contiguous, other float dtypes are converted to float32 and the
 output is cast back. The result agrees with ``F.linear`` on the dequantized
-float32 weight up to float32 rounding (sums are ordered differently).
+float32 weight up to float32 rounding (sums are ordered differently). While
+``torch.compile`` traces, the same kernel call goes through the registered op
+``torch.ops.decoupleq.packed_linear`` (``decoupleq.torch_ops``), so compiled
+models have no graph breaks at these layers.
 Otherwise (autograd, other devices, 5-8 bits) the torch path runs:
 ``decoupleq.sft`` for gradients, else the dequantized weight and F.linear.
 ``QuantConv2d`` always uses the torch path (codes unpacked per call).
@@ -50,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _C
+from . import _C, torch_ops
 
 ORIGINS = ("linear", "conv1d")
 #: Bit widths stored packed (and run by the packed kernels).
@@ -299,6 +302,10 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
             if sft.uses_training_path(self, x):
                 return sft.quant_linear_forward(self, x)
         if x.is_cpu and x.is_floating_point() and x.numel() > 0 and x.shape[-1] == self.in_features:
+            if torch_ops.is_compiling():
+                y = self._compiled_forward(x)
+                if y is not None:
+                    return y
             views = self._kernel_views()
             if views is not None:
                 return self._packed_forward(x, views)
@@ -354,22 +361,28 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         xn = xd.numpy()
         x2 = np.require(xn.reshape(-1, self.in_features), requirements=["C", "A"])
         threads = torch.get_num_threads()  # so torch.set_num_threads limits us too
-        if x2.shape[0] > SMALL_BATCH_MAX:
-            # Prefill: dequantize with the core's threads, multiply with torch's GEMM.
-            # Inside a torch model, OpenBLAS's sgemm (packed_matmul's large-batch path)
-            # leaves its workers spinning while torch's own threads run the rest of
-            # the model: on 2 cores a SmolLM2 forward of 256 tokens took 2.5x longer
-            # that way than with torch's GEMM (benchmarks/bench_prefill.py).
-            w = _C.dequantize_packed(packed, scale, zero, self.bits, self.in_features, self.group_size,
-                                     threads=threads)
-            y = (torch.from_numpy(x2) @ torch.from_numpy(w).t()).numpy()
-        else:
-            y = _C.packed_matmul(x2, packed, scale, zero, self.bits, self.in_features,
-                                 self.group_size, threads=threads)
+        y = torch_ops.uniform_matmul(x2, packed, scale, zero, self.bits, self.in_features, self.group_size,
+                                     threads, SMALL_BATCH_MAX)
         if bias is not None:
             y += bias if not isinstance(bias, str) else self.bias.detach().cpu().to(torch.float32).numpy()
         y = torch.from_numpy(y.reshape(*xn.shape[:-1], self.out_features))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _compiled_forward(self, x: torch.Tensor):
+        """While ``torch.compile`` traces: the packed kernel as the registered op
+        ``decoupleq::packed_linear`` (same arithmetic as ``_packed_forward``), or None
+        where the kernel cannot serve (the caller then takes the torch path)."""
+        packed = self._buffers.get("packed")
+        scale, zero, bias = self.scale, self.zero, self.bias
+        if not torch_ops.AVAILABLE or packed is None or not all(
+                t.is_cpu and t.is_contiguous() and t.dtype == want
+                for t, want in ((packed, torch.uint32), (scale, torch.float32), (zero, torch.float32))):
+            return None
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        b = None if bias is None else bias.to(device="cpu", dtype=torch.float32)
+        y = torch.ops.decoupleq.packed_linear(x2, packed, scale, zero, b, self.bits, self.in_features,
+                                              self.group_size)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def to_float(self) -> nn.Module:
         """A plain ``nn.Linear`` (or ``Conv1D``) holding the dequantized weight."""

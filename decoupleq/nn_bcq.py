@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _C
+from . import torch_ops
 from .bcq import FORMAT, MAX_BITS, BCQWeight, bits_per_weight, row_words
 from .nn import SMALL_BATCH_MAX, _hf_conv1d_class, is_hf_conv1d
 
@@ -307,6 +307,10 @@ class BCQLinear(nn.Module):
         if x.is_cpu and x.is_floating_point() and x.numel() > 0 and x.shape[-1] == self.in_features \
                 and self.planes.is_cpu and self.alpha.is_cpu and self.alpha.dtype == torch.float32 \
                 and self.offset.dtype == torch.float32:
+            if torch_ops.is_compiling():
+                y = self._compiled_forward(x)
+                if y is not None:
+                    return y
             return self._kernel_forward(x)
         w = self.dequantize().to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
@@ -322,20 +326,24 @@ class BCQLinear(nn.Module):
             xd = xd.to(torch.float32)
         xn = xd.numpy()
         x2 = np.ascontiguousarray(xn.reshape(-1, self.in_features))
-        threads = torch.get_num_threads()
-        if x2.shape[0] > SMALL_BATCH_MAX:
-            # Prefill: dequantize with the core's threads, multiply with torch's GEMM
-            # (see QuantLinear._packed_forward for why not OpenBLAS inside a torch model).
-            w = _C.bcq_dequantize_packed(planes, alpha, offset, self.bits, self.in_features, self.group_size,
-                                         threads=threads)
-            y = (torch.from_numpy(x2) @ torch.from_numpy(w).t()).numpy()
-        else:
-            y = _C.bcq_packed_matmul(x2, planes, alpha, offset, self.bits, self.in_features, self.group_size,
-                                     threads=threads)
+        y = torch_ops.bcq_matmul(x2, planes, alpha, offset, self.bits, self.in_features, self.group_size,
+                                 torch.get_num_threads(), SMALL_BATCH_MAX)
         if self.bias is not None:
             y += self.bias.detach().cpu().to(torch.float32).numpy()
         y = torch.from_numpy(y.reshape(*xn.shape[:-1], self.out_features))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _compiled_forward(self, x: torch.Tensor):
+        """While ``torch.compile`` traces: the kernel as the registered op ``decoupleq::bcq_linear``
+        (same arithmetic as ``_kernel_forward``), or None where it cannot serve."""
+        if not torch_ops.AVAILABLE or not (self.planes.is_contiguous() and self.alpha.is_contiguous()
+                                           and self.offset.is_contiguous()):
+            return None
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        b = None if self.bias is None else self.bias.to(device="cpu", dtype=torch.float32)
+        y = torch.ops.decoupleq.bcq_linear(x2, self.planes, self.alpha, self.offset, b, self.bits,
+                                           self.in_features, self.group_size)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     # ---- export ---------------------------------------------------------------------------------
 

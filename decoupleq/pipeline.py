@@ -65,6 +65,9 @@ from .capture import (
     run_block,
 )
 from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
+from . import resume as resume_mod
+from .distributed import _SINGLE
+from .distributed import current as current_dist
 from .hessian import HessianAccumulator
 from .models import BlockSpec, adapter_groups, find_blocks, is_quantizable, quantizable_layers
 from .nn import QuantConv2d, QuantLinear
@@ -383,13 +386,16 @@ def _relative_loss(W: torch.Tensor, H: torch.Tensor, damping: float, loss: float
 
 
 def _quantize_block(
-    journal, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output, fp_inputs=None
+    journal, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars, need_output, fp_inputs=None,
+    dist=_SINGLE,
 ):
     """Quantize (and tune) block i; returns (tuning result, block, next inputs, next fp inputs).
 
     ``fp_inputs``: the full-precision model's inputs to this block (tuning
     target ``"fp_inputs"``), or None. The full-precision block's outputs on
     them are both this block's tuning labels and the next block's fp_inputs.
+    ``dist``: this process's share of a distributed run (``decoupleq.distributed``):
+    ``inputs`` are then its calibration batches only.
     """
     t_block = time.perf_counter()
     layers = plan.layers
@@ -480,18 +486,19 @@ def _quantize_block(
                 full = spec.full_name(i, name)
                 acc = reps[owner[name]][1]
                 t0 = time.perf_counter()
-                n_tokens, source = int(acc.n_tokens), "own"
-                if experts and name in experts.names:
-                    H, n_tokens, source = experts.hessian(name, accs, hessians)
-                    if source != "own":
-                        report.moe_fallbacks.append((full, n_tokens, source))
-                else:
-                    if owner[name] not in hessians:
-                        hessians[owner[name]] = acc.hessian()
-                    H = hessians[owner[name]]
+                source = "own"
+                with _naming(full):
+                    if experts and name in experts.names:
+                        H, n_tokens, source = experts.hessian(name, accs, hessians, dist.hessian)
+                        if source != "own":
+                            report.moe_fallbacks.append((full, n_tokens, source))
+                    else:
+                        if owner[name] not in hessians:
+                            hessians[owner[name]] = dist.hessian(acc)  # (H, tokens), summed over ranks
+                        H, n_tokens = hessians[owner[name]]
                 W = layer_weight_matrix(module)
                 with _naming(full):
-                    qw = quantize_weight(W, H, lcfg)
+                    qw = dist.quantize_weight(W, H, lcfg)
                     new = _swap_in_quantized(journal, spec, i, name, module, qw)
                 if name == "":
                     block = new
@@ -520,7 +527,7 @@ def _quantize_block(
             # The fp-path labels are the next block's fp_inputs: not to be overwritten.
             result = tune_block(
                 block, inputs, calls, labels, tune, progress=progress,
-                outputs_to_labels=need_output and fp_outputs is None,
+                outputs_to_labels=need_output and fp_outputs is None, dist=dist,
             )
             if result.outputs_in_labels:
                 # The tuned block's outputs are already computed: that cache holds the next inputs.
@@ -609,9 +616,16 @@ def _needs_no_data(plans: list, mcfg: ModelQuantConfig) -> bool:
     )
 
 
-def _quantize_without_data(journal: Journal, spec: BlockSpec, plans: list, report: QuantReport, bars) -> None:
-    """Round every planned layer to its min-max grid in place (RTN needs no Hessian)."""
+def _quantize_without_data(journal: Journal, spec: BlockSpec, plans: list, report: QuantReport, bars,
+                           run=None, dist=_SINGLE) -> None:
+    """Round every planned layer to its min-max grid in place (RTN needs no Hessian).
+
+    Every rank rounds every layer (it is cheap and needs no data)."""
+    done = _restore_finished(run, journal, spec, plans, report, False, len(plans) - 1, None, None, bars)
     for i, plan in enumerate(plans):
+        if i <= done:
+            continue
+        n_layers, n_skipped = len(report.layers), len(report.skipped)
         t_block = time.perf_counter()
         for name, (module, lcfg) in plan.layers.items():
             full = spec.full_name(i, name)
@@ -626,8 +640,42 @@ def _quantize_without_data(journal: Journal, spec: BlockSpec, plans: list, repor
             if bars is not None:
                 bars[1].update(1)
         report.blocks.append(BlockReport(i, spec.block_name(i), time.perf_counter() - t_block, [list(plan.layers)]))
+        if run is not None:
+            _commit_block(run, dist, i, spec.blocks[i], plan, report, n_layers, n_skipped, None, None)
         if bars is not None:
             bars[0].update(1)
+
+
+def _restore_finished(run, journal, spec, plans, report, chained, last, inputs, fp_inputs, bars) -> int:
+    """Put the run folder's finished blocks back into the model; returns the last one (-1: none).
+
+    Their quantized layers and tuned state come from the folder, and so do the
+    next block's inputs (chained blocks), exactly as the interrupted run held them."""
+    if run is None or run.done < 0:
+        return -1
+    done = min(run.done, last)
+    for i in range(done + 1):
+        if plans[i].layers or i == run.done:
+            with _naming(f"block {spec.block_name(i) or i}", layer=False):
+                resume_mod.restore_block(
+                    run, i, spec, plans[i], journal, report,
+                    lambda i, name, module, qw: _swap_in_quantized(journal, spec, i, name, module, qw),
+                )
+        if bars is not None:
+            bars[0].update(1)
+            bars[1].update(len(plans[i].layers))
+    if chained and done < last and inputs is not None:
+        run.read_inputs(done, inputs, fp_inputs)
+    return done
+
+
+def _commit_block(run, dist, i, block, plan, report, n_layers, n_skipped, inputs, fp_inputs) -> None:
+    """Write finished block i (and the next block's inputs) to the run folder, then mark it done."""
+    swapped = resume_mod.quantized_layers(block, plan)
+    run.write_block(i, block, swapped, resume_mod.block_meta(i, swapped, report, n_layers, n_skipped))
+    if inputs is not None:
+        run.write_inputs(i, inputs, fp_inputs)
+    run.commit(i, dist)
 
 
 # ---------------------------------------------------------------------------
@@ -649,6 +697,8 @@ def quantize(
     indivisible: str | None = None,
     tmpdir=None,
     verbose: bool | None = None,
+    checkpoint_dir=None,
+    resume: bool = False,
 ) -> nn.Module:
     """Quantize ``model``'s layers in place, block by block, and return it.
 
@@ -666,6 +716,19 @@ def quantize(
         blockwise, true_sequential, skip, cache_budget_mb, batch_size,
             indivisible, tmpdir, verbose: override the ``ModelQuantConfig``
             fields of the same names (see its docstring).
+        checkpoint_dir: a run folder (``decoupleq.resume``): each finished
+            block is written there, so an interrupted run can be resumed.
+            A new or empty folder starts a run.
+        resume: continue the run in ``checkpoint_dir`` from its first
+            unfinished block (the model, calibration data and settings must be
+            those of the run: the result is then byte for byte that of an
+            uninterrupted run).
+
+    In a ``torch.distributed`` run (``torchrun``; see ``decoupleq.distributed``)
+    every rank calls ``quantize`` with the same model, calibration set and
+    settings; each runs its share of the batches and rows, and every rank
+    returns the same quantized model. With ``checkpoint_dir``, rank 0 writes
+    the blocks and each rank its inputs (a folder all ranks can reach).
 
     Returns:
         ``model``, with ``QuantLinear`` / ``QuantConv2d`` in place of the
@@ -713,6 +776,26 @@ def quantize(
         journal.restore()
         raise
     moe.revert_unplanned(converted, (spec.full_name(i, n) for i, p in enumerate(plans) for n in p.layers))
+    dist = current_dist()
+    if dist.active:
+        if mcfg.quant.method == "uniquanf":
+            raise ValueError("method 'uniquanf' does not run distributed yet; run it in one process")
+        if len(batches) < dist.world_size:
+            raise ValueError(f"calibration has {len(batches)} batches for {dist.world_size} ranks: "
+                             "every rank needs at least one")
+    run = None
+    if checkpoint_dir is not None:
+        if mcfg.quant.method == "uniquanf":
+            raise ValueError("checkpoint_dir is not supported with method 'uniquanf' yet")
+        run = resume_mod.open_run(
+            checkpoint_dir, resume_mod.fingerprint(model, batches, mcfg.to_dict(),
+                                                   [spec.block_name(i) for i in range(len(spec.blocks))],
+                                                   dist.world_size),
+            resume, dist.rank, dist.world_size, dist,
+        )
+    elif resume:
+        raise ValueError("resume=True needs checkpoint_dir")
+    batches = dist.shard(batches)
 
     info = log.info if mcfg.verbose else log.debug
     info(
@@ -737,14 +820,18 @@ def quantize(
             )
         if _needs_no_data(plans, mcfg):
             info("RTN without block tuning needs no data: the calibration batches are not run")
-            _quantize_without_data(journal, spec, plans, report, bars)
+            _quantize_without_data(journal, spec, plans, report, bars, run, dist)
             return _finish(model, mcfg, report, t_start, info)
         caught = catch_block_inputs(model, spec.blocks, batches, inputs)
         last = max(i for i, p in enumerate(plans) if p.layers)
         fp_inputs = _start_fp_path(mcfg, caught.chained, inputs, budget)
+        done = _restore_finished(run, journal, spec, plans, report, caught.chained, last, inputs, fp_inputs, bars)
         for i, (block, plan) in enumerate(zip(spec.blocks, plans)):
             if i > last:
                 break
+            if i <= done:
+                continue
+            n_layers, n_skipped = len(report.layers), len(report.skipped)
             calls = caught.calls[i]
             if not caught.chained and i > 0 and plan.layers:
                 # Blocks that do not feed each other: catch this block's inputs from
@@ -768,7 +855,7 @@ def quantize(
                     else:
                         res, block, inputs, fp_inputs = _quantize_block(
                             journal, i, block, spec, plan, calls, inputs, budget, mcfg, report, bars,
-                            caught.chained and i < last, fp_inputs,
+                            caught.chained and i < last, fp_inputs, dist,
                         )
                 if res is not None:
                     info(
@@ -781,6 +868,9 @@ def quantize(
                         inputs[j] = run_block(block, calls[j], inputs[j])
                         if fp_inputs is not None:
                             fp_inputs[j] = run_block(block, calls[j], fp_inputs[j])
+            if run is not None:
+                _commit_block(run, dist, i, block, plan, report, n_layers, n_skipped,
+                              inputs if caught.chained and i < last else None, fp_inputs)
             if bars is not None:
                 bars[0].update(1)
     except BaseException:

@@ -153,3 +153,34 @@ def test_out_folder_is_replaced_whole_and_foreign_folders_refused(llama_dir, tex
     (foreign / "notes.txt").write_text("keep me")
     assert cli.main(base[:-3] + ["--out", str(foreign), "-q", "--bits", "4"]) == 2
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+@needs_solver
+def test_interrupted_quantize_resumes_to_the_same_model_file(llama_dir, texts, tmp_path, monkeypatch, capsys):
+    import decoupleq.solver
+
+    base = ["quantize", str(llama_dir), "--method", "gptq", "--bits", "2", "--group-size", "16", "--blockwise",
+            "--blockwise-epochs", "1", "--calib", str(texts[0]), "--num-samples", "4", "--seq-len", "16", "-q"]
+    assert cli.main(base + ["--out", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole.run").exists()  # removed once the output is saved
+
+    real, calls = decoupleq.solver.quantize_weight, []
+
+    def interrupted(*a, **kw):  # Ctrl-C in block 1's third layer
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(decoupleq.solver, "quantize_weight", interrupted)
+    out = tmp_path / "q"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(base + ["--out", str(out)])
+    assert json.loads((tmp_path / "q.run" / "progress.json").read_text()) == {"done": 0}
+    capsys.readouterr()
+    assert cli.main(base + ["--out", str(out)]) != 0  # the folder holds a run: never silently redone
+    assert "holds a run with 1 finished block(s)" in capsys.readouterr().err
+    monkeypatch.setattr(decoupleq.solver, "quantize_weight", real)
+    assert cli.main(base + ["--out", str(out), "--resume"]) == 0
+    assert (out / cli.MODEL_FILE).read_bytes() == (tmp_path / "whole" / cli.MODEL_FILE).read_bytes()
+    assert not (tmp_path / "q.run").exists()
