@@ -53,6 +53,8 @@ _COUNT_KEYS = re.compile(
     r"^(num_hidden_layers|n_layers?|num_layers|(en|de)coder_layers|num_(en|de)coder_layers|"
     r"num_(local_)?experts|n_routed_experts|n_shared_experts|num_experts_per_tok)$"
 )
+#: Fused expert tensors ([E, ...], transformers 5's MoE experts kept in full precision).
+_FUSED_EXPERTS = re.compile(r"experts\.(gate_up_proj|down_proj|up_proj)$")
 #: Widths and vocabulary: bounded by the largest dimension of any tensor in the file.
 _WIDTH_KEYS = re.compile(
     r"^(vocab_size|hidden_size|intermediate_size|n_embd|n_inner|d_model|d_ff|d_kv|ffn_dim|"
@@ -131,10 +133,14 @@ def file_dims(shapes: dict) -> dict:
     not the largest: one tensor named ``model.layers.99999.x`` backs one layer, not 100000."""
     max_dim = max((d for s in shapes.values() for d in s), default=0)
     indices = {}
-    for key in shapes:
+    fused = 0
+    for key, s in shapes.items():
         for m in re.finditer(r"\.(\d+)(?=\.)", key):
             indices.setdefault(key[: m.start()], set()).add(m.group(1))
-    return {"max_dim": max_dim, "max_count": max((len(v) for v in indices.values()), default=0)}
+        # Fused MoE experts left in full precision hold one matrix per expert along dim 0.
+        if len(s) == 3 and _FUSED_EXPERTS.search(key):
+            fused = max(fused, s[0])
+    return {"max_dim": max_dim, "max_count": max(max((len(v) for v in indices.values()), default=0), fused)}
 
 
 def _auto_class_names(model_type: str) -> set:

@@ -428,6 +428,8 @@ def cmd_quantize(args) -> int:
         "seconds": seconds,
         "distill": distilled,
         "layers": len(report.layers) if report is not None else None,
+        "params": dict(getattr(report, "params", {}) or {}),
+        "moe_fallbacks": [list(f) for f in getattr(report, "moe_fallbacks", []) or []],
         "skipped": list(getattr(report, "skipped", []) or []),
         "fp_mb": fp_mb,
         "packed_mb": packed_mb(lm.model),
@@ -435,6 +437,14 @@ def cmd_quantize(args) -> int:
     }
     summary = save_folder(args.out, lm.model, lm.tokenizer, summary)
     print(f"quantized {summary['layers']} layers in {seconds:.1f} s (calibration data {t_calib:.1f} s)")
+    if summary["params"]:
+        from .moe import describe_counts
+
+        for line in describe_counts(summary["params"]):
+            print(f"  {line}")
+        if summary["moe_fallbacks"]:
+            print(f"  {len(summary['moe_fallbacks'])} expert layers saw too few routed tokens and took "
+                  f"their block's pooled Hessian (listed in {SUMMARY_FILE})")
     stored = f"codes packed at {args.bits} bits" if args.bits <= 4 else f"{args.bits}-bit codes stored as int8"
     print(f"size: {fp_mb:.1f} MB in memory before; file {summary['file_mb']:.1f} MB "
           f"({stored}, scales and zeros float32), {summary['packed_mb']:.1f} MB with float16 scales and zeros")
@@ -521,8 +531,22 @@ def _layer_kind_lines(layers: dict) -> list:
     return lines
 
 
+def _file_counts(file, layers: dict) -> dict:
+    """Weights quantized vs parameters kept, from the file's tensor header (no tensor read)."""
+    from safetensors import safe_open
+
+    from .moe import file_parameter_counts
+
+    with safe_open(str(file), framework="pt") as f:
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+        dtypes = {k: s.get_dtype() for k, s in slices.items()}
+    return file_parameter_counts(layers, shapes, dtypes)
+
+
 def cmd_info(args) -> int:
     from .io import read_metadata
+    from .moe import describe_counts
 
     from .hf_folder import folder_layers, folder_size, is_decoupleq_folder
 
@@ -555,6 +579,11 @@ def cmd_info(args) -> int:
     print(f"layers:    {len(layers)} quantized (bits {bits}, group sizes {groups})")
     for line in _layer_kind_lines(layers):
         print(line)
+    for k, line in enumerate(describe_counts(_file_counts(file, layers))):
+        print(f"{'weights:' if k == 0 else '':10s} {line}")
+    if summary.get("moe_fallbacks"):
+        print(f"           {len(summary['moe_fallbacks'])} expert layers took their block's pooled Hessian "
+              "(too few routed tokens)")
     if summary:
         cal = summary.get("calibration", {})
         if cal.get("source") is None:

@@ -387,6 +387,9 @@ class ModelQuantConfig:
         tmpdir: parent directory of the temporary activation files (default:
             the system temporary directory, never the working directory).
         verbose: progress bars and INFO logs; ``False`` is quiet.
+        expert_min_tokens: an MoE expert layer whose own Hessian comes from fewer
+            routed calibration tokens than this takes the pooled Hessian of the
+            same layer of all experts of its block instead (``decoupleq.moe``).
     """
 
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -398,6 +401,7 @@ class ModelQuantConfig:
     indivisible: str = "short"
     tmpdir: object = None
     verbose: bool = True
+    expert_min_tokens: int = 64
 
     def __post_init__(self):
         if not isinstance(self.quant, QuantConfig):
@@ -413,6 +417,7 @@ class ModelQuantConfig:
         object.__setattr__(self, "skip", _normalize_skip(self.skip))
         _positive_float("cache_budget_mb", self.cache_budget_mb, allow_zero=True)
         _integer("batch_size", self.batch_size, low=1)
+        _integer("expert_min_tokens", self.expert_min_tokens, low=0)
         _choice("indivisible", self.indivisible, INDIVISIBLE_POLICIES)
         if self.tmpdir is not None and not isinstance(self.tmpdir, (str, bytes)) and not hasattr(
             self.tmpdir, "__fspath__"
@@ -440,6 +445,7 @@ class ModelQuantConfig:
             "cache_budget_mb": self.cache_budget_mb,
             "batch_size": self.batch_size,
             "indivisible": self.indivisible,
+            "expert_min_tokens": self.expert_min_tokens,
         }
 
 

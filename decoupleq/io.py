@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _hf_build, _hf_hook
+from . import _hf_build, _hf_hook, moe
 from ._io_schema import (
     FLOAT_ST,
     META_DIGEST_KEY,
@@ -701,23 +701,33 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
     if hf is not None:
         # No memory on the meta device, and no more modules than the file's tensors back.
         skeleton = _hf_build.build(hf[1], hf[0], "meta", what, file_tensors=len(shapes) + len(meta["aliases"]))
+        moe.unfuse_for_layers(skeleton, layers)  # quantized experts live in per-expert layers
         _plan(skeleton, meta, shapes, dtypes, what)
         extra = _hf_build.extra_buffer_elements(skeleton)
         if extra > max(_hf_build.MAX_EXTRA_BUFFER_ELEMENTS, sum(int(np.prod(s)) for s in shapes.values())):
             raise ValueError(f"{what}: the stored config makes {extra} elements of buffers beyond the file's tensors")
         del skeleton
-    if model is not None:
-        _plan(model, meta, shapes, dtypes, what)
-    for name, info in layers.items():
-        _pack_old_codes(tensors, name, info, version, what)
-    _check_codes(tensors, layers, what)
-    for dup, kept in meta["aliases"].items():
-        tensors[dup] = tensors[kept]
+    # A caller's model with fused MoE experts gets their per-expert form (same forward) where
+    # the file quantized them; undone if anything below fails, so a bad file changes nothing.
+    undo_experts = moe.unfuse_for_layers(model, layers) if model is not None else None
+    try:
+        if model is not None:
+            _plan(model, meta, shapes, dtypes, what)
+        for name, info in layers.items():
+            _pack_old_codes(tensors, name, info, version, what)
+        _check_codes(tensors, layers, what)
+        for dup, kept in meta["aliases"].items():
+            tensors[dup] = tensors[kept]
 
-    if model is None:
-        model = _hf_build.build(hf[1], hf[0], "cpu", what)
-    changes = _plan(model, meta, shapes, dtypes, what)  # cheap; on the very model to fill
-    _fill(model, layers, tensors, changes)
+        if model is None:
+            model = _hf_build.build(hf[1], hf[0], "cpu", what)
+            moe.unfuse_for_layers(model, layers)
+        changes = _plan(model, meta, shapes, dtypes, what)  # cheap; on the very model to fill
+        _fill(model, layers, tensors, changes)
+    except BaseException:
+        if undo_experts is not None:
+            undo_experts()
+        raise
     model.eval()
     model.decoupleq_config = meta.get("quantization")
     _hf_hook.attach(model)

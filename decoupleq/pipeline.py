@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import moe
 from .blockwise import BlockTuneResult, tune_block
 from .capture import (
     ActivationCache,
@@ -93,8 +94,12 @@ class LayerReport:
         loss: sum of the per-row errors ``(w^ - w) H00 (w^ - w)^T`` (NaN for data-free RTN).
         rel_loss: ``loss / sum_r w_r H00 w_r^T`` (0 = exact, 1 = as bad as zero weights; NaN
             for data-free RTN).
-        n_tokens: tokens the Hessian was built from (0 for data-free RTN).
+        n_tokens: tokens the Hessian was built from (0 for data-free RTN); for an MoE
+            expert's layer, the tokens routed to that expert.
         seconds: solver wall time.
+        hessian: where the Hessian came from: "own", or for an MoE expert that saw too
+            few tokens "pooled N" (its block's experts' pooled Hessian, N tokens) or
+            "identity" (``decoupleq.moe``); "none" for data-free RTN.
     """
 
     name: str
@@ -104,6 +109,7 @@ class LayerReport:
     rel_loss: float
     n_tokens: int
     seconds: float
+    hessian: str = "own"
 
 
 @dataclass
@@ -119,12 +125,19 @@ class BlockReport:
 
 @dataclass
 class QuantReport:
-    """What ``quantize`` did; attached to the model as ``model.decoupleq_report``."""
+    """What ``quantize`` did; attached to the model as ``model.decoupleq_report``.
+
+    ``params``: weights quantized vs kept in floating point (``decoupleq.moe.parameter_counts``:
+    keys quantized, kept, experts_quantized, experts_kept). ``moe_fallbacks``: the MoE expert
+    layers whose own routed tokens were too few, as (name, own tokens, Hessian used).
+    """
 
     layers: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     seconds: float = 0.0
+    params: dict = field(default_factory=dict)
+    moe_fallbacks: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------
@@ -288,8 +301,13 @@ def _plan(spec: BlockSpec, mcfg: ModelQuantConfig, report: QuantReport) -> list:
                     f"model is a single {type(block).__name__} layer: use decoupleq.quantize_weight for one matrix"
                 )
             found = {"": block}
+        routers = set(moe.router_layers(block))
         for rel, m in found.items():
             full = spec.full_name(i, rel)
+            if rel in routers:
+                log.info("%s routes an MoE block's tokens: kept in full precision", full)
+                report.skipped.append(full)
+                continue
             if skip(full, m):
                 report.skipped.append(full)
                 continue
@@ -398,12 +416,18 @@ def _quantize_block(
     layers = plan.layers
     n = len(inputs)
     order, counts, keys = _discover(block, calls[0], inputs[0], layers)
-    never = [name for name in layers if name not in counts]
+    # MoE experts run only on the tokens routed to them: one that the first batch did not
+    # reach is still quantized, in its stage (decoupleq.moe).
+    experts = moe.block_experts(block, layers, order, keys, mcfg.expert_min_tokens)
+    never = [name for name in layers if name not in counts and not (experts and name in experts.names)]
     for name in never:
         log.warning("layer %s was never called by its block: left in full precision", spec.full_name(i, name))
         report.skipped.append(spec.full_name(i, name))
-    groups = _groups(order, keys, adapter_groups(spec.adapter, counts.keys()), mcfg.true_sequential)
+    plain = experts.other_order(order) if experts else order
+    groups = _groups(plain, keys, adapter_groups(spec.adapter, plain), mcfg.true_sequential)
     reused = any(c > 1 for c in counts.values())
+    if experts:
+        groups = experts.arrange(groups, order, mcfg.true_sequential)
 
     tune = mcfg.blockwise
     fp_outputs = None
@@ -423,7 +447,10 @@ def _quantize_block(
             # One accumulator per distinct input within the group.
             reps, owner = {}, {}
             for name in group:
-                k = keys[name] if not reused else (name,)
+                if experts and name in experts.names:
+                    k = experts.keys[name]  # one per (expert, stage): its routed tokens
+                else:
+                    k = keys[name] if not reused else (name,)
                 if k not in reps:
                     m = layers[name][0]
                     reps[k] = (name, HessianAccumulator(layer_in_features(m)))
@@ -435,10 +462,13 @@ def _quantize_block(
 
             def make(name, module, acc):
                 full = spec.full_name(i, name)
+                expert = experts is not None and name in experts.names
 
                 def hook(mod, inp, out):
+                    # An expert's input rows are its routed tokens: the batch's mask, restricted.
+                    mask = experts.token_mask(name, state["mask"]) if expert else state["mask"]
                     with _naming(full):  # a bad activation is this layer's Hessian's problem
-                        acc.add(layer_tokens(module, inp[0], state["mask"]))
+                        acc.add(layer_tokens(module, inp[0], mask))
                     fired.add(name)
                     if stop_early and len(fired) == len(rep_names):
                         raise _StopForward
@@ -465,15 +495,22 @@ def _quantize_block(
                     h.remove()
 
             hessians = {}  # layers fed the same input share one H
+            accs = {k: acc for k, (_, acc) in reps.items()}
             for name in group:
                 module, lcfg = layers[name]
                 full = spec.full_name(i, name)
                 acc = reps[owner[name]][1]
                 t0 = time.perf_counter()
+                source = "own"
                 with _naming(full):
-                    if owner[name] not in hessians:
-                        hessians[owner[name]] = dist.hessian(acc)  # (H, tokens), summed over ranks
-                H, n_tokens = hessians[owner[name]]
+                    if experts and name in experts.names:
+                        H, n_tokens, source = experts.hessian(name, accs, hessians, dist.hessian)
+                        if source != "own":
+                            report.moe_fallbacks.append((full, n_tokens, source))
+                    else:
+                        if owner[name] not in hessians:
+                            hessians[owner[name]] = dist.hessian(acc)  # (H, tokens), summed over ranks
+                        H, n_tokens = hessians[owner[name]]
                 W = layer_weight_matrix(module)
                 with _naming(full):
                     qw = dist.quantize_weight(W, H, lcfg)
@@ -484,7 +521,7 @@ def _quantize_block(
                 rel = _relative_loss(W, torch.as_tensor(H), lcfg.damping, loss)
                 dt = time.perf_counter() - t0
                 report.layers.append(
-                    LayerReport(full, tuple(W.shape), lcfg.group_size, loss, rel, n_tokens, dt)
+                    LayerReport(full, tuple(W.shape), lcfg.group_size, loss, rel, n_tokens, dt, source)
                 )
                 log.debug("%s %s: loss %.6g (relative %.4g) in %.2fs", full, tuple(W.shape), loss, rel, dt)
                 if bars is not None:
@@ -613,7 +650,8 @@ def _quantize_without_data(journal: Journal, spec: BlockSpec, plans: list, repor
                 qw = quantize_weight(W, None, lcfg)
                 _swap_in_quantized(journal, spec, i, name, module, qw)
             dt = time.perf_counter() - t0
-            report.layers.append(LayerReport(full, tuple(W.shape), lcfg.group_size, float("nan"), float("nan"), 0, dt))
+            report.layers.append(LayerReport(full, tuple(W.shape), lcfg.group_size, float("nan"), float("nan"), 0, dt,
+                                             "none"))
             if bars is not None:
                 bars[1].update(1)
         report.blocks.append(BlockReport(i, spec.block_name(i), time.perf_counter() - t_block, [list(plan.layers)]))
@@ -752,14 +790,23 @@ def quantize(
         batches = calibration_batches(calibration, mcfg.batch_size, vocab if isinstance(vocab, int) else None)
     spec = find_blocks(model, blocks)
     report = QuantReport()
-    plans = _plan(spec, mcfg, report)
-    if mcfg.quant.method == "uniquanf":
-        _check_uniquanf_layers(spec, plans)
-    total_layers = sum(len(p.layers) for p in plans)
-    if total_layers == 0:
-        log.warning("no layer to quantize (all skipped or none found); the model is unchanged")
-        return model
-    _check_finite_weights(spec, plans)
+    journal = Journal(model)
+    # Fused MoE experts become per-expert layers (same forward, same weights) to be planned.
+    converted = moe.convert_fused(journal, spec)
+    try:
+        plans = _plan(spec, mcfg, report)
+        if mcfg.quant.method == "uniquanf":
+            _check_uniquanf_layers(spec, plans)
+        total_layers = sum(len(p.layers) for p in plans)
+        if total_layers == 0:
+            log.warning("no layer to quantize (all skipped or none found); the model is unchanged")
+            moe.revert_unplanned(converted, ())
+            return model
+        _check_finite_weights(spec, plans)
+    except BaseException:
+        journal.restore()
+        raise
+    moe.revert_unplanned(converted, (spec.full_name(i, n) for i, p in enumerate(plans) for n in p.layers))
     dist = current_dist()
     if dist.active:
         if mcfg.quant.method == "uniquanf":
@@ -794,7 +841,6 @@ def quantize(
     inputs = ActivationCache(budget, mcfg.tmpdir, name="inputs")
     fp_inputs = None
     bars = None
-    journal = Journal(model)
     try:
         if mcfg.verbose:
             from tqdm.auto import tqdm
@@ -930,7 +976,18 @@ def _start_fp_path(mcfg: ModelQuantConfig, chained: bool, inputs: ActivationCach
 
 def _finish(model, mcfg: ModelQuantConfig, report: QuantReport, t_start: float, info) -> nn.Module:
     report.seconds = time.perf_counter() - t_start
-    info("quantized %d layers in %.1fs", len(report.layers), report.seconds)
+    report.params = moe.parameter_counts(model)
+    p = report.params
+    info("quantized %d layers in %.1fs: %d weights quantized, %d parameters kept in floating point",
+         len(report.layers), report.seconds, p["quantized"], p["kept"])
+    if p["experts_quantized"] or p["experts_kept"]:
+        info("MoE experts: %d weights quantized, %d kept", p["experts_quantized"], p["experts_kept"])
+    if report.moe_fallbacks:
+        shown = ", ".join(f"{n} ({t} tokens, {s})" for n, t, s in report.moe_fallbacks[:4])
+        more = len(report.moe_fallbacks) - 4
+        log.warning("%d MoE expert layer%s saw fewer than %d routed tokens and took a fallback Hessian: %s%s",
+                    len(report.moe_fallbacks), "" if len(report.moe_fallbacks) == 1 else "s",
+                    mcfg.expert_min_tokens, shown, f", ... ({more} more)" if more > 0 else "")
     model.decoupleq_config = mcfg.to_dict()
     model.decoupleq_report = report
     _hf_hook.attach(model)  # a transformers model: save_pretrained / from_pretrained carry it
