@@ -531,16 +531,18 @@ def _layer_kind_lines(layers: dict) -> list:
     return lines
 
 
-def _file_counts(file, layers: dict) -> dict:
-    """Weights quantized vs parameters kept, from the file's tensor header (no tensor read)."""
+def _file_counts(files, layers: dict) -> dict:
+    """Weights quantized vs parameters kept, from the files' tensor headers (no tensor read)."""
     from safetensors import safe_open
 
     from .moe import file_parameter_counts
 
-    with safe_open(str(file), framework="pt") as f:
-        slices = {k: f.get_slice(k) for k in f.keys()}
-        shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
-        dtypes = {k: s.get_dtype() for k, s in slices.items()}
+    shapes, dtypes = {}, {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for k in f.keys():
+                s = f.get_slice(k)
+                shapes[k], dtypes[k] = tuple(s.get_shape()), s.get_dtype()
     return file_parameter_counts(layers, shapes, dtypes)
 
 
@@ -548,7 +550,7 @@ def cmd_info(args) -> int:
     from .io import read_metadata
     from .moe import describe_counts
 
-    from .hf_folder import folder_layers, folder_size, is_decoupleq_folder
+    from .hf_folder import folder_layers, folder_size, is_decoupleq_folder, weight_files
 
     path = args.path
     folder = path if path.is_dir() else path.parent
@@ -558,11 +560,13 @@ def cmd_info(args) -> int:
         qcfg, layers = folder_layers(path)
         meta = {"quantization": qcfg.settings or {}}
         cls = json.loads((path / "config.json").read_text())["architectures"][0]
+        files = weight_files(path, str(path))
         print(f"folder:    {path} ({folder_size(path) / 1e6:.1f} MB of weights), Hugging Face layout, "
               f"quant_method decoupleq, format v{qcfg.format_version}")
     else:
         file = path / MODEL_FILE if path.is_dir() else path
         meta = read_metadata(str(file))
+        files = [file]
         layers = meta.get("layers", {})
         cls = meta["model"].get("class")
         print(f"file:      {file} ({file.stat().st_size / 1e6:.1f} MB), format {meta['format']} "
@@ -579,7 +583,7 @@ def cmd_info(args) -> int:
     print(f"layers:    {len(layers)} quantized (bits {bits}, group sizes {groups})")
     for line in _layer_kind_lines(layers):
         print(line)
-    for k, line in enumerate(describe_counts(_file_counts(file, layers))):
+    for k, line in enumerate(describe_counts(_file_counts(files, layers))):
         print(f"{'weights:' if k == 0 else '':10s} {line}")
     if summary.get("moe_fallbacks"):
         print(f"           {len(summary['moe_fallbacks'])} expert layers took their block's pooled Hessian "

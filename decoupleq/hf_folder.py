@@ -205,6 +205,7 @@ def folder_layers(path) -> tuple:
     """(``DecoupleQConfig``, {layer: full description}) of a folder, from a meta-device build."""
     import torch
 
+    from . import moe
     from .hf_config import DecoupleQConfig
 
     model_cls, cfg = model_class(path)
@@ -212,6 +213,7 @@ def folder_layers(path) -> tuple:
     config = model_cls.config_class.from_dict({k: v for k, v in cfg.items() if k != "quantization_config"})
     with torch.device("meta"):
         skeleton = model_cls(config)
+    moe.unfuse_for_layers(skeleton, qcfg.layers)  # quantized experts live in per-expert layers
     what = repr(str(path))
     infos = {}
     for name in qcfg.layers:

@@ -181,7 +181,7 @@ def _tied_aliases(model, shapes: dict) -> dict:
     return aliases
 
 
-def verify_shard_bytes(path: str, checksums: dict, what: str) -> None:
+def verify_shard_bytes(path: str, checksums: dict, what: str, to_model=None) -> None:
     """Every tensor of one shard against its recorded SHA-256 (dtype, shape and bytes, as
     ``decoupleq._io_schema.tensor_digest``), read in chunks into one reused buffer: no tensor
     is built, and the file's pages are not mapped into the process (its RSS stays flat)."""
@@ -202,7 +202,7 @@ def verify_shard_bytes(path: str, checksums: dict, what: str) -> None:
         for key, entry in header.items():
             if key == "__metadata__":
                 continue
-            want = checksums.get(key)
+            want = checksums.get(key if to_model is None else to_model(key))  # recorded in the model's names
             if want is None:
                 raise ValueError(f"{what}: tensor {key!r} has no recorded checksum")
             try:
@@ -232,16 +232,16 @@ class _Verifier:
     """The shards' checksums, verified on a second thread while transformers reads the tensors
     (the hashing releases the GIL); ``result()`` waits and re-raises its error."""
 
-    def __init__(self, files, checksums: dict, what: str):
+    def __init__(self, files, checksums: dict, what: str, to_model=None):
         self._error = None
-        self._thread = threading.Thread(target=self._run, args=(files, checksums, what),
+        self._thread = threading.Thread(target=self._run, args=(files, checksums, what, to_model),
                                         name="decoupleq-verify", daemon=True)
         self._thread.start()
 
-    def _run(self, files, checksums, what):
+    def _run(self, files, checksums, what, to_model):
         try:
             for path in files:
-                verify_shard_bytes(path, checksums, what)
+                verify_shard_bytes(path, checksums, what, to_model)
         except BaseException as exc:  # handed to the loading thread by result()
             self._error = exc
 
@@ -249,6 +249,21 @@ class _Verifier:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+def _checkpoint_key_renamer(model: nn.Module):
+    """checkpoint key -> the model's key, by the renamings transformers itself applies when it
+    loads this model (its weight converters fuse float tensors decoupleq never stores, so only
+    the renamings concern quantized layers). Identity where this transformers has none."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:
+        return lambda key: key
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return lambda key: key
+    return lambda key: apply_renamings(key, renamings)
 
 
 def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: bool = False):
@@ -264,6 +279,7 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: boo
     Raises:
         ValueError naming the folder and the layer, tensor or key at fault.
     """
+    from . import moe
     from .io import _module_from_info, _plan
 
     files = [os.fspath(f) for f in (files or [])]
@@ -271,7 +287,13 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: boo
     if not files or not all(f.endswith(".safetensors") for f in files):
         raise ValueError(f"{what}: decoupleq models load from safetensors files only, got {files or 'none'}")
     shapes, dtypes, meta = _read_shards(files, what)
+    # transformers renames some checkpoint keys on load (and back on save: Mixtral's experts are
+    # saved under the legacy ``block_sparse_moe``); the checks below are in the model's names.
+    to_model = _checkpoint_key_renamer(model)
+    shapes = {to_model(k): v for k, v in shapes.items()}
+    dtypes = {to_model(k): v for k, v in dtypes.items()}
     marker = meta[MARKER_KEY]
+    marker = to_model(marker) if isinstance(marker, str) else marker
     if cfg.layers:
         if not (isinstance(marker, str) and marker.endswith(".weight") and marker[: -len(".weight")] in cfg.layers
                 and shapes.get(marker) == (0,) and dtypes.get(marker) == "U8"):
@@ -288,6 +310,9 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: boo
         shapes = {k[len(p):]: v for k, v in shapes.items() if k.startswith(p)}
         dtypes = {k[len(p):]: v for k, v in dtypes.items() if k.startswith(p)}
         names = {name[len(p):]: name for name in cfg.layers if name.startswith(p)}
+    # Quantized experts live in per-expert layers: fused expert modules the folder's layers run
+    # through get their per-expert form (same forward) before the layers are looked up.
+    moe.unfuse_for_layers(model, list(names))
     infos = {}
     for name, stored in names.items():
         try:
@@ -308,7 +333,7 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: boo
         raise ValueError(f"{what}: shard metadata {CHECKSUMS_KEY!r} is missing or not an object")
     doc = {"layers": infos, "aliases": _tied_aliases(model, shapes), "format_version": FORMAT_VERSION}
     _plan(model, doc, shapes, dtypes, what)
-    verifier = _Verifier(files, checksums, what)
+    verifier = _Verifier(files, checksums, what, to_model)
     if not background:
         verifier.result()
 

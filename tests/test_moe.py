@@ -225,6 +225,24 @@ def test_a_list_of_linear_experts_is_quantized_and_its_router_kept():
 
 
 @pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe])
+def test_save_pretrained_from_pretrained_gives_the_quantized_models_logits(tmp_path, build):
+    # transformers saves Mixtral's experts under the legacy name ``block_sparse_moe`` and renames
+    # them back on load: the folder's checks and checksums follow the same renaming.
+    from transformers import AutoModelForCausalLM
+
+    model = build()
+    with one_thread():
+        decoupleq.quantize(model, token_batches(n=4, seq=32), _config(method="rtn"))
+        model.save_pretrained(tmp_path / "q")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        ids = token_batches(n=2, seq=20, seed=7)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert isinstance(loaded.model.layers[1].mlp.experts[3].down_proj, QuantLinear)
+    assert moe.parameter_counts(loaded) == moe.parameter_counts(model)
+
+
+@pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe])
 def test_save_load_gives_the_quantized_models_logits(tmp_path, build):
     model = build()
     calib = token_batches(n=4, seq=32)
