@@ -45,6 +45,12 @@ static PyObject *py_bcq_solve(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     if (dq_py_layer_args(oW, oH, group_size, bits, 0, "half_up", &la) < 0) goto fail;
+    /* BCQ layers have equal groups (the uniform solvers accept a shorter last one). */
+    if (la.n % la.group_size != 0) {
+        PyErr_Format(PyExc_ValueError, "group_size %ld does not divide in_features %lld (BCQ layers need equal "
+                     "groups)", group_size, (long long)la.n);
+        goto fail;
+    }
     const int64_t m = la.m, n = la.n, g = la.group_size, G = n / g;
     if (!(Ix = dq_py_take(oI, "indices", NPY_UINT8, 2))) goto fail;
     if (PyArray_DIM(Ix, 0) != m || PyArray_DIM(Ix, 1) != n) {
