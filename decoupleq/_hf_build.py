@@ -268,13 +268,19 @@ _INIT_FILLS = frozenset(
 
 
 class _SkipMetaFills(torch.overrides.TorchFunctionMode):
-    """Skip weight initialisation on meta tensors: about half of a meta build's time goes to
+    """Used only for builds on the meta device. Skip weight initialisation on meta tensors: about half of a meta build's time goes to
     dispatching ``reset_parameters``' fills, which change nothing there. A mode is
     per thread, unlike patching ``torch.nn.init``, so models built on other threads
     meanwhile are initialised as usual."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ones or func is torch.zeros:
+            # Constant factories (norm weights) on meta hold no values either, and torch.ones
+            # on meta dispatches through a slow decomposition: torch.empty gives the same tensor.
+            device = kwargs.get("device")
+            if device is None or torch.device(device).type == "meta":
+                return torch.empty(*args, **kwargs)
         if getattr(func, "__name__", None) in _INIT_FILLS:
             # torch.nn.init passes its tensor by keyword through torch function handling.
             t = args[0] if args else kwargs.get("tensor", kwargs.get("self"))

@@ -700,7 +700,9 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
     tensors = _read_tensors(path, meta, verify)  # the file's own bytes first: cheap to refuse
     if hf is not None:
         # No memory on the meta device, and no more modules than the file's tensors back.
-        skeleton = _hf_build.build(hf[1], hf[0], "meta", what, file_tensors=len(shapes) + len(meta["aliases"]))
+        # An empty tensor backs no parameter, so it buys no room in the build's budget.
+        backed = sum(1 for s in shapes.values() if int(np.prod(s)) > 0) + len(meta["aliases"])
+        skeleton = _hf_build.build(hf[1], hf[0], "meta", what, file_tensors=backed)
         moe.unfuse_for_layers(skeleton, layers)  # quantized experts live in per-expert layers
         _plan(skeleton, meta, shapes, dtypes, what)
         extra = _hf_build.extra_buffer_elements(skeleton)
