@@ -108,6 +108,7 @@ def run_one(spec: dict, data: Path) -> dict:
             quant=decoupleq.QuantConfig(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"],
                                         init=spec.get("init")),
             blockwise=tune if spec["blockwise"] else False,
+            indivisible=spec.get("indivisible", "short"),
             verbose=False)
         decoupleq.quantize(lm.model, calib, config)
         if spec["distill_steps"]:
@@ -153,6 +154,9 @@ def main(argv=None):
                    help="block tuning learning rate (default BlockTuneConfig's)")
     p.add_argument("--bt-epochs", type=int, default=None, help="block tuning epochs (default BlockTuneConfig's)")
     p.add_argument("--bt-target", default=None, help="block tuning target: quantized_inputs (default) or fp_inputs")
+    p.add_argument("--indivisible", choices=("short", "per_channel", "skip", "error"), default="short",
+                   help="a layer whose inputs the group size does not divide: shorter last group (default), "
+                        "per-channel (the only choice uniquanf has there), keep it float, or refuse")
     p.add_argument("--distill", type=int, default=0, metavar="STEPS",
                    help="after quantizing, distill the scales/zeros for STEPS steps (default 0: none)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run, in a child process
@@ -183,7 +187,7 @@ def main(argv=None):
     tune = BlockTuneConfig(**{k: v for k, v in given if v is not None})
     base = dict(model=MODEL, num_samples=num_samples, seq_len=args.seq_len, eval_windows=eval_windows,
                 eval_seq_len=args.eval_seq_len, full_eval=args.full_eval, bt_lr=tune.lr, bt_epochs=tune.epochs,
-                bt_target=tune.target, distill_steps=args.distill)
+                bt_target=tune.target, distill_steps=args.distill, indivisible=args.indivisible)
     specs = []
     if wanted is None or "fp" in wanted:
         specs.append(dict(base, method="fp", bits=None, group_size=None, blockwise=False, distill_steps=0))
