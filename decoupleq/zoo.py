@@ -24,6 +24,7 @@ while reading the cached folder takes one or two.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -307,15 +308,49 @@ def default_cache_dir() -> Path:
 
 
 def _gguf_cache_entry(path: Path, cache_dir) -> Path:
+    """The cache folder of a GGUF file, named by its contents, so the same model installed in
+    several environments (each venv holds its own copy of a packaged GGUF) shares one entry.
+
+    Hashing the file costs a read of it; that digest is remembered under the file's
+    (path, size, mtime) in a small stamp file, so a later call on the unchanged file reads
+    neither the file nor its GGUF tensors again.
+    """
     import transformers
 
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "gguf"
     st = path.stat()
-    key = json.dumps(
-        [str(path.resolve()), st.st_size, st.st_mtime_ns, transformers.__version__, _CACHE_FORMAT]
-    )
-    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "gguf" / f"{path.stem}-{digest}"
+    stamp_key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    stamp = root / "stamps" / hashlib.sha1(stamp_key.encode()).hexdigest()
+    content = None
+    try:
+        recorded = json.loads(stamp.read_text())
+        if recorded.get("key") == stamp_key and isinstance(recorded.get("sha256"), str):
+            content = recorded["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass  # no stamp yet, or an unreadable one: hash the file again
+    if content is None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        content = digest.hexdigest()
+        _write_small_file_atomically(stamp, json.dumps({"key": stamp_key, "sha256": content}))
+    key = json.dumps([content, transformers.__version__, _CACHE_FORMAT])
+    return root / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def _write_small_file_atomically(path: Path, text: str) -> None:
+    """Write beside the final name, then rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_gguf(path, *, kind: Optional[str] = None, dtype=None, cache: bool = True, cache_dir=None) -> LoadedModel:

@@ -1,6 +1,7 @@
 """GGUF files of architectures outside zoo's own table: converted once through transformers'
 GGUF loader, cached as a float Hugging Face folder, read from the cache afterwards."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +82,26 @@ def test_gemma_windows_start_with_bos(gemma_gguf, tmp_path):
     plain = perplexity(lm.model, text, lm.tokenizer, seq_len=64, max_windows=4, bos=False)
     assert with_bos.budget.bos and not plain.budget.bos
     assert with_bos.ppl != plain.ppl
+
+
+def test_one_cache_entry_per_file_contents(gemma_gguf, tmp_path):
+    # The same GGUF at two paths (as when each virtual environment installs its own copy of a
+    # packaged model) is converted once: the cache entry is named by the file's contents.
+    path, _ = gemma_gguf
+    cache = tmp_path / "cache"
+    first_copy, second_copy = tmp_path / "a" / path.name, tmp_path / "b" / path.name
+    for copy in (first_copy, second_copy):
+        copy.parent.mkdir()
+        copy.write_bytes(path.read_bytes())
+    first = zoo.load_model(first_copy, cache_dir=cache)
+    second = zoo.load_model(second_copy, cache_dir=cache)
+    assert second.extra["cached_at"] == first.extra["cached_at"]
+    entries = [p for p in (cache / "gguf").iterdir() if (p / "config.json").is_file()]
+    assert entries == [Path(first.extra["cached_at"])]
+    # Other contents get their own entry.
+    with open(second_copy, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    assert zoo._gguf_cache_entry(second_copy, cache) != Path(first.extra["cached_at"])
