@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="comma-separated OUTxIN weight shapes (default: the five of the issue)")
     ap.add_argument("--batches", help="comma-separated batch sizes (default 1,8,128)")
     ap.add_argument("--no-bcq", action="store_true", help="skip the BCQ kernels")
+    ap.add_argument("--bits", help="comma-separated bit widths (default 2,3,4)")
+    ap.add_argument("--groups", help="comma-separated group sizes, -1 per-channel (default -1,64,128)")
     ap.add_argument("--bandwidth-mib", type=int, default=512, help="buffer of the read-bandwidth test")
     args = ap.parse_args(argv)
     if args.threads < 1:
@@ -95,7 +97,16 @@ def main(argv=None) -> int:
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
     batches = (1, 8) if args.quick else BATCHES
+    bit_widths, groups = BITS, GROUPS
     try:
+        if args.bits:
+            bit_widths = tuple(int(v) for v in args.bits.split(","))
+            if any(b not in BITS for b in bit_widths):
+                raise ValueError
+        if args.groups:
+            groups = tuple(int(v) for v in args.groups.split(","))
+            if any(g != -1 and g < 8 for g in groups):
+                raise ValueError
         if args.shapes:
             shapes = [tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")]
             if any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
@@ -105,7 +116,8 @@ def main(argv=None) -> int:
             if min(batches) < 1:
                 raise ValueError
     except ValueError:
-        ap.error("--shapes takes OUTxIN[,OUTxIN...] and --batches positive ints, e.g. 4096x4096 and 1,128")
+        ap.error("--shapes takes OUTxIN[,OUTxIN...], --batches positive ints, --bits some of 2,3,4 and "
+                 "--groups -1 or sizes >= 8, e.g. 4096x4096, 1,128, 2 and -1,64")
     min_reps, budget = (3, 0.2) if args.quick else (5, 0.5)
     records = []
 
@@ -129,9 +141,9 @@ def main(argv=None) -> int:
     for out_f, in_f in shapes:
         w32 = rng.standard_normal((out_f, in_f), dtype=np.float32) * 0.02
         packs, bcqs = {}, {}
-        for bits in BITS:
+        for bits in bit_widths:
             codes = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), size=(out_f, in_f)).astype(np.int8)
-            for gs in GROUPS:
+            for gs in groups:
                 if gs != -1 and in_f % gs:
                     continue  # e.g. g128 on 576 columns: not a valid grouping
                 G = 1 if gs == -1 else in_f // gs
