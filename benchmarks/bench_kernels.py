@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="comma-separated OUTxIN weight shapes (default: the five of the issue)")
     ap.add_argument("--batches", help="comma-separated batch sizes (default 1,8,128)")
     ap.add_argument("--no-bcq", action="store_true", help="skip the BCQ kernels")
+    ap.add_argument("--bcq-kernels", default="",
+                    help="comma-separated BCQ kernels to time beside the default one, e.g. avx2 "
+                         "(rows 'bcq_<name>'; see _C.bcq_kernel_names())")
     ap.add_argument("--bits", help="comma-separated bit widths (default 2,3,4)")
     ap.add_argument("--groups", help="comma-separated group sizes, -1 per-channel (default -1,64,128)")
     ap.add_argument("--bandwidth-mib", type=int, default=512, help="buffer of the read-bandwidth test")
@@ -118,6 +121,11 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error("--shapes takes OUTxIN[,OUTxIN...], --batches positive ints, --bits some of 2,3,4 and "
                  "--groups -1 or sizes >= 8, e.g. 4096x4096, 1,128, 2 and -1,64")
+    extra_bcq = [k for k in args.bcq_kernels.split(",") if k]
+    unknown = [k for k in extra_bcq if k not in _C.bcq_kernel_names()]
+    if unknown:
+        ap.error(f"--bcq-kernels: {', '.join(unknown)} not runnable here; choose from "
+                 f"{', '.join(_C.bcq_kernel_names())}")
     min_reps, budget = (3, 0.2) if args.quick else (5, 0.5)
     records = []
 
@@ -186,10 +194,11 @@ def main(argv=None) -> int:
                     pw.nbytes)
                 if (bits, gs) in bcqs:
                     planes, alpha, offset = bcqs[(bits, gs)]
-                    add("bcq", bits, gs,
-                        timeit(lambda: bcq_linear(x, planes, alpha, offset, bits, gs, threads=args.threads),
-                               min_reps, budget),
-                        planes.nbytes + alpha.nbytes + offset.nbytes)
+                    for name in [None] + extra_bcq:
+                        add("bcq" if name is None else f"bcq_{name}", bits, gs,
+                            timeit(lambda: bcq_linear(x, planes, alpha, offset, bits, gs, threads=args.threads,
+                                                      kernel=name), min_reps, budget),
+                            planes.nbytes + alpha.nbytes + offset.nbytes)
 
             base = rows[0]["seconds"]
             print(f"{out_f}x{in_f}  batch {batch}")
@@ -197,7 +206,7 @@ def main(argv=None) -> int:
                   f"{'vs fp32 BLAS':>13}{'cpu ms':>10}")
             for r in rows:
                 g = "chan" if r["group_size"] == -1 else f"g{r['group_size']}"
-                g = "-" if r["impl"] not in ("decoupleq", "bcq") else g
+                g = "-" if r["impl"] != "decoupleq" and not r["impl"].startswith("bcq") else g
                 print(f"  {r['impl']:<14}{r['bits']:>5}{g:>7}{r['seconds'] * 1e3:>10.3f}{r['gbps']:>8.2f}"
                       f"{100 * r['gbps'] / bw:>9.0f}%{base / r['seconds']:>12.2f}x{r['cpu_seconds'] * 1e3:>10.3f}")
             print()
@@ -236,14 +245,17 @@ def summarize(records, bw, macs):
                           f"{r['gbps']:.2f} GB/s = {100 * frac:.0f}% of read bw (target >= 70%): "
                           f"{'met' if frac >= 0.7 else 'MISSED'}; {100 * of_macs:.0f}% of the multiply-add "
                           f"ceiling")
+    bcq_impls = sorted({r["impl"] for r in records if r["impl"].startswith("bcq")})
     for bits in BITS:
         for gs in GROUPS:
-            u, b = find((4096, 4096), 1, "decoupleq", bits, gs), find((4096, 4096), 1, "bcq", bits, gs)
-            if u and b:
-                ratio = b["seconds"] / u["seconds"]
-                print(f"  BCQ W{bits} {'chan' if gs == -1 else 'g%d' % gs:>5} 4096x4096 batch 1: "
-                      f"{b['seconds'] * 1e3:.3f} ms vs uniform {u['seconds'] * 1e3:.3f} ms = {ratio:.2f}x its time"
-                      + (f" (target <= 1.0x: {'met' if ratio <= 1.0 else 'MISSED'})" if bits == 2 else ""))
+            for impl in bcq_impls:
+                u, b = find((4096, 4096), 1, "decoupleq", bits, gs), find((4096, 4096), 1, impl, bits, gs)
+                if u and b:
+                    ratio = b["seconds"] / u["seconds"]
+                    label = "BCQ" if impl == "bcq" else f"BCQ ({impl[4:]})"
+                    print(f"  {label} W{bits} {'chan' if gs == -1 else 'g%d' % gs:>5} 4096x4096 batch 1: "
+                          f"{b['seconds'] * 1e3:.3f} ms vs uniform {u['seconds'] * 1e3:.3f} ms = {ratio:.2f}x its time"
+                          + (f" (target <= 1.0x: {'met' if ratio <= 1.0 else 'MISSED'})" if bits == 2 else ""))
     base = find((4096, 4096), 1, "openblas_fp32")
     for bits, want in ((2, 8.0), (4, 5.0)):
         for gs in GROUPS:
