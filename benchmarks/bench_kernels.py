@@ -66,6 +66,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="comma-separated OUTxIN weight shapes (default: the five of the issue)")
     ap.add_argument("--batches", help="comma-separated batch sizes (default 1,8,128)")
     ap.add_argument("--no-bcq", action="store_true", help="skip the BCQ kernels")
+    ap.add_argument("--bcq-kernels", default="",
+                    help="comma-separated BCQ kernels to time beside the default one, e.g. avx2 "
+                         "(rows 'bcq_<name>'; see _C.bcq_kernel_names())")
+    ap.add_argument("--bits", help="comma-separated bit widths (default 2,3,4)")
+    ap.add_argument("--groups", help="comma-separated group sizes, -1 per-channel (default -1,64,128)")
     ap.add_argument("--bandwidth-mib", type=int, default=512, help="buffer of the read-bandwidth test")
     args = ap.parse_args(argv)
     if args.threads < 1:
@@ -95,7 +100,16 @@ def main(argv=None) -> int:
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
     batches = (1, 8) if args.quick else BATCHES
+    bit_widths, groups = BITS, GROUPS
     try:
+        if args.bits:
+            bit_widths = tuple(int(v) for v in args.bits.split(","))
+            if any(b not in BITS for b in bit_widths):
+                raise ValueError
+        if args.groups:
+            groups = tuple(int(v) for v in args.groups.split(","))
+            if any(g != -1 and g < 8 for g in groups):
+                raise ValueError
         if args.shapes:
             shapes = [tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")]
             if any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
@@ -105,7 +119,13 @@ def main(argv=None) -> int:
             if min(batches) < 1:
                 raise ValueError
     except ValueError:
-        ap.error("--shapes takes OUTxIN[,OUTxIN...] and --batches positive ints, e.g. 4096x4096 and 1,128")
+        ap.error("--shapes takes OUTxIN[,OUTxIN...], --batches positive ints, --bits some of 2,3,4 and "
+                 "--groups -1 or sizes >= 8, e.g. 4096x4096, 1,128, 2 and -1,64")
+    extra_bcq = [k for k in args.bcq_kernels.split(",") if k]
+    unknown = [k for k in extra_bcq if k not in _C.bcq_kernel_names()]
+    if unknown:
+        ap.error(f"--bcq-kernels: {', '.join(unknown)} not runnable here; choose from "
+                 f"{', '.join(_C.bcq_kernel_names())}")
     min_reps, budget = (3, 0.2) if args.quick else (5, 0.5)
     records = []
 
@@ -129,9 +149,9 @@ def main(argv=None) -> int:
     for out_f, in_f in shapes:
         w32 = rng.standard_normal((out_f, in_f), dtype=np.float32) * 0.02
         packs, bcqs = {}, {}
-        for bits in BITS:
+        for bits in bit_widths:
             codes = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), size=(out_f, in_f)).astype(np.int8)
-            for gs in GROUPS:
+            for gs in groups:
                 if gs != -1 and in_f % gs:
                     continue  # e.g. g128 on 576 columns: not a valid grouping
                 G = 1 if gs == -1 else in_f // gs
@@ -174,10 +194,11 @@ def main(argv=None) -> int:
                     pw.nbytes)
                 if (bits, gs) in bcqs:
                     planes, alpha, offset = bcqs[(bits, gs)]
-                    add("bcq", bits, gs,
-                        timeit(lambda: bcq_linear(x, planes, alpha, offset, bits, gs, threads=args.threads),
-                               min_reps, budget),
-                        planes.nbytes + alpha.nbytes + offset.nbytes)
+                    for name in [None] + extra_bcq:
+                        add("bcq" if name is None else f"bcq_{name}", bits, gs,
+                            timeit(lambda: bcq_linear(x, planes, alpha, offset, bits, gs, threads=args.threads,
+                                                      kernel=name), min_reps, budget),
+                            planes.nbytes + alpha.nbytes + offset.nbytes)
 
             base = rows[0]["seconds"]
             print(f"{out_f}x{in_f}  batch {batch}")
@@ -185,7 +206,7 @@ def main(argv=None) -> int:
                   f"{'vs fp32 BLAS':>13}{'cpu ms':>10}")
             for r in rows:
                 g = "chan" if r["group_size"] == -1 else f"g{r['group_size']}"
-                g = "-" if r["impl"] not in ("decoupleq", "bcq") else g
+                g = "-" if r["impl"] != "decoupleq" and not r["impl"].startswith("bcq") else g
                 print(f"  {r['impl']:<14}{r['bits']:>5}{g:>7}{r['seconds'] * 1e3:>10.3f}{r['gbps']:>8.2f}"
                       f"{100 * r['gbps'] / bw:>9.0f}%{base / r['seconds']:>12.2f}x{r['cpu_seconds'] * 1e3:>10.3f}")
             print()
@@ -224,14 +245,17 @@ def summarize(records, bw, macs):
                           f"{r['gbps']:.2f} GB/s = {100 * frac:.0f}% of read bw (target >= 70%): "
                           f"{'met' if frac >= 0.7 else 'MISSED'}; {100 * of_macs:.0f}% of the multiply-add "
                           f"ceiling")
+    bcq_impls = sorted({r["impl"] for r in records if r["impl"].startswith("bcq")})
     for bits in BITS:
         for gs in GROUPS:
-            u, b = find((4096, 4096), 1, "decoupleq", bits, gs), find((4096, 4096), 1, "bcq", bits, gs)
-            if u and b:
-                ratio = b["seconds"] / u["seconds"]
-                print(f"  BCQ W{bits} {'chan' if gs == -1 else 'g%d' % gs:>5} 4096x4096 batch 1: "
-                      f"{b['seconds'] * 1e3:.3f} ms vs uniform {u['seconds'] * 1e3:.3f} ms = {ratio:.2f}x its time"
-                      + (f" (target <= 1.0x: {'met' if ratio <= 1.0 else 'MISSED'})" if bits == 2 else ""))
+            for impl in bcq_impls:
+                u, b = find((4096, 4096), 1, "decoupleq", bits, gs), find((4096, 4096), 1, impl, bits, gs)
+                if u and b:
+                    ratio = b["seconds"] / u["seconds"]
+                    label = "BCQ" if impl == "bcq" else f"BCQ ({impl[4:]})"
+                    print(f"  {label} W{bits} {'chan' if gs == -1 else 'g%d' % gs:>5} 4096x4096 batch 1: "
+                          f"{b['seconds'] * 1e3:.3f} ms vs uniform {u['seconds'] * 1e3:.3f} ms = {ratio:.2f}x its time"
+                          + (f" (target <= 1.0x: {'met' if ratio <= 1.0 else 'MISSED'})" if bits == 2 else ""))
     base = find((4096, 4096), 1, "openblas_fp32")
     for bits, want in ((2, 8.0), (4, 5.0)):
         for gs in GROUPS:

@@ -7,8 +7,10 @@
  *   larger batches: dequantize a tile of rows (our threads), then one sgemm
  *       per tile (OpenBLAS's threads), never overlapping.
  * The choice of kernel follows the uniform kernels' switch: the reference
- * under DECOUPLEQ_KERNEL=reference or without AVX2, else AVX2 (there is one
- * AVX2 variant, so nothing to time).
+ * under DECOUPLEQ_KERNEL=reference or without AVX2; AVX2 under
+ * DECOUPLEQ_KERNEL=avx2; else AVX-512 where the CPU has it (its batch-1
+ * dot; it hands everything else to the AVX2 kernel), else AVX2.  Nothing
+ * is timed: each kernel's own paths are never slower than the one below.
  */
 #include "dq_kernels_bcq.h"
 #include "dq_blas.h"
@@ -25,7 +27,10 @@ const dq_bcq_kernel_t *dq_bcq_kernel_default(void)
 {
     const char *env = getenv("DECOUPLEQ_KERNEL");
     if (env && strcmp(env, "reference") == 0) return &dq_bcq_kernel_ref;
-    return dq_cpu_has_avx2() ? &dq_bcq_kernel_avx2 : &dq_bcq_kernel_ref;
+    if (!dq_cpu_has_avx2()) return &dq_bcq_kernel_ref;
+    /* DECOUPLEQ_KERNEL=avx2 (or avx2_subnormal) asks for the AVX2 builds */
+    if (env && strncmp(env, "avx2", 4) == 0) return &dq_bcq_kernel_avx2;
+    return dq_cpu_has_avx512() ? &dq_bcq_kernel_avx512 : &dq_bcq_kernel_avx2;
 }
 
 const dq_bcq_kernel_t *dq_bcq_kernel_by_name(const char *name)
@@ -33,6 +38,7 @@ const dq_bcq_kernel_t *dq_bcq_kernel_by_name(const char *name)
     if (strcmp(name, "auto") == 0) return dq_bcq_kernel_default();
     if (strcmp(name, "reference") == 0) return &dq_bcq_kernel_ref;
     if (strcmp(name, "avx2") == 0 && dq_cpu_has_avx2()) return &dq_bcq_kernel_avx2;
+    if (strcmp(name, "avx512") == 0 && dq_cpu_has_avx512()) return &dq_bcq_kernel_avx512;
     return NULL;
 }
 

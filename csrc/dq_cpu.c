@@ -30,8 +30,21 @@ static int detect_avx2(void)
     __cpuid_count(7, 0, a, b, c, d);
     return (b & (1u << 5)) != 0; /* AVX2 */
 }
+
+static int detect_avx512(void)
+{
+    unsigned int a, b, c, d;
+    unsigned int xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    (void)xhi;
+    /* XMM, YMM, opmask, the upper halves of ZMM0-15 and ZMM16-31 */
+    if ((xlo & 0xe6u) != 0xe6u) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (b & (1u << 16)) != 0; /* AVX-512F */
+}
 #else
 static int detect_avx2(void) { return 0; }
+static int detect_avx512(void) { return 0; }
 #endif
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -135,6 +148,18 @@ int dq_cpu_has_avx2(void)
 {
     pthread_once(&once, choose);
     return has_avx2;
+}
+
+/* Only asked after dq_cpu_has_avx2() (xgetbv needs OSXSAVE, which that
+ * checked). */
+static pthread_once_t once512 = PTHREAD_ONCE_INIT;
+static int has_avx512;
+static void choose512(void) { has_avx512 = dq_cpu_has_avx2() && detect_avx512(); }
+
+int dq_cpu_has_avx512(void)
+{
+    pthread_once(&once512, choose512);
+    return has_avx512;
 }
 
 int dq_solver_simd(void)

@@ -177,6 +177,9 @@ extern const dq_kernel_t dq_kernel_avx2_subn; /* codes read as subnormal floats 
 /* ---- dispatch (dq_cpu.c) ------------------------------------------------ */
 /* 1 when the CPU has AVX2, FMA and F16C and the OS saves YMM state. */
 int dq_cpu_has_avx2(void);
+/* 1 when dq_cpu_has_avx2() and the CPU has AVX-512F and the OS saves the
+ * opmask and ZMM state. */
+int dq_cpu_has_avx512(void);
 /* 1 when the solver's row loops should take their AVX2 builds: the CPU has
  * them (dq_cpu_has_avx2) and DECOUPLEQ_KERNEL=reference does not ask for the
  * portable builds.  Both builds round every operation the same. */

@@ -100,12 +100,17 @@ typedef struct {
 extern const dq_bcq_kernel_t dq_bcq_kernel_ref;
 /* AVX2 + FMA (dq_kernels_bcq_avx2.c); only run when dq_cpu_has_avx2(). */
 extern const dq_bcq_kernel_t dq_bcq_kernel_avx2;
+/* AVX-512F batch-1 dot for 1 and 2 bits, else the AVX2 kernel
+ * (dq_kernels_bcq_avx512.c); only run when dq_cpu_has_avx512(). */
+extern const dq_bcq_kernel_t dq_bcq_kernel_avx512;
 
 /* ---- dispatch and driver (dq_bcq_matmul.c) ----------------------------- */
 /* The default: the reference under DECOUPLEQ_KERNEL=reference or without
- * AVX2 (dq_cpu_has_avx2), else AVX2. */
+ * AVX2 (dq_cpu_has_avx2), AVX2 under DECOUPLEQ_KERNEL=avx2*, else AVX-512
+ * when dq_cpu_has_avx512(), else AVX2. */
 const dq_bcq_kernel_t *dq_bcq_kernel_default(void);
-/* "reference" or "avx2" if runnable here ("auto": the default), else NULL. */
+/* "reference", "avx2" or "avx512" if runnable here ("auto": the default),
+ * else NULL. */
 const dq_bcq_kernel_t *dq_bcq_kernel_by_name(const char *name);
 /* y (batch x out) = x (batch x in) * What^T; batches above
  * DQ_SMALL_BATCH_MAX go through dequantized tiles of tile_rows rows (< 1:

@@ -33,8 +33,9 @@ static const dq_bcq_kernel_t *take_kernel(PyObject *name)
     if (!s) return NULL;
     const dq_bcq_kernel_t *k = dq_bcq_kernel_by_name(s);
     if (!k) {
-        PyErr_Format(PyExc_ValueError, "kernel '%s' is not available here; choose from %s", s,
-                     dq_bcq_kernel_by_name("avx2") ? "auto, reference, avx2" : "auto, reference");
+        PyErr_Format(PyExc_ValueError, "kernel '%s' is not available here; choose from auto, reference%s%s",
+                     s, dq_bcq_kernel_by_name("avx2") ? ", avx2" : "",
+                     dq_bcq_kernel_by_name("avx512") ? ", avx512" : "");
         return NULL;
     }
     return k;
@@ -291,6 +292,8 @@ static PyObject *py_bcq_kernel_names(PyObject *self, PyObject *noargs)
 {
     (void)self;
     (void)noargs;
+    /* the default (auto) last */
+    if (dq_bcq_kernel_by_name("avx512")) return Py_BuildValue("[sss]", "reference", "avx2", "avx512");
     return dq_bcq_kernel_by_name("avx2") ? Py_BuildValue("[ss]", "reference", "avx2")
                                          : Py_BuildValue("[s]", "reference");
 }

@@ -242,7 +242,7 @@ def bcq_linear(x: np.ndarray, packed: np.ndarray, alpha: np.ndarray, offset: np.
     """``y = x @ W_hat.T`` for float32 ``x (batch, n)`` and a packed BCQ weight, by the C kernels.
 
     ``kernel``: None/"auto" (``DECOUPLEQ_KERNEL=reference`` forces the plain C
-    one), "reference" or "avx2". Batches of up to 16 rows read the packed words
+    one), "reference", "avx2" or "avx512" (where the CPU has it). Batches of up to 16 rows read the packed words
     directly; larger ones go through dequantized tiles and sgemm.
     """
     x = np.asarray(x)

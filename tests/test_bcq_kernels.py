@@ -252,3 +252,44 @@ def test_thread_count_does_not_change_a_bit():
             assert ys[0].tobytes() == ys[1].tobytes() == ys[2].tobytes()
     d = [_C.bcq_dequantize_packed(p, w.alpha, w.offset, 2, 512, 64, threads=t) for t in (1, 2)]
     assert d[0].tobytes() == d[1].tobytes()
+
+
+# ---- the AVX-512 batch-1 dot -------------------------------------------------------------------
+
+# (in_features, group_size) that take its own path for 1 and 2 bits (whole 16-bit halves of
+# lane-words, groups ending at half boundaries), next to ones it hands to the AVX2 kernel.
+AVX512_SHAPES = {1: [(128, -1), (256, 128), (1024, 256), (384, 128), (200, -1), (256, 32)],
+                 2: [(64, -1), (64, 64), (320, 64), (512, 128), (1024, -1), (200, -1), (96, 32)]}
+
+
+@pytest.mark.skipif("avx512" not in KERNELS, reason="this CPU or OS has no AVX-512F")
+@pytest.mark.parametrize("bits", (1, 2))
+def test_avx512_batch1_dot_matches_float64_and_the_reference(bits):
+    rng = np.random.default_rng(70 + bits)
+    for n, gs in AVX512_SHAPES[bits]:
+        for m in (1, 2, 3, 5, 8, 13):  # row pairs, blocks of 4 rows, and short last blocks
+            w = make(rng, m, n, bits, gs)
+            p = w.pack()
+            x = rng.standard_normal((1, n)).astype(np.float32)
+            exact, bound = exact_and_bound(x, w)
+            y = _C.bcq_packed_matmul(x, p, w.alpha, w.offset, bits, n, gs, kernel="avx512")
+            y_ref = _C.bcq_packed_matmul(x, p, w.alpha, w.offset, bits, n, gs, kernel="reference")
+            assert np.all(np.abs(y - exact) <= bound + 1e-30), (n, gs, m)
+            assert np.all(np.abs(y - y_ref) <= 2 * bound + 1e-30), (n, gs, m)
+            # a row's result does not depend on the rows computed beside it
+            for r in range(m):
+                one = _C.bcq_packed_matmul(x, p[r:r + 1].copy(), w.alpha[r:r + 1].copy(),
+                                           w.offset[r:r + 1].copy(), bits, n, gs, kernel="avx512")
+                assert one.tobytes() == y[:, r:r + 1].tobytes(), (n, gs, m, r)
+
+
+@pytest.mark.skipif("avx512" not in KERNELS, reason="this CPU or OS has no AVX-512F")
+def test_avx512_is_the_default_and_decoupleq_kernel_avx2_selects_avx2():
+    code = "from decoupleq import _C; print(_C.bcq_default_kernel())"
+    env = dict(os.environ)
+    env.pop("DECOUPLEQ_KERNEL", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["avx512"]
+    env["DECOUPLEQ_KERNEL"] = "avx2"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["avx2"]

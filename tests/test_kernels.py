@@ -342,3 +342,18 @@ def test_benchmark_writes_the_documented_records(tmp_path):
     for r in runs:
         assert {"shape", "bits", "group_size", "batch", "impl", "seconds", "gbps"} <= set(r)
         assert r["shape"] == [8, 64] and r["seconds"] > 0 and r["gbps"] > 0
+
+
+def test_benchmark_selects_bits_groups_and_extra_bcq_kernels(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "bench_kernels.py"), "--quick", "--no-torch",
+           "--shapes", "8x128", "--batches", "1", "--bandwidth-mib", "4", "--threads", "1",
+           "--bits", "2", "--groups=-1,64", "--bcq-kernels", "reference", "--json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=root)
+    records = json.loads(out.read_text())
+    timed = {(r["impl"], r["bits"], r["group_size"]) for r in records
+             if r["impl"] in ("decoupleq", "bcq", "bcq_reference")}
+    assert timed == {(impl, 2, gs) for impl in ("decoupleq", "bcq", "bcq_reference") for gs in (-1, 64)}
+    bad = subprocess.run(cmd[:-2] + ["--bcq-kernels", "nope"], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "--bcq-kernels: nope not runnable here" in bad.stderr
