@@ -16,7 +16,7 @@
  * offset, so no per-group sums of x are needed.
  *
  * Cost against the uniform kernels (dq_kernels_avx2.c), measured on the 2-core
- * Zen 5 development VM under load, 4096 x 4096 at batch 1: per channel at 2
+ * a Zen 5 CPU under load, 4096 x 4096 at batch 1: per channel at 2
  * bits this is as fast as the uniform W2 kernel; with groups of 64 or 128 it
  * takes about 1.25-1.4x its time, because the uniform kernel's subnormal
  * variant needs two operations per step (AND, FMA) and one per group, where

@@ -34,7 +34,7 @@
 
 /* Pairs of rows per pass (x is loaded once for all of them) and FMA chains
  * per pair: 8 chains in all, enough to hide the FMA latency.  Measured on
- * the Zen 5 development VM, 512 x 4096 (in L2), groups of 64 / 128: 4 x 2
+ * a Zen 5 CPU, 512 x 4096 (in L2), groups of 64 / 128: 4 x 2
  * took 0.81x / 0.77x the uniform W2 kernel's time, 2 x 4 0.90x / 0.88x,
  * 2 x 2 0.90x, 1 x 4 0.96x. */
 #define PAIRS 4
