@@ -207,6 +207,16 @@ int dq_py_parse_rule(const char *rule, int *out)
     return -1;
 }
 
+/* a, if every element is finite; else NULL, a released, the ValueError naming it. */
+static PyArrayObject *finite_or_release(PyArrayObject *a, const char *name)
+{
+    if (dq_py_check_finite(a, name) < 0) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
 int dq_py_check_bits(int bits, int lo, int hi)
 {
     if (bits < lo || bits > hi) {
@@ -260,11 +270,7 @@ PyArrayObject *dq_py_take_vector(PyObject *obj, const char *name, int64_t len, c
         Py_DECREF(a);
         return NULL;
     }
-    if (dq_py_check_finite(a, name) < 0) {
-        Py_DECREF(a);
-        return NULL;
-    }
-    return a;
+    return finite_or_release(a, name);
 }
 
 void dq_py_layer_args_release(dq_py_layer_args_t *a)
@@ -312,11 +318,7 @@ PyArrayObject *dq_py_take_params(PyObject *obj, const char *name, int64_t m, int
         Py_DECREF(a);
         return NULL;
     }
-    if (dq_py_check_finite(a, name) < 0) {
-        Py_DECREF(a);
-        return NULL;
-    }
-    return a;
+    return finite_or_release(a, name);
 }
 
 int dq_py_check_weight_range(PyArrayObject *W, const char *name)

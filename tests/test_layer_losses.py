@@ -208,3 +208,14 @@ def test_bad_stored_losses_are_refused_by_name(losses, match):
 
     with pytest.raises(ValueError, match=f"quantization_config: 'layer_losses'.*{match}"):
         DecoupleQConfig(layers={"model.layers.0.mlp.up_proj": {}}, layer_losses=losses)
+
+
+def test_a_format_2_file_has_no_losses_to_draw(tmp_path, capsys):
+    import os
+
+    old = os.path.join(os.path.dirname(__file__), "data", "tiny_llama_v2.safetensors")
+    assert cli.main(["info", old]) == 0
+    assert "losses:    none stored" in capsys.readouterr().out
+    png = tmp_path / "x.png"
+    assert cli.main(["info", old, "--plot", str(png)]) == 2
+    assert "stores no per-layer losses" in capsys.readouterr().err and not png.exists()
