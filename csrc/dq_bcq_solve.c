@@ -117,6 +117,20 @@ static inline __attribute__((always_inline)) void axpy(double *x, double a, cons
     for (int64_t t = 0; t < len; t++) x[t] = x[t] + a * h[t];
 }
 
+/* Rows in the tile starting at r0 of [r0, end): TILE, fewer at the end, 0
+ * past it or once the user interrupted (the flag is raised for the driver,
+ * the loop stops before its next tile).  The row loops step with it:
+ *     for (int64_t r0 = begin, T; (T = next_tile(x, r0, end)) > 0; r0 += T) */
+static inline int64_t next_tile(ctx_t *x, int64_t r0, int64_t end)
+{
+    if (r0 >= end) return 0;
+    if (dq_interrupted()) {
+        set_flag(&x->interrupted);
+        return 0;
+    }
+    return end - r0 < TILE ? end - r0 : TILE;
+}
+
 /* A[t, :] = sum_c D[t, c] H[c, :] for the T (<= TILE) rows of a tile, each
  * element summed in c order, COLS columns at a time. */
 static inline __attribute__((always_inline)) void rows_times_h(const double *D, int64_t T,
@@ -146,12 +160,7 @@ static inline __attribute__((always_inline)) void objective_body(void *vctx, int
     }
     double *A = D + TILE * n;
     double lv[1 << DQ_BCQ_SOLVE_MAX_BITS];
-    for (int64_t r0 = begin; r0 < end; r0 += TILE) {
-        if (dq_interrupted()) {
-            set_flag(&x->interrupted);
-            break;
-        }
-        const int64_t T = end - r0 < TILE ? end - r0 : TILE;
+    for (int64_t r0 = begin, T; (T = next_tile(x, r0, end)) > 0; r0 += T) {
         for (int64_t t = 0; t < T; t++) {
             const int64_t r = r0 + t;
             double *d = D + t * n;
@@ -181,12 +190,7 @@ static inline __attribute__((always_inline)) void products_body(void *vctx, int6
         set_flag(&x->nomem);
         return;
     }
-    for (int64_t r0 = begin; r0 < end; r0 += TILE) {
-        if (dq_interrupted()) {
-            set_flag(&x->interrupted);
-            break;
-        }
-        const int64_t T = end - r0 < TILE ? end - r0 : TILE;
+    for (int64_t r0 = begin, T; (T = next_tile(x, r0, end)) > 0; r0 += T) {
         for (int64_t k = 0; k < T * n; k++) D[k] = (double)x->W[r0 * n + k];
         rows_times_h(D, T, x->H, n, x->V + r0 * n);
     }
@@ -382,12 +386,7 @@ static inline __attribute__((always_inline)) void float_body(void *vctx, int64_t
         set_flag(&x->nomem);
         goto done;
     }
-    for (int64_t r0 = begin; r0 < end; r0 += TILE) {
-        if (dq_interrupted()) {
-            set_flag(&x->interrupted);
-            break;
-        }
-        const int64_t T = end - r0 < TILE ? end - r0 : TILE;
+    for (int64_t r0 = begin, T; (T = next_tile(x, r0, end)) > 0; r0 += T) {
         memset(P, 0, sizeof(double) * (size_t)(T * N * N));
         for (int64_t j = 0; j < G; j++) {
             const int64_t c0 = j * g;
@@ -440,12 +439,7 @@ static inline __attribute__((always_inline)) void sweep_body(void *vctx, int64_t
         set_flag(&x->nomem);
         goto done;
     }
-    for (int64_t r0 = begin; r0 < end; r0 += TILE) {
-        if (dq_interrupted()) {
-            set_flag(&x->interrupted);
-            break;
-        }
-        const int64_t T = end - r0 < TILE ? end - r0 : TILE;
+    for (int64_t r0 = begin, T; (T = next_tile(x, r0, end)) > 0; r0 += T) {
         for (int64_t t = 0; t < T; t++) {
             const int64_t r = r0 + t;
             for (int64_t j = 0; j < G; j++)

@@ -26,10 +26,7 @@ static PyObject *py_bcq_init(PyObject *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oil|iiO", kwlist, &W_obj, &bits, &group_size,
                                      &clip_steps, &iters, &d_obj))
         return NULL;
-    if (bits < 2 || bits > DQ_BCQ_MAX_BITS) {
-        PyErr_Format(PyExc_ValueError, "bits must be in 2..%d, got %d", DQ_BCQ_MAX_BITS, bits);
-        return NULL;
-    }
+    if (dq_py_check_bits(bits, 2, DQ_BCQ_MAX_BITS) < 0) return NULL;
     if (clip_steps < 0) {
         PyErr_Format(PyExc_ValueError, "clip_steps must be >= 0, got %d", clip_steps);
         return NULL;
@@ -38,37 +35,12 @@ static PyObject *py_bcq_init(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "iters must be >= 0, got %d", iters);
         return NULL;
     }
-    if (!(W = dq_py_take(W_obj, "W", NPY_FLOAT32, 2))) goto fail;
-    const int64_t m = PyArray_DIM(W, 0), n = PyArray_DIM(W, 1);
-    if (m < 1 || n < 1) {
-        PyErr_Format(PyExc_ValueError,
-                     "W must have at least one row and one column, got shape (%lld, %lld)",
-                     (long long)m, (long long)n);
-        goto fail;
-    }
-    int64_t g;
-    if (group_size == -1) {
-        g = n;
-    } else if (group_size < 1) {
-        PyErr_Format(PyExc_ValueError, "group_size must be -1 (per-channel) or positive, got %ld",
-                     group_size);
-        goto fail;
-    } else if (n % group_size != 0) {
-        PyErr_Format(PyExc_ValueError, "group_size %ld does not divide in_features %lld", group_size,
-                     (long long)n);
-        goto fail;
-    } else {
-        g = group_size;
-    }
+    int64_t m, n, g;
+    if (!(W = dq_py_take_matrix(W_obj, "W", &m, &n))) goto fail;
+    if (dq_py_resolve_group(group_size, n, 1, &g) < 0) goto fail;
     if (dq_py_check_finite(W, "W") < 0) goto fail;
     if (d_obj != Py_None) {
-        if (!(Dg = dq_py_take(d_obj, "hdiag", NPY_FLOAT32, 1))) goto fail;
-        if (PyArray_DIM(Dg, 0) != n) {
-            PyErr_Format(PyExc_ValueError, "hdiag must have shape (%lld,) to match W's columns, got (%lld,)",
-                         (long long)n, (long long)PyArray_DIM(Dg, 0));
-            goto fail;
-        }
-        if (dq_py_check_finite(Dg, "hdiag") < 0) goto fail;
+        if (!(Dg = dq_py_take_vector(d_obj, "hdiag", n, "columns"))) goto fail;
         const float *dp = PyArray_DATA(Dg);
         for (int64_t j = 0; j < n; j++) {
             if (dp[j] < 0.0f) {

@@ -36,22 +36,17 @@ static PyObject *py_bcq_solve(PyObject *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOil|ip:bcq_solve", kwlist, &oW, &oH, &oI, &oA,
                                      &oO, &bits, &group_size, &iters, &act_order))
         return NULL;
-    if (bits < 2 || bits > DQ_BCQ_SOLVE_MAX_BITS) {
-        PyErr_Format(PyExc_ValueError, "bits must be in 2..%d, got %d", DQ_BCQ_SOLVE_MAX_BITS, bits);
-        return NULL;
-    }
+    if (dq_py_check_bits(bits, 2, DQ_BCQ_SOLVE_MAX_BITS) < 0) return NULL;
     if (iters < 0) {
         PyErr_Format(PyExc_ValueError, "iters must be >= 0, got %d", iters);
         return NULL;
     }
     if (dq_py_layer_args(oW, oH, group_size, bits, 0, "half_up", &la) < 0) goto fail;
-    /* BCQ layers have equal groups (the uniform solvers accept a shorter last one). */
-    if (la.n % la.group_size != 0) {
-        PyErr_Format(PyExc_ValueError, "group_size %ld does not divide in_features %lld (BCQ layers need equal "
-                     "groups)", group_size, (long long)la.n);
-        goto fail;
-    }
-    const int64_t m = la.m, n = la.n, g = la.group_size, G = n / g;
+    /* BCQ layers have equal groups (the uniform solvers accept a shorter last one); a size
+     * past n was already made one group per row. */
+    int64_t g;
+    if (dq_py_resolve_group(la.group_size, la.n, 1, &g) < 0) goto fail;
+    const int64_t m = la.m, n = la.n, G = n / g;
     if (!(Ix = dq_py_take(oI, "indices", NPY_UINT8, 2))) goto fail;
     if (PyArray_DIM(Ix, 0) != m || PyArray_DIM(Ix, 1) != n) {
         PyErr_Format(PyExc_ValueError, "indices must have the shape of W (%lld, %lld), got (%lld, %lld)",

@@ -207,6 +207,72 @@ int dq_py_parse_rule(const char *rule, int *out)
     return -1;
 }
 
+/* a, if every element is finite; else NULL, a released, the ValueError naming it. */
+static PyArrayObject *finite_or_release(PyArrayObject *a, const char *name)
+{
+    if (dq_py_check_finite(a, name) < 0) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+int dq_py_check_bits(int bits, int lo, int hi)
+{
+    if (bits < lo || bits > hi) {
+        PyErr_Format(PyExc_ValueError, "bits must be in %d..%d, got %d", lo, hi, bits);
+        return -1;
+    }
+    return 0;
+}
+
+PyArrayObject *dq_py_take_matrix(PyObject *obj, const char *name, int64_t *m, int64_t *n)
+{
+    PyArrayObject *a = dq_py_take(obj, name, NPY_FLOAT32, 2);
+    if (!a) return NULL;
+    *m = PyArray_DIM(a, 0);
+    *n = PyArray_DIM(a, 1);
+    if (*m < 1 || *n < 1) {
+        PyErr_Format(PyExc_ValueError, "%s must have at least one row and one column, got shape (%lld, %lld)",
+                     name, (long long)*m, (long long)*n);
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+int dq_py_resolve_group(long group_size, int64_t n, int equal, int64_t *g)
+{
+    if (group_size == -1) {
+        *g = n;
+        return 0;
+    }
+    if (group_size < 1) {
+        PyErr_Format(PyExc_ValueError, "group_size must be -1 (per-channel) or positive, got %ld", group_size);
+        return -1;
+    }
+    if (equal && n % group_size != 0) {
+        PyErr_Format(PyExc_ValueError, "group_size %ld does not divide in_features %lld (BCQ layers need equal "
+                     "groups)", group_size, (long long)n);
+        return -1;
+    }
+    *g = group_size < n ? group_size : n;
+    return 0;
+}
+
+PyArrayObject *dq_py_take_vector(PyObject *obj, const char *name, int64_t len, const char *what)
+{
+    PyArrayObject *a = dq_py_take(obj, name, NPY_FLOAT32, 1);
+    if (!a) return NULL;
+    if (PyArray_DIM(a, 0) != len) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape (%lld,) to match W's %s, got (%lld,)", name,
+                     (long long)len, what, (long long)PyArray_DIM(a, 0));
+        Py_DECREF(a);
+        return NULL;
+    }
+    return finite_or_release(a, name);
+}
+
 void dq_py_layer_args_release(dq_py_layer_args_t *a)
 {
     Py_CLEAR(a->W);
@@ -217,38 +283,19 @@ int dq_py_layer_args(PyObject *W, PyObject *H, long group_size, int bits, int sy
                      const char *rule, dq_py_layer_args_t *out)
 {
     memset(out, 0, sizeof(*out));
-    if (bits < 2 || bits > 8) {
-        PyErr_Format(PyExc_ValueError, "bits must be in 2..8, got %d", bits);
-        return -1;
-    }
+    if (dq_py_check_bits(bits, 2, 8) < 0) return -1;
     if (dq_py_parse_rule(rule, &out->rule) < 0) return -1;
-    out->W = dq_py_take(W, "W", NPY_FLOAT32, 2);
+    out->W = dq_py_take_matrix(W, "W", &out->m, &out->n);
     if (!out->W) goto fail;
     out->H = dq_py_take(H, "H00", NPY_FLOAT64, 2);
     if (!out->H) goto fail;
-    out->m = PyArray_DIM(out->W, 0);
-    out->n = PyArray_DIM(out->W, 1);
-    if (out->m < 1 || out->n < 1) {
-        PyErr_Format(PyExc_ValueError, "W must have at least one row and one column, got shape (%lld, %lld)",
-                     (long long)out->m, (long long)out->n);
-        goto fail;
-    }
     if (PyArray_DIM(out->H, 0) != out->n || PyArray_DIM(out->H, 1) != out->n) {
         PyErr_Format(PyExc_ValueError, "H00 must have shape (%lld, %lld) to match W's in_features, got (%lld, %lld)",
                      (long long)out->n, (long long)out->n, (long long)PyArray_DIM(out->H, 0),
                      (long long)PyArray_DIM(out->H, 1));
         goto fail;
     }
-    if (group_size == -1) {
-        out->group_size = out->n;
-    } else if (group_size < 1) {
-        PyErr_Format(PyExc_ValueError, "group_size must be -1 (per-channel) or positive, got %ld", group_size);
-        goto fail;
-    } else {
-        /* Any size: the last group is shorter when it does not divide n, and
-         * a size past n is one group per row. */
-        out->group_size = group_size < out->n ? group_size : out->n;
-    }
+    if (dq_py_resolve_group(group_size, out->n, 0, &out->group_size) < 0) goto fail;
     if (dq_py_check_finite(out->W, "W") < 0 || dq_py_check_weight_range(out->W, "W") < 0) goto fail;
     if (dq_py_check_hessian(out->H, "H00", out->W, "W") < 0) goto fail;
     out->bits = bits;
@@ -271,11 +318,7 @@ PyArrayObject *dq_py_take_params(PyObject *obj, const char *name, int64_t m, int
         Py_DECREF(a);
         return NULL;
     }
-    if (dq_py_check_finite(a, name) < 0) {
-        Py_DECREF(a);
-        return NULL;
-    }
-    return a;
+    return finite_or_release(a, name);
 }
 
 int dq_py_check_weight_range(PyArrayObject *W, const char *name)

@@ -92,5 +92,20 @@ void dq_py_format_double(double x, char *buf, size_t size);
 /* "minmax" / "shrink" / "neuqi" / "neuqi_int" -> DQ_INIT_*; else ValueError naming init. */
 int dq_py_parse_init(const char *init, int *out);
 
+/* The argument checks the entry points share (each sets a ValueError naming the argument
+ * and returns -1 / NULL). */
+/* lo <= bits <= hi: "bits must be in lo..hi". */
+int dq_py_check_bits(int bits, int lo, int hi);
+/* An input matrix `name`: float32 (m, n) with at least one row and one column.  New
+ * reference or NULL; finiteness and value ranges are the caller's to check. */
+PyArrayObject *dq_py_take_matrix(PyObject *obj, const char *name, int64_t *m, int64_t *n);
+/* group_size -1 (per-channel: n) or positive.  `equal` (BCQ layers, equal groups): it must
+ * divide n; otherwise any size (the last group is shorter when it does not divide n; a size
+ * past n is one group per row).  *g gets the group size in columns. */
+int dq_py_resolve_group(long group_size, int64_t n, int equal, int64_t *g);
+/* An optional weight vector `name` over W's `what` ("rows" / "columns"): float32 (len,),
+ * finite.  New reference or NULL. */
+PyArrayObject *dq_py_take_vector(PyObject *obj, const char *name, int64_t len, const char *what);
+
 /* "half_up" -> DQ_ROUND_HALF_UP, "half_even" -> DQ_ROUND_HALF_EVEN; else ValueError. */
 int dq_py_parse_rule(const char *rule, int *out);

@@ -3,28 +3,13 @@
 #include "py_common.h"
 #include "dq_solver.h"
 
-static int check_bits(int bits)
-{
-    if (bits < 2 || bits > 8) {
-        PyErr_Format(PyExc_ValueError, "bits must be in 2..8, got %d", bits);
-        return -1;
-    }
-    return 0;
-}
+static int check_bits(int bits) { return dq_py_check_bits(bits, 2, 8); }
 
 /* W float32 (m, n), finite, at least 1 x 1. */
 static PyArrayObject *take_W(PyObject *obj, int64_t *m, int64_t *n)
 {
-    PyArrayObject *W = dq_py_take(obj, "W", NPY_FLOAT32, 2);
+    PyArrayObject *W = dq_py_take_matrix(obj, "W", m, n);
     if (!W) return NULL;
-    *m = PyArray_DIM(W, 0);
-    *n = PyArray_DIM(W, 1);
-    if (*m < 1 || *n < 1) {
-        PyErr_Format(PyExc_ValueError,
-                     "W must have at least one row and one column, got shape (%lld, %lld)",
-                     (long long)*m, (long long)*n);
-        goto fail;
-    }
     if (*m > INT32_MAX || *n > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "W shape (%lld, %lld) is too large (2^31 - 1 at most)",
                      (long long)*m, (long long)*n);
@@ -37,21 +22,8 @@ fail:
     return NULL;
 }
 
-static int resolve_group(long group_size, int64_t n, int64_t *g)
-{
-    if (group_size == -1) {
-        *g = n;
-        return 0;
-    }
-    if (group_size < 1) {
-        PyErr_Format(PyExc_ValueError, "group_size must be -1 (per-channel) or positive, got %ld",
-                     group_size);
-        return -1;
-    }
-    /* The last group is shorter when group_size does not divide n. */
-    *g = group_size < n ? group_size : n;
-    return 0;
-}
+/* The last group is shorter when group_size does not divide n. */
+static int resolve_group(long group_size, int64_t n, int64_t *g) { return dq_py_resolve_group(group_size, n, 0, g); }
 
 /* An optional group_size argument: None (0 here: infer it from S) or an int. */
 static int parse_opt_group(PyObject *obj, long *out)
@@ -141,13 +113,7 @@ static PyObject *py_minmax_params(PyObject *self, PyObject *args, PyObject *kwar
     if (!(W = take_W(W_obj, &m, &n))) goto fail;
     if (resolve_group(group_size, n, &g) < 0) goto fail;
     if (p_obj != Py_None) {
-        if (!(P = dq_py_take(p_obj, "p_row", NPY_FLOAT32, 1))) goto fail;
-        if (PyArray_DIM(P, 0) != m) {
-            PyErr_Format(PyExc_ValueError, "p_row must have shape (%lld,) to match W's rows, got (%lld,)",
-                         (long long)m, (long long)PyArray_DIM(P, 0));
-            goto fail;
-        }
-        if (dq_py_check_finite(P, "p_row") < 0) goto fail;
+        if (!(P = dq_py_take_vector(p_obj, "p_row", m, "rows"))) goto fail;
         const float *p = PyArray_DATA(P);
         for (int64_t r = 0; r < m; r++) {
             if (!(p[r] > 0.0f && p[r] <= 1.0f)) {

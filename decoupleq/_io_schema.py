@@ -216,6 +216,10 @@ def check_metadata(meta: dict, version: int, what: str) -> None:
             raise ValueError(f"{what}: model {k!r} must be a string, got {desc[k]!r}")
     if "hf_config" in desc and not isinstance(desc["hf_config"], dict):
         raise ValueError(f"{what}: model 'hf_config' must be an object")
+    if meta.get("layer_losses") is not None:  # optional: files of earlier versions have none
+        from .layer_losses import check_stored
+
+        check_stored(meta["layer_losses"], what, meta["layers"])
 
 
 # ---------------------------------------------------------------------------

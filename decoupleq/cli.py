@@ -3,7 +3,7 @@
     decoupleq quantize MODEL --bits 2 --group-size 64 --out DIR [--calib self|FILE|hf:NAME...] [--distill STEPS]
         [--resume] [--checkpoint-dir RUN | --no-checkpoint]   (also under torchrun: rank 0 saves)
     decoupleq eval DIR --text FILE [--max-windows 64 | --full] [--compare]
-    decoupleq info DIR
+    decoupleq info DIR [--plot OUT.png]
     decoupleq models
 
 MODEL is a packaged model name (``decoupleq models``), a local Hugging Face folder or a GGUF
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", parents=[common], help="describe a quantized folder")
     i.add_argument("path", type=Path, help="a folder written by 'decoupleq quantize' (or its model.safetensors)")
+    i.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                   help="also draw each layer's relative loss by block and layer type into this picture "
+                        "(PNG, SVG, PDF... by suffix; needs matplotlib: the 'notebook' extra)")
 
     sub.add_parser("models", parents=[common], help="list the packaged models")
     return p
@@ -218,14 +222,9 @@ def check_out_folder(out) -> None:
     Raises:
         ValueError naming ``--out``.
     """
-    out = Path(out)
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_quantized_folder(out):
-        raise ValueError(
-            f"--out {out} is a folder with other files in it (not a quantized folder): "
-            "it would be replaced as a whole; give a new or empty folder"
-        )
+    from .hf_folder import check_replaceable
+
+    check_replaceable(out, "--out", is_quantized_folder, "a quantized folder")
 
 
 def save_folder(out, model, tokenizer, summary: dict) -> dict:
@@ -237,39 +236,19 @@ def save_folder(out, model, tokenizer, summary: dict) -> dict:
     whole, so ``out`` never holds a new model beside an old ``decoupleq.json``: an interrupted
     run leaves the previous folder (or none). A previous ``out`` must pass ``check_out_folder``.
     """
-    import shutil
-    import tempfile
-
-    from .hf_folder import folder_size, write_folder
-    from .io import _umask
+    from .hf_folder import folder_size, replace_folder, write_folder
 
     out = Path(out)
     check_out_folder(out)
-    parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    old = None
-    try:
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp):
         write_folder(model, tmp, tokenizer)
-        summary = dict(summary, file_mb=folder_size(tmp) / 1e6)
-        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.replace(out, old / "previous")  # moves the old folder aside, whole
-            os.replace(tmp, out)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        if old is not None and (old / "previous").exists() and not out.exists():
-            os.replace(old / "previous", out)  # put the previous folder back
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return summary
+        done = dict(summary, file_mb=folder_size(tmp) / 1e6)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(done, indent=2, default=str) + "\n")
+        return done
+
+    return replace_folder(out, write)
 
 
 def _bos(args):
@@ -546,19 +525,65 @@ def _file_counts(files, layers: dict) -> dict:
     return file_parameter_counts(layers, shapes, dtypes)
 
 
+def _check_plot_arg(plot) -> None:
+    """``--plot``'s folder exists and matplotlib is importable: checked before anything is read."""
+    if plot is None:
+        return
+    if plot.is_dir():
+        raise ValueError(f"--plot {plot} is a folder; give a file name such as losses.png")
+    if not plot.absolute().parent.is_dir():
+        raise ValueError(f"--plot {plot}: directory {plot.absolute().parent} does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib (or the 'notebook' extra: "
+                          "pip install 'decoupleq[notebook]')") from None
+
+
+def _loss_line(stored) -> str:
+    """The line on the stored per-layer relative losses (``decoupleq.layer_losses``)."""
+    import statistics
+
+    if stored is None:
+        return "losses:    none stored (written before decoupleq kept per-layer losses)"
+    finite = {k: v for k, v in stored.items() if v is not None}
+    if not finite:
+        return f"losses:    none for its {len(stored)} layers (data-free RTN weighs no error by a Hessian)"
+    worst = max(finite, key=finite.get)
+    return (f"losses:    relative loss of {len(finite)} layers: median {statistics.median(finite.values()):.4g}, "
+            f"largest {finite[worst]:.4g} ({worst})")
+
+
+def _plot(stored, layers: dict, out: Path, path: Path) -> None:
+    """Draw ``stored`` (``{layer: relative loss or None}``) into ``out``, layers in the order
+    of ``layers`` (the plot keeps the layer kinds in the order it first meets them)."""
+    from .plot import plot_layer_losses
+
+    if stored is None:
+        raise ValueError(f"--plot: {path} stores no per-layer losses (it was written before decoupleq kept "
+                         "them); quantize the model again to draw them")
+    if all(v is None for v in stored.values()):
+        raise ValueError(f"--plot: no layer of {path} has a relative loss (data-free RTN weighs no error by a "
+                         "Hessian); quantize with calibration data to draw them")
+    pairs = [(name, math.nan if stored[name] is None else stored[name]) for name in layers if name in stored]
+    plot_layer_losses(pairs, out, title=f"relative loss by block and layer type: {path.name}")
+    print(f"plot:      {out}")
+
+
 def cmd_info(args) -> int:
     from .io import read_metadata
     from .moe import describe_counts
 
     from .hf_folder import folder_layers, folder_size, is_decoupleq_folder, weight_files
 
+    _check_plot_arg(args.plot)
     path = args.path
     folder = path if path.is_dir() else path.parent
     summary_path = folder / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if path.is_dir() and is_decoupleq_folder(path):
         qcfg, layers = folder_layers(path)
-        meta = {"quantization": qcfg.settings or {}}
+        meta = {"quantization": qcfg.settings or {}, "layer_losses": qcfg.layer_losses}
         cls = json.loads((path / "config.json").read_text())["architectures"][0]
         files = weight_files(path, str(path))
         print(f"folder:    {path} ({folder_size(path) / 1e6:.1f} MB of weights), Hugging Face layout, "
@@ -602,6 +627,9 @@ def cmd_info(args) -> int:
                 print(f"ppl {k:9s} {v['ppl']:.3f} [{v['windows']} x {v['seq_len']} tokens of {summary['eval'].get('text')}]")
         if summary.get("note"):
             print(f"note:      {summary['note']}")
+    print(_loss_line(meta.get("layer_losses")))
+    if args.plot is not None:
+        _plot(meta.get("layer_losses"), layers, args.plot, path)
     return 0
 
 

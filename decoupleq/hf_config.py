@@ -7,6 +7,7 @@ holds, under ``quantization_config``::
      "bits": 2, "group_size": 64, "symmetric": false, "method": "decoupleq", "init": "neuqi",
      "layer_type": "linear", "bias_dtype": "float32",
      "layers": {"model.layers.0.self_attn.q_proj": {}, "model.layers.0.mlp.down_proj": {"bits": 4}, ...},
+     "layer_losses": {"model.layers.0.self_attn.q_proj": 0.0213, ...},
      "settings": {...}}
 
 ``layers`` names every quantized module, each with its overrides of the
@@ -16,7 +17,11 @@ dtype). Everything else about a layer (in and out features, whether it has a
 bias, a Hugging Face ``Conv1D`` origin, a convolution's geometry) comes from
 the module the model class builds at that name, so the config cannot
 contradict the architecture. ``settings`` is the full ``decoupleq.quantize``
-configuration, for information only. Tensors keep decoupleq's layout (format
+configuration, for information only. ``layer_losses`` is each quantized
+layer's relative loss in the run that made it (``decoupleq.layer_losses``; null
+for none, absent in folders of earlier versions), what ``decoupleq info --plot``
+draws; like ``layers`` it is covered by the shards' checksum of the config.
+Tensors keep decoupleq's layout (format
 version 3, ``decoupleq.io``): ``<layer>.packed`` / ``.codes``, ``.scale``,
 ``.zero``, ``.bias``, or a BCQ layer's ``.planes``, ``.alpha``, ``.offset``.
 
@@ -31,6 +36,7 @@ from collections import Counter
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ._io_schema import BIAS_DTYPES, MAX_JSON_DEPTH, check_layer, check_name, json_depth
+from .layer_losses import check_stored, to_store
 
 QUANT_METHOD = "decoupleq"
 #: The tensor layout's version (that of ``decoupleq.io``'s single-file format 3).
@@ -74,6 +80,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         bias_dtype: default dtype of a quantized layer's bias.
         layers: ``{module name: {override: value}}``, one entry per quantized module.
         settings: the ``decoupleq.quantize`` settings (JSON object, informational) or None.
+        layer_losses: ``{module name: relative loss or None}`` of the quantization run, or None
+            (``decoupleq.layer_losses``).
         format_version: the tensor layout's version; this decoupleq reads 3.
 
     Raises:
@@ -91,6 +99,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
         bias_dtype: str = "float32",
         layers: dict | None = None,
         settings: dict | None = None,
+        layer_losses: dict | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs,
@@ -125,6 +134,8 @@ class DecoupleQConfig(QuantizationConfigMixin):
         if settings is not None and (not isinstance(settings, dict) or json_depth(settings) > MAX_JSON_DEPTH):
             raise ValueError("quantization_config: 'settings' must be an object (nested at most "
                              f"{MAX_JSON_DEPTH} deep) or null")
+        if layer_losses is not None:
+            check_stored(layer_losses, "quantization_config", layers)
         self.quant_method = QUANT_METHOD
         self.format_version = FORMAT_VERSION
         self.bits = bits
@@ -136,14 +147,29 @@ class DecoupleQConfig(QuantizationConfigMixin):
         self.bias_dtype = bias_dtype
         self.layers = {k: dict(v) for k, v in layers.items()}
         self.settings = settings
+        self.layer_losses = None if layer_losses is None else dict(layer_losses)
+
+    def to_dict(self) -> dict:
+        """What config.json holds; no ``layer_losses`` key when there are none, so a model
+        without figures writes the config an earlier decoupleq wrote."""
+        d = super().to_dict()
+        if d.get("layer_losses") is None:
+            d.pop("layer_losses", None)
+        return d
 
     def defaults(self) -> dict:
         return {"type": self.layer_type, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "method": self.method, "bias_dtype": self.bias_dtype}
 
     def canonical(self) -> dict:
-        """The fields that decide what a file holds (digested into every shard's metadata)."""
-        return {"format_version": self.format_version, "defaults": self.defaults(), "layers": self.layers}
+        """The fields that decide what a file holds (digested into every shard's metadata).
+
+        ``layer_losses`` is digested only when present, so the folders of earlier versions
+        (which have none) keep the checksum they were written with."""
+        out = {"format_version": self.format_version, "defaults": self.defaults(), "layers": self.layers}
+        if self.layer_losses is not None:
+            out["layer_losses"] = self.layer_losses
+        return out
 
     @classmethod
     def from_model(cls, model) -> "DecoupleQConfig":
@@ -176,6 +202,7 @@ class DecoupleQConfig(QuantizationConfigMixin):
             method=defaults["method"], init=init if isinstance(init, str) else None,
             layer_type=defaults["type"], bias_dtype=defaults["bias_dtype"], layers=layers,
             settings=settings if isinstance(settings, dict) else None,
+            layer_losses=to_store(model, layers),
         )
 
     def layer_info(self, name: str, module, what: str) -> dict:

@@ -104,43 +104,77 @@ def write_folder(model, path, tokenizer=None, max_shard_size=None) -> None:
         tokenizer.save_pretrained(str(path))
 
 
-def save_folder(model, path, tokenizer=None, max_shard_size=None) -> None:
-    """Write ``path`` as a whole: a hidden folder beside it, renamed into place.
+def check_replaceable(path, arg: str, is_ours, ours: str) -> Path:
+    """``path`` may be created or replaced as a whole: it is absent, an empty folder, or a
+    folder ``is_ours`` accepts (a folder with anything else in it is refused, never deleted).
 
-    ``path`` must be absent, an empty folder, or a folder this function wrote before
-    (anything else is refused, never deleted).
+    Args:
+        path: the destination folder.
+        arg: how the caller's user names it, for the messages ("path", "--out").
+        is_ours: ``is_ours(Path) -> bool``: a non-empty folder that may be replaced.
+        ours: what ``is_ours`` accepts, for the message ("a decoupleq folder").
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        ValueError naming ``arg``.
+    """
+    out = Path(os.fspath(path))
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"{arg} {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_ours(out):
+        raise ValueError(
+            f"{arg} {str(out)!r} is a folder with other files in it (not {ours}): "
+            "it would be replaced as a whole; give a new or empty folder"
+        )
+    return out
+
+
+def replace_folder(out: Path, write):
+    """Write the folder ``out`` as a whole: ``write(tmp)`` fills a hidden folder beside it,
+    which is then renamed into place; a previous ``out`` (checked by ``check_replaceable``)
+    is moved aside first and put back if anything fails, so an interrupted write leaves the
+    previous folder (or none), never a mix. ``out``'s parent must exist.
+
+    Returns:
+        what ``write`` returned.
     """
     from .io import _umask
 
-    out = Path(os.fspath(path))
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ValueError(f"path {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_decoupleq_folder(out):
-        raise ValueError(
-            f"path {str(out)!r} is a folder with other files in it (not a decoupleq folder): "
-            "it would be replaced as a whole; give a new or empty folder"
-        )
     parent = out.absolute().parent
-    if not parent.is_dir():
-        raise ValueError(f"path {str(out)!r}: directory {str(parent)!r} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     old = None
     try:
-        write_folder(model, tmp, tokenizer, max_shard_size)
+        result = write(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.replace(out, old / "previous")
+            os.replace(out, old / "previous")  # moves the old folder aside, whole
         os.replace(tmp, out)
     except BaseException:
         if old is not None and (old / "previous").exists() and not out.exists():
-            os.replace(old / "previous", out)
+            os.replace(old / "previous", out)  # put the previous folder back
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+def save_folder(model, path, tokenizer=None, max_shard_size=None) -> None:
+    """Write ``path`` as a whole: a hidden folder beside it, renamed into place.
+
+    ``path`` must be absent, an empty folder, or a folder this function wrote before
+    (anything else is refused, never deleted).
+    """
+    out = check_replaceable(path, "path", is_decoupleq_folder, "a decoupleq folder")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"path {str(out)!r}: directory {str(parent)!r} does not exist")
+    replace_folder(out, lambda tmp: write_folder(model, tmp, tokenizer, max_shard_size))
     log.info("saved %s", out)
 
 
@@ -202,19 +236,24 @@ def load_folder(path):
 
 
 def folder_layers(path) -> tuple:
-    """(``DecoupleQConfig``, {layer: full description}) of a folder, from a meta-device build."""
+    """(``DecoupleQConfig``, {layer: full description} in the model's module order) of a folder,
+    from a meta-device build; the config is checked against the checksum its shards carry
+    (tensors are not read)."""
     import torch
 
     from . import moe
     from .hf_config import DecoupleQConfig
+    from .hf_quantizer import _read_shards, check_config_digest
 
     model_cls, cfg = model_class(path)
     qcfg = DecoupleQConfig.from_dict(cfg["quantization_config"])
+    what = repr(str(path))
+    _, _, meta = _read_shards([str(f) for f in weight_files(Path(os.fspath(path)), what)], what)
+    check_config_digest(qcfg, meta, what)
     config = model_cls.config_class.from_dict({k: v for k, v in cfg.items() if k != "quantization_config"})
     with torch.device("meta"):
         skeleton = model_cls(config)
     moe.unfuse_for_layers(skeleton, qcfg.layers)  # quantized experts live in per-expert layers
-    what = repr(str(path))
     infos = {}
     for name in qcfg.layers:
         try:
@@ -222,7 +261,9 @@ def folder_layers(path) -> tuple:
         except AttributeError:
             raise ValueError(f"{what}: quantized layer {name!r} is not a module of {model_cls.__name__}") from None
         infos[name] = qcfg.layer_info(name, module, what)
-    return qcfg, infos
+    # In the model's order (config.json keeps its keys sorted): q_proj before o_proj, block 2 before 10.
+    order = {name: k for k, (name, _) in enumerate(skeleton.named_modules())}
+    return qcfg, dict(sorted(infos.items(), key=lambda item: order[item[0]]))
 
 
 def folder_size(path) -> int:

@@ -47,6 +47,7 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
+from . import layer_losses
 from ._io_schema import parse_json, tensor_digest, text_digest
 from .hf_config import FORMAT_VERSION, QUANT_METHOD, DecoupleQConfig
 
@@ -70,6 +71,19 @@ CHUNK_BYTES = 8 << 20
 
 def config_digest(cfg: DecoupleQConfig) -> str:
     return text_digest(json.dumps(cfg.canonical(), sort_keys=True))
+
+
+def check_config_digest(cfg: DecoupleQConfig, meta: dict, what: str) -> None:
+    """The shards' checksum of the config (``meta``: ``_read_shards``' metadata) is ``cfg``'s.
+
+    Raises:
+        ValueError naming ``what``: config.json was edited or belongs to another checkpoint.
+    """
+    if meta[CONFIG_DIGEST_KEY] != config_digest(cfg):
+        raise ValueError(
+            f"{what}: config.json's quantization_config does not match the checksum the shards carry "
+            "(the config was edited, or belongs to another checkpoint)"
+        )
 
 
 class DecoupleQHfQuantizer(HfQuantizer):
@@ -98,6 +112,9 @@ class DecoupleQHfQuantizer(HfQuantizer):
         self._verifier.result()
         check_loaded(model, self._layer_names)
         model.decoupleq_config = self.quantization_config.settings
+        stored = self.quantization_config.layer_losses
+        layer_losses.restore(model, None if stored is None else
+                             {name: stored[s] for name, s in self._layer_names.items() if s in stored})
         return model
 
     def is_serializable(self, *args, **kwargs):
@@ -274,7 +291,7 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: boo
     must be called before the model is used.
 
     Returns:
-        (names of the quantized layers in the model, the checksum verifier).
+        ({name of a quantized layer in the model: its name in the folder}, the checksum verifier).
 
     Raises:
         ValueError naming the folder and the layer, tensor or key at fault.
@@ -323,11 +340,7 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: boo
             ) from None
         info = cfg.layer_info(stored, module, what)
         infos[name] = info
-    if meta[CONFIG_DIGEST_KEY] != config_digest(cfg):
-        raise ValueError(
-            f"{what}: config.json's quantization_config does not match the checksum the shards carry "
-            "(the config was edited, or belongs to another checkpoint)"
-        )
+    check_config_digest(cfg, meta, what)
     checksums = parse_json(meta[CHECKSUMS_KEY] or "null", f"{what}: {CHECKSUMS_KEY}")
     if not isinstance(checksums, dict):
         raise ValueError(f"{what}: shard metadata {CHECKSUMS_KEY!r} is missing or not an object")
@@ -355,7 +368,7 @@ def prepare_model(model: nn.Module, cfg: DecoupleQConfig, files, background: boo
         for i in range(len(parts)):
             modules[".".join(parts[:i])]._is_hf_initialized = True
     log.info("%s: %d quantized layers checked and prepared", what, len(infos))
-    return list(infos), verifier
+    return {name: names[name] for name in infos}, verifier
 
 
 def check_loaded(model: nn.Module, names) -> None:

@@ -24,8 +24,11 @@ File layout (format version 3): a single ``.safetensors`` file holding
   symmetric, method, bias, ``codes``: the storage of the codes, the packed
   format's name or "int8"), the tensor ``aliases``, ``model``: the class
   and, for Hugging Face models, the full config so ``load`` can rebuild the
-  model without the original weights, and ``checksums``: for every stored
-  tensor the SHA-256 of its dtype, shape and bytes;
+  model without the original weights, ``checksums``: for every stored
+  tensor the SHA-256 of its dtype, shape and bytes, and (files written since
+  per-layer losses are kept; optional, no version change) ``layer_losses``:
+  each quantized layer's relative loss in its quantization run
+  (``decoupleq.layer_losses``);
 - under the metadata key ``"decoupleq_sha256"``, the SHA-256 of that JSON
   document's text, so an edit of any layer description (a layer's ``bits``,
   say) fails as surely as an edit of a tensor.
@@ -57,7 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _hf_build, _hf_hook, moe
+from . import _hf_build, _hf_hook, layer_losses, moe
 from ._io_schema import (
     FLOAT_ST,
     META_DIGEST_KEY,
@@ -304,6 +307,9 @@ def save(model: nn.Module, path, *, tokenizer=None, max_shard_size=None) -> None
         "model": _model_description(model),
         "checksums": {k: tensor_digest(t) for k, t in tensors.items()},
     }
+    losses = layer_losses.to_store(model, layers)
+    if losses is not None:  # covered by the document's checksum, as the layers are
+        meta["layer_losses"] = losses
     text = json.dumps(meta, sort_keys=True)
     metadata = {METADATA_KEY: text, META_DIGEST_KEY: text_digest(text)}
     def write(tmp):
@@ -667,7 +673,8 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
     Returns:
         The model in eval mode, with ``QuantLinear`` / ``QuantConv2d`` layers
         and bit-identical parameters and buffers; ``model.decoupleq_config``
-        is the stored settings.
+        is the stored settings, ``model.decoupleq_layer_losses`` the stored
+        per-layer relative losses (none for a file without them).
 
     Raises:
         FileNotFoundError: no such file.
@@ -732,6 +739,7 @@ def load(path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Mod
         raise
     model.eval()
     model.decoupleq_config = meta.get("quantization")
+    layer_losses.restore(model, meta.get("layer_losses"))
     _hf_hook.attach(model)
     log.info("loaded %d tensors (%d quantized layers) from %s", len(tensors), len(layers), path)
     return model

@@ -71,7 +71,7 @@ from .distributed import current as current_dist
 from .hessian import HessianAccumulator
 from .models import BlockSpec, adapter_groups, find_blocks, is_quantizable, quantizable_layers
 from .nn import QuantConv2d, QuantLinear
-from . import _hf_hook
+from . import _hf_hook, layer_losses
 from .rollback import Journal
 from .solver import quantize_weight
 
@@ -751,7 +751,9 @@ def quantize(
     Returns:
         ``model``, with ``QuantLinear`` / ``QuantConv2d`` in place of the
         quantized layers, ``model.decoupleq_config`` (a JSON-friendly dict of
-        the settings) and ``model.decoupleq_report`` (a ``QuantReport``).
+        the settings), ``model.decoupleq_report`` (a ``QuantReport``) and
+        ``model.decoupleq_layer_losses`` (each layer's relative loss, merged over
+        ``quantize`` calls and stored by ``save``: ``decoupleq.layer_losses``).
 
     Raises:
         TypeError / ValueError: bad arguments, named, before any work starts;
@@ -990,5 +992,6 @@ def _finish(model, mcfg: ModelQuantConfig, report: QuantReport, t_start: float, 
                     mcfg.expert_min_tokens, shown, f", ... ({more} more)" if more > 0 else "")
     model.decoupleq_config = mcfg.to_dict()
     model.decoupleq_report = report
+    layer_losses.record(model, report.layers)  # what save stores for `decoupleq info --plot`
     _hf_hook.attach(model)  # a transformers model: save_pretrained / from_pretrained carry it
     return model

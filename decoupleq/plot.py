@@ -95,6 +95,7 @@ def plot_layer_losses(layers, path=None, *, title: str | None = None, ax=None):
         xs, ys = zip(*mine)
         ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=kind)
     ax.set_yscale("log")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # blocks are whole numbers
     ax.set_xlabel("block")
     ax.set_ylabel("relative layer loss")
     ax.set_title(title or "relative loss by block and layer type")

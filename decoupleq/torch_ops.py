@@ -15,8 +15,7 @@ codes uint32 (out, row_words), float32 (out, G) float parts); ``bias`` float32 (
 None; returns a new float32 (N, out_features).  No autograd: the layers use them only
 when no gradient is needed (training goes through ``decoupleq.sft``).
 """
-# No "from __future__ import annotations": custom_op reads the signature's real types.
-from typing import Optional
+import importlib
 
 import numpy as np
 import torch
@@ -72,33 +71,38 @@ def _fake(x, codes):
 # simply not compilable without graph breaks (AVAILABLE is False and they run eagerly).
 AVAILABLE = hasattr(torch, "library") and hasattr(torch.library, "custom_op")
 
+#: Both ops' schema; the three tensors of the weight are named per op.
+_SCHEMA = ("(Tensor x, Tensor {}, Tensor {}, Tensor {}, Tensor? bias, int bits, int in_features, "
+           "int group_size) -> Tensor")
+
+
+def _register(qualname: str, weight_names: tuple, matmul, layer_module: str):
+    """Register ``matmul`` (``uniform_matmul`` / ``bcq_matmul``) as the CPU op ``qualname``,
+    with a fake that gives the output's shape without running it.
+
+    ``weight_names``: the schema's names of the codes and the two float parts (what a caller
+    passes by keyword); ``layer_module``: the layer's module, whose ``SMALL_BATCH_MAX`` is read
+    at call time, as the eager layer reads it.
+    """
+    def kernel(x, codes, a, b, bias, bits, in_features, group_size):
+        small_batch_max = importlib.import_module(layer_module).SMALL_BATCH_MAX
+        return _run(matmul, small_batch_max, x, codes, a, b, bias, bits, in_features, group_size)
+
+    op = torch.library.custom_op(qualname, kernel, mutates_args=(), device_types="cpu",
+                                 schema=_SCHEMA.format(*weight_names))
+    op.register_fake(lambda x, codes, *rest: _fake(x, codes))
+    return op
+
+
 if AVAILABLE:
     #: True while torch.compile traces (Dynamo treats the call as a constant).
     is_compiling = torch.compiler.is_compiling
-
-    @torch.library.custom_op("decoupleq::packed_linear", mutates_args=(), device_types="cpu")
-    def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                      bias: Optional[torch.Tensor], bits: int, in_features: int, group_size: int) -> torch.Tensor:
-        """Uniform packed layer: see the module docstring."""
-        from . import nn  # its SMALL_BATCH_MAX at call time, as the eager layer reads it
-
-        return _run(uniform_matmul, nn.SMALL_BATCH_MAX, x, packed, scale, zero, bias, bits, in_features, group_size)
-
-    @packed_linear.register_fake
-    def _packed_linear_fake(x, packed, scale, zero, bias, bits, in_features, group_size):
-        return _fake(x, packed)
-
-    @torch.library.custom_op("decoupleq::bcq_linear", mutates_args=(), device_types="cpu")
-    def bcq_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor,
-                   bias: Optional[torch.Tensor], bits: int, in_features: int, group_size: int) -> torch.Tensor:
-        """BCQ layer: see the module docstring."""
-        from . import nn_bcq
-
-        return _run(bcq_matmul, nn_bcq.SMALL_BATCH_MAX, x, planes, alpha, offset, bias, bits, in_features, group_size)
-
-    @bcq_linear.register_fake
-    def _bcq_linear_fake(x, planes, alpha, offset, bias, bits, in_features, group_size):
-        return _fake(x, planes)
+    #: Uniform packed layer: see the module docstring.
+    packed_linear = _register("decoupleq::packed_linear", ("packed", "scale", "zero"), uniform_matmul,
+                              f"{__package__}.nn")
+    #: BCQ layer: see the module docstring.
+    bcq_linear = _register("decoupleq::bcq_linear", ("planes", "alpha", "offset"), bcq_matmul,
+                           f"{__package__}.nn_bcq")
 else:
     def is_compiling() -> bool:
         return False

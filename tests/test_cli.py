@@ -8,7 +8,7 @@ import torch
 
 import decoupleq
 from decoupleq import cli, evaluate
-from zoo_helpers import read, text_slice, tiny_bert, tiny_llama, train_tokenizer
+from zoo_helpers import read, saved_tiny_llama, text_slice, tiny_bert, train_tokenizer
 
 needs_solver = pytest.mark.skipif(not hasattr(decoupleq, "quantize_weight"),
                                   reason="the layer solver (decoupleq.quantize_weight) has not landed")
@@ -22,11 +22,8 @@ def texts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=60_000), vocab_size=280)
-    model = tiny_llama(vocab_size=len(tok), seed=5, hidden=64)
     path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    saved_tiny_llama(path, text_chars=60_000, vocab_size=280, seed=5, hidden=64)
     return path
 
 

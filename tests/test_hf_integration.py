@@ -126,17 +126,22 @@ def test_automodel_of_a_causal_lm_folder_is_its_base_model(tmp_path):
         assert torch.equal(_out(base, x), want)
 
 
+def _llama_with_tokenizer(seed, **config):
+    """(tiny float Llama, its tokenizer trained on real text): 2 blocks of width 64, the
+    tokenizer's BOS and EOS ids in the config."""
+    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=40_000), vocab_size=280)
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, **config)
+    return transformers.LlamaForCausalLM(cfg).eval(), tok
+
+
 @pytest.fixture(scope="module")
 def llama_with_tokenizer(tmp_path_factory):
-    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=40_000), vocab_size=280)
     with one_thread():
-        torch.manual_seed(7)
-        cfg = transformers.LlamaConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        )
-        model = transformers.LlamaForCausalLM(cfg).eval()
+        model, tok = _llama_with_tokenizer(7, tie_word_embeddings=False)
         ids = torch.randint(0, len(tok), (2, 16))
         decoupleq.quantize(model, ids, decoupleq.QuantConfig(bits=2, group_size=32, method="rtn"),
                            blockwise=False, verbose=False)
@@ -209,31 +214,24 @@ def _load(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(folder)
 
 
-def test_missing_quantized_tensor_raises(folder):
-    _rewrite(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.packed"))
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.packed.*missing"):
-        _load(folder)
+def _misshape_q_scale(t):
+    key = "model.layers.0.self_attn.q_proj.scale"
+    t[key] = t[key][:, :1].clone()
 
 
-def test_misshaped_quantized_tensor_raises(folder):
-    def edit(t):
-        t["model.layers.0.self_attn.q_proj.scale"] = t["model.layers.0.self_attn.q_proj.scale"][:, :1].clone()
+def _edit_k_zero(t):
+    t["model.layers.0.self_attn.k_proj.zero"][0, 0] += 1.0
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.packed"), r"model\.layers\.1\.mlp\.up_proj\.packed.*missing"),
+    (_misshape_q_scale, r"q_proj\.scale.*shape"),
+    (lambda t: t.pop("model.norm.weight"), r"missing \['model\.norm\.weight'\]"),
+    (_edit_k_zero, r"k_proj\.zero.*checksum"),  # the bytes fail their checksum
+], ids=["missing_quantized_tensor", "misshaped_quantized_tensor", "missing_float_tensor", "edited_tensor_bytes"])
+def test_a_damaged_shard_is_refused(folder, edit, match):
     _rewrite(folder, edit)
-    with pytest.raises(ValueError, match=r"q_proj\.scale.*shape"):
-        _load(folder)
-
-
-def test_missing_float_tensor_raises(folder):
-    _rewrite(folder, lambda t: t.pop("model.norm.weight"))
-    with pytest.raises(ValueError, match=r"missing \['model\.norm\.weight'\]"):
-        _load(folder)
-
-
-def test_edited_tensor_bytes_fail_their_checksum(folder):
-    def edit(t):
-        t["model.layers.0.self_attn.k_proj.zero"][0, 0] += 1.0
-    _rewrite(folder, edit)
-    with pytest.raises(ValueError, match=r"k_proj\.zero.*checksum"):
+    with pytest.raises(ValueError, match=match):
         _load(folder)
 
 
@@ -311,13 +309,9 @@ def test_cli_output_is_a_hugging_face_folder(tmp_path, capsys):
     from decoupleq import cli
     from zoo_helpers import text_slice
 
-    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=40_000), vocab_size=280)
     with one_thread():
-        torch.manual_seed(11)
-        cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                       max_position_embeddings=128)
-        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp")
+        model, tok = _llama_with_tokenizer(11)
+        model.save_pretrained(tmp_path / "fp")
     tok.save_pretrained(tmp_path / "fp")
     text = text_slice("wikitext-2/valid.txt", tmp_path / "valid.txt")
     out = tmp_path / "q"

@@ -10,7 +10,7 @@ import torch
 from decoupleq import cli, zoo
 from decoupleq.hub import looks_like_hub_id, resolve_hub_id, split_hub_id
 from hub_helpers import put_in_hub_cache
-from zoo_helpers import read, tiny_llama, train_tokenizer
+from zoo_helpers import read, saved_tiny_llama, tiny_llama, train_tokenizer
 
 REPO_ID = "tiny-org/tiny-llama"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -19,11 +19,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """(cache folder, the float model put in it)."""
-    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=40_000), vocab_size=270)
-    model = tiny_llama(vocab_size=len(tok), seed=9, hidden=32)
     saved = tmp_path_factory.mktemp("saved")
-    model.save_pretrained(saved)
-    tok.save_pretrained(saved)
+    model = saved_tiny_llama(saved, text_chars=40_000, vocab_size=270, seed=9, hidden=32)
     cache = tmp_path_factory.mktemp("hub-cache")
     put_in_hub_cache(saved, cache, REPO_ID, COMMIT)
     return cache, model

@@ -68,6 +68,20 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
     return LlamaForCausalLM(cfg).eval()
 
 
+def saved_tiny_llama(folder, text_chars: int, vocab_size: int, seed: int, hidden: int):
+    """A tiny Llama and a tokenizer trained on wikitext-2's first ``text_chars`` characters,
+    saved together into ``folder`` (``save_pretrained``), as a model from the Hub would be.
+
+    Returns:
+        the float model (eval mode).
+    """
+    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=text_chars), vocab_size=vocab_size)
+    model = tiny_llama(vocab_size=len(tok), seed=seed, hidden=hidden)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
 def tiny_bert(vocab_size: int, seed: int = 0, hidden: int = 32):
     import torch
     from transformers import BertConfig, BertModel
