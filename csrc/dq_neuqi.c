@@ -17,10 +17,12 @@
  *  - symmetric: Z stays 0, i.e. z is fixed at qmin and only s is searched.
  *
  * Sorting a group once (w ascending) makes both sweeps cheap per scale
- * (phase 1 O(log^2 g), phase 2 linear plus a merge of at most n runs): x
- * keeps its order for every s > 0, and sums over any run of elements come
- * from prefix sums of h, h w and h w^2.  Everything is float64.  Rows poll
- * for interrupts (DQ_EINTR).
+ * (phase 1 O(log^2 g), phase 2 linear plus a bucket sort of its
+ * breakpoints): x keeps its order for every s > 0, and sums over any run of
+ * elements come from prefix sums of h, h w and h w^2.  Coarse scales whose
+ * clamping error alone exceeds the best so far are skipped without
+ * changing the result.  Everything is float64.  Rows poll for interrupts
+ * (DQ_EINTR).
  */
 #include "dq_solver.h"
 
