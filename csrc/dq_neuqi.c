@@ -17,10 +17,12 @@
  *  - symmetric: Z stays 0, i.e. z is fixed at qmin and only s is searched.
  *
  * Sorting a group once (w ascending) makes both sweeps cheap per scale
- * (phase 1 O(log^2 g), phase 2 linear plus a merge of at most n runs): x
- * keeps its order for every s > 0, and sums over any run of elements come
- * from prefix sums of h, h w and h w^2.  Everything is float64.  Rows poll
- * for interrupts (DQ_EINTR).
+ * (phase 1 O(log^2 g), phase 2 linear plus a bucket sort of its
+ * breakpoints): x keeps its order for every s > 0, and sums over any run of
+ * elements come from prefix sums of h, h w and h w^2.  Coarse scales whose
+ * clamping error alone exceeds the best so far are skipped without
+ * changing the result.  Everything is float64.  Rows poll for interrupts
+ * (DQ_EINTR).
  */
 #include "dq_solver.h"
 
@@ -38,7 +40,8 @@ typedef struct {
 } elem_t;
 
 typedef struct {
-    double z, h;
+    double z;  /* the sort key */
+    int64_t e; /* the element it belongs to */
 } brk_t;
 
 /* One group's sorted elements and prefix sums, and the scratch of phase 2. */
@@ -47,9 +50,10 @@ typedef struct {
     elem_t *e;       /* g, ascending w */
     double *P0, *P1, *P2; /* g + 1: prefix sums of h, h w, h w^2 */
     /* Phase 2's scratch, one entry per middle element: */
-    brk_t *keys, *merge; /* (frac(u), element) and the merge buffer */
+    brk_t *keys, *sorted; /* (frac(u), element), and the same sorted by frac(u) */
     double *drop0, *drop1; /* weight of its drop at d = frac(u), d = 1 + frac(u) (0: none) */
-    int64_t *run;        /* g + 1: starts of the runs of equal floor(u) */
+    int32_t *bucket;      /* its bucket, floor(frac(u) * nb) */
+    int32_t *count;       /* nb = 2 g: the buckets' counts, then their starts */
 } group_ws_t;
 
 static int cmp_elem(const void *a, const void *b)
@@ -65,10 +69,11 @@ static void ws_free(group_ws_t *ws)
     dq_free(ws->P1);
     dq_free(ws->P2);
     dq_free(ws->keys);
-    dq_free(ws->merge);
+    dq_free(ws->sorted);
     dq_free(ws->drop0);
     dq_free(ws->drop1);
-    dq_free(ws->run);
+    dq_free(ws->bucket);
+    dq_free(ws->count);
     memset(ws, 0, sizeof(*ws));
 }
 
@@ -81,12 +86,13 @@ static int ws_alloc(group_ws_t *ws, int64_t g)
     ws->P1 = dq_malloc(sizeof(double) * (size_t)(g + 1));
     ws->P2 = dq_malloc(sizeof(double) * (size_t)(g + 1));
     ws->keys = dq_malloc(sizeof(brk_t) * (size_t)g);
-    ws->merge = dq_malloc(sizeof(brk_t) * (size_t)g);
+    ws->sorted = dq_malloc(sizeof(brk_t) * (size_t)g);
     ws->drop0 = dq_malloc(sizeof(double) * (size_t)g);
     ws->drop1 = dq_malloc(sizeof(double) * (size_t)g);
-    ws->run = dq_malloc(sizeof(int64_t) * (size_t)(g + 1));
-    if (!ws->e || !ws->P0 || !ws->P1 || !ws->P2 || !ws->keys || !ws->merge || !ws->drop0 ||
-        !ws->drop1 || !ws->run) {
+    ws->bucket = dq_malloc(sizeof(int32_t) * (size_t)g);
+    ws->count = dq_malloc(sizeof(int32_t) * (size_t)(2 * g));
+    if (!ws->e || !ws->P0 || !ws->P1 || !ws->P2 || !ws->keys || !ws->sorted || !ws->drop0 ||
+        !ws->drop1 || !ws->bucket || !ws->count) {
         ws_free(ws);
         return -1;
     }
@@ -158,16 +164,17 @@ static inline double fast_floor(double v)
 typedef struct {
     const group_ws_t *ws;
     double inv, c1;
+    double off; /* 1/2 for phase 1; 0 for clamp_lower_bound's function */
 } bound_t;
 
 static inline double A_at(const bound_t *b, int64_t c)
 {
-    return c < b->ws->g ? b->ws->e[c].w * b->inv - b->c1 - 0.5 : INFINITY;
+    return c < b->ws->g ? b->ws->e[c].w * b->inv - b->c1 - b->off : INFINITY;
 }
 
 static inline double B_at(const bound_t *b, int64_t c)
 {
-    return c < b->ws->g ? b->ws->e[c].w * b->inv + 0.5 : INFINITY;
+    return c < b->ws->g ? b->ws->e[c].w * b->inv + b->off : INFINITY;
 }
 
 /* The split p + q = i of the first i merged breakpoints (A first on ties,
@@ -186,18 +193,22 @@ static int64_t merge_split(const bound_t *b, int64_t i)
 }
 
 /* On interval i (state p, q): 1 and *z the minimiser if the bound's
- * minimum is at or before the interval's right end, else 0. */
-static int bound_probe(const bound_t *b, int64_t i, double *z)
+ * minimum is at or before the interval's right end, else 0.  *flat: 1 when
+ * nothing is clamped on this interval (the function is constant there);
+ * *p_out: p. */
+static int bound_probe(const bound_t *b, int64_t i, double *z, int *flat, int64_t *p_out)
 {
     const group_ws_t *ws = b->ws;
     const int64_t g = ws->g;
     const int64_t p = merge_split(b, i), q = i - p;
+    *p_out = p;
     const double an = A_at(b, p), bn = B_at(b, q);
     const double r = an <= bn ? an : bn;
     const double ap = p > 0 ? A_at(b, p - 1) : -INFINITY, bp = q > 0 ? B_at(b, q - 1) : -INFINITY;
     const double l = i == 0 ? -INFINITY : (ap >= bp ? ap : bp);
     const double Htop = ws->P0[g] - ws->P0[p], Hbot = ws->P0[q];
     const double a0 = Htop + Hbot;
+    *flat = !(a0 > 1e-12);
     /* sum h = 1: a weight below 1e-12 of it is rounding noise. */
     if (a0 > 1e-12) {
         const double a1 = b->inv * (ws->P1[g] - ws->P1[p]) - b->c1 * Htop + b->inv * ws->P1[q];
@@ -215,44 +226,98 @@ static int bound_probe(const bound_t *b, int64_t i, double *z)
     return 1;
 }
 
-static double phase1_zbar(const group_ws_t *ws, double inv, int nl)
+/* The minimiser of bound b (see bound_probe); *flat as there, and the
+ * minimum's interval: top set [*p, g), bottom set [0, *q). */
+static double bound_argmin(const bound_t *b, int *flat, int64_t *p, int64_t *q)
 {
-    const bound_t b = {ws, inv, (double)(nl - 1)};
-    int64_t lo = 0, hi = 2 * ws->g; /* the last interval always holds it */
+    int64_t lo = 0, hi = 2 * b->ws->g; /* the last interval always holds it */
     while (lo < hi) {
         const int64_t mid = (lo + hi) / 2;
         double z;
-        if (bound_probe(&b, mid, &z)) hi = mid;
+        if (bound_probe(b, mid, &z, flat, p)) hi = mid;
         else lo = mid + 1;
     }
     double z = 0.0;
-    bound_probe(&b, lo, &z);
+    bound_probe(b, lo, &z, flat, p);
+    *q = lo - *p;
     return z;
 }
 
-/* Merge the sorted runs run[0..nruns) (boundaries: start offsets, the
- * last = total) of src by key, bottom-up in pairs; returns the buffer that
- * holds the sorted result (src or tmp). */
-static brk_t *merge_runs(brk_t *src, brk_t *tmp, int64_t *run, int64_t nruns)
+static double phase1_zbar(const group_ws_t *ws, double inv, int nl)
 {
-    while (nruns > 1) {
-        int64_t out = 0;
-        for (int64_t r = 0; r < nruns; r += 2) {
-            const int64_t a0 = run[r], a1 = run[r + 1];
-            const int64_t b1 = r + 2 <= nruns ? run[r + 2] : a1;
-            int64_t i = a0, j = a1, k = a0;
-            while (i < a1 && j < b1) tmp[k++] = src[j].z < src[i].z ? src[j++] : src[i++];
-            while (i < a1) tmp[k++] = src[i++];
-            while (j < b1) tmp[k++] = src[j++];
-            run[out++] = a0;
-        }
-        run[out] = run[nruns];
-        nruns = out;
-        brk_t *t = src;
-        src = tmp;
-        tmp = t;
+    const bound_t b = {ws, inv, (double)(nl - 1), 0.5};
+    int flat;
+    int64_t p, q;
+    return bound_argmin(&b, &flat, &p, &q);
+}
+
+/* A lower bound on the exact objective's minimum over every z, in units of
+ * x, for pruning scales (search_group): an element's error is at least its
+ * squared distance from [z, z + nl - 1], the range the grid covers, which
+ * is the error it has when clamped and 0 in range.  That function is
+ * convex, of phase 1's form with the breakpoints at x - (nl - 1) and x and
+ * nothing in the middle, so bound_argmin finds its minimiser and the
+ * clamped sets there, whose sums come from the prefix sums.  The minimiser
+ * is exact up to rounding and the function has zero slope there, and the
+ * prefix sums cancel to within a few ulps of sum h x^2, so the value is
+ * within the margin search_group allows of the true minimum.  Where nothing
+ * is clamped on the minimum's interval the bound is 0 (nothing is
+ * pruned). */
+static double clamp_lower_bound(const group_ws_t *ws, double inv, int nl)
+{
+    const double c1 = (double)(nl - 1);
+    const bound_t b = {ws, inv, c1, 0.0};
+    int flat;
+    int64_t p, q;
+    const double z = bound_argmin(&b, &flat, &p, &q);
+    if (flat) return 0.0;
+    /* sum over a set of h (x - t)^2 = X2 - 2 t X + t^2 H: the bottom set
+     * [0, q) with t = z, the top set [p, g) with t = z + nl - 1. */
+    const int64_t g = ws->g;
+    const double *P0 = ws->P0, *P1 = ws->P1, *P2 = ws->P2;
+    const double Hb = P0[q], Xb = inv * P1[q], X2b = inv * inv * P2[q];
+    const double Ht = P0[g] - P0[p], Xt = inv * (P1[g] - P1[p]), X2t = inv * inv * (P2[g] - P2[p]);
+    const double tt = z + c1;
+    const double v = (X2b - 2.0 * z * Xb + z * z * Hb) + (X2t - 2.0 * tt * Xt + tt * tt * Ht);
+    return v > 0.0 ? v : 0.0;
+}
+
+/* Stable sort of keys[0..k) (keys in [0, 1)) into out: a counting sort on
+ * nb equal buckets, then an insertion sort for the few pairs that share a
+ * bucket.  Both steps are stable, so the result is the one stable order by
+ * key: ties keep the element order.  With about two buckets per key the
+ * data-dependent branches of a comparison sort (which mispredict on random
+ * keys) are mostly gone.  bucket: k ints of scratch, count: nb. */
+static void sort_keys(const brk_t *keys, brk_t *out, int64_t k, int32_t *bucket, int32_t *count,
+                      int64_t nb)
+{
+    memset(count, 0, sizeof(int32_t) * (size_t)nb);
+    const double scale = (double)nb;
+    for (int64_t i = 0; i < k; i++) {
+        int32_t b = (int32_t)(keys[i].z * scale);
+        if (b >= nb) b = (int32_t)nb - 1; /* a key that rounds up to nb */
+        bucket[i] = b;
+        count[b]++;
     }
-    return src;
+    /* Counts to starts, the running total in a register (a loop through
+     * memory would wait on each store). */
+    int32_t start = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const int32_t c = count[b];
+        count[b] = start;
+        start += c;
+    }
+    for (int64_t i = 0; i < k; i++) out[count[bucket[i]]++] = keys[i];
+    for (int64_t i = 1; i < k; i++) {
+        if (!(out[i - 1].z > out[i].z)) continue;
+        const brk_t t = out[i];
+        int64_t j = i;
+        do {
+            out[j] = out[j - 1];
+            j--;
+        } while (j > 0 && out[j - 1].z > t.z);
+        out[j] = t;
+    }
 }
 
 /* Phase 2: the exact minimum over z in [zl, zl + 2].  Between breakpoints
@@ -267,8 +332,8 @@ static brk_t *merge_runs(brk_t *src, brk_t *tmp, int64_t *run, int64_t nruns)
  * [0, 2]: their sums come from the prefix sums.  The others drop a level at
  * d = frac(u) (when 1 <= floor(u) <= nl - 1) and at d = 1 + frac(u) (when
  * 2 <= floor(u) <= nl), so both unit halves of the window see their
- * breakpoints in the order of frac(u).  Sorting by frac(u) merges the runs
- * of equal floor(u), each already in order: at most nl runs.  Returns the
+ * breakpoints in the order of frac(u) (a stable sort: ties keep the
+ * element order).  Returns the
  * objective (units of x) and writes the minimiser to *zbest. */
 static double phase2_exact(group_ws_t *ws, double inv, int nl, double zl, double *zbest)
 {
@@ -298,9 +363,8 @@ static double phase2_exact(group_ws_t *ws, double inv, int nl, double zl, double
     double H = P0[g];
     double a1 = inv * P1[cb] + (Xt - c1 * Ht);
     double a2 = inv * inv * P2[cb] + (X2t - 2.0 * c1 * Xt + c1 * c1 * Ht);
-    /* The middle elements: their own sums, and runs of equal floor(u). */
-    int64_t *run = ws->run, nruns = 0, k = 0;
-    double prev_fl = -1.0;
+    /* The middle elements: their own sums and sort keys. */
+    int64_t k = 0;
     for (int64_t c = cb; c < ct; c++) {
         const double x = ws->e[c].w * inv, h = ws->e[c].h;
         const double u = x - zl + 0.5;
@@ -309,18 +373,14 @@ static double phase2_exact(group_ws_t *ws, double inv, int nl, double zl, double
         const double y = x - lev;
         a1 += h * y;
         a2 += h * y * y;
-        if (fl != prev_fl) {
-            run[nruns++] = k;
-            prev_fl = fl;
-        }
         ws->keys[k].z = u - fl;
-        ws->keys[k].h = (double)k; /* the element, carried through the sort */
+        ws->keys[k].e = k;
         ws->drop0[k] = fl <= c1 ? h : 0.0;
         ws->drop1[k] = fl >= 2.0 ? h : 0.0;
         k++;
     }
-    run[nruns] = k;
-    const brk_t *sorted = merge_runs(ws->keys, ws->merge, run, nruns);
+    const brk_t *sorted = ws->sorted;
+    sort_keys(ws->keys, ws->sorted, k, ws->bucket, ws->count, 2 * k > 0 ? 2 * k : 1);
     /* The objective is a parabola of leading coefficient H on every
      * interval and has a concave kink at every breakpoint, so its minimum is
      * a window end or a stationary point a1 / H inside its own interval:
@@ -329,9 +389,13 @@ static double phase2_exact(group_ws_t *ws, double inv, int nl, double zl, double
     for (int half = 0; half < 2; half++) {
         const double base = zl + (double)half;
         const double *drop = half == 0 ? ws->drop0 : ws->drop1;
+        /* An element that does not drop in this half (dh = 0) leaves a1, a2
+         * and the interval's left end as they are; it only splits an
+         * interval, and the split halves' checks together accept exactly
+         * the stationary points the whole interval's check does.  Visiting
+         * it costs less than the mispredicted branch that would skip it. */
         for (int64_t i = 0; i < k; i++) {
-            const double dh = drop[(int64_t)sorted[i].h];
-            if (dh == 0.0) continue;
+            const double dh = drop[sorted[i].e];
             const double next = base + sorted[i].z;
             if (a1 >= cur * H && a1 <= next * H) {
                 const double zs = a1 / H;
@@ -340,7 +404,7 @@ static double phase2_exact(group_ws_t *ws, double inv, int nl, double zl, double
             }
             a1 += dh;
             a2 += 2.0 * dh * next;
-            cur = next;
+            cur = dh != 0.0 ? next : cur;
         }
     }
     {
@@ -469,10 +533,28 @@ static double search_group(group_ws_t *ws, double *R, double s0, double lo, int 
         *z_out = zb;
         return best;
     }
-    for (int k = 1; k <= COARSE_STEPS; k++) {
+    /* The coarse grid, largest scale first.  The winner is the lowest
+     * objective, ties to the smallest k, exactly as in increasing order (so
+     * the order changes nothing), but with the near-best scales seen first,
+     * most small scales are pruned: their clamped elements alone cost more
+     * than the best so far (clamp_lower_bound).  A scale is pruned only
+     * when its bound exceeds the best by more than the rounding of either
+     * (margin, a bound on both in units of x^2), so it could not have won
+     * or tied. */
+    double wmax = 0.0;
+    for (int64_t c = 0; c < ws->g; c++) {
+        const double a = fabs(ws->e[c].w);
+        if (a > wmax) wmax = a;
+    }
+    for (int k = COARSE_STEPS; k >= 1; k--) {
         const double s = s0 * k / COARSE_STEPS;
+        if (best < INFINITY) {
+            const double inv = 1.0 / s, span = wmax * inv + nl + 2.0;
+            const double lb = clamp_lower_bound(ws, inv, nl) * (1.0 - 1e-10) - 1e-10 * span * span;
+            if (lb * s * s > best) continue;
+        }
         const double v = best_zero(ws, s, nl, &z);
-        if (v < best) best = v, sb = s, zb = z;
+        if (v <= best) best = v, sb = s, zb = z;
     }
     const double sc = sb;
     for (int j = -FINE_STEPS; j <= FINE_STEPS; j++) {
