@@ -10,7 +10,7 @@ peak resident memory is its own:
 
 The quantized model is read from ``--quantized FILE`` (a ``decoupleq.save``
 file, e.g. from ``examples/sft_float_parts.py --save-quantized``) or made on
-the spot with RTN (step time and memory do not depend on how good the codes
+the spot with RTN, min-max init (step time and memory do not depend on how good the codes
 are, only on their shapes). Peak RSS is measured from the first training step
 on (the process's peak is reset after the model is built, Linux >= 4.0), and
 the whole-process peak is reported beside it. The tokens are seeded random
@@ -88,9 +88,10 @@ def worker(args) -> dict:
     windows = _windows(args, model.config.vocab_size)
     if args.mode == "quant-sft" and not args.quantized:
         calib = windows[: args.calib_samples, : args.calib_seq_len]
-        cfg = decoupleq.QuantConfig(method="rtn", bits=args.bits, group_size=args.group_size)
+        # min-max init: data-free and seconds to make (RTN's default, NeUQI, searches each group's grid).
+        cfg = decoupleq.QuantConfig(method="rtn", bits=args.bits, group_size=args.group_size, init="minmax")
         decoupleq.quantize(model, calib, cfg, blockwise=False)
-        how = f"RTN W{args.bits} g{args.group_size}"
+        how = f"RTN min-max W{args.bits} g{args.group_size}"
     if args.mode == "fp-full":
         params = [p for p in model.parameters()]
         for p in params:

@@ -23,7 +23,18 @@ W is never kept between forward and backward: both recompute it from the
 codes in tiles of output rows (at most ``TILE_ELEMENTS`` weights per tile),
 and grad_W exists one tile at a time. So a layer adds only its input
 activations to the autograd graph, as ``nn.Linear`` does, but no float
-weight. Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the input is
+weight.
+
+A ``QuantLinear`` at 2-4 bits on the CPU hands over its packed codes as they
+are (its own buffer: nothing new is saved for backward). In float32 each tile
+of W is then made by the C core's ``dequantize_packed`` in one threaded pass:
+the same ``code * s + z``, rounded after the product and after the sum, so
+the tile is bit for bit what the torch ops would give, in one pass instead of
+an unpack, an int8-to-float copy, a multiply and an add (on a loaded 2-core
+machine each torch op over the whole weight is also a thread barrier). The
+int8 codes are unpacked only in backward, when grad_scale is needed.
+
+Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the input is
 saved as given (bf16), the arithmetic runs in float32 and the output has the
 autocast dtype, like an autocast ``nn.Linear``. With float64 inputs or float
 parts the arithmetic runs in float64 (for ``gradcheck``).
@@ -84,6 +95,44 @@ def _dequant_rows(codes, scale, zero, r0: int, r1: int, dtype, g: int):
     return w
 
 
+class _Codes:
+    """The integer codes of one call: int8 ``codes`` (out, in), or ``packed`` uint32
+    (out, row_words) in the ``decoupleq.packing`` layout with its ``bits``.
+
+    ``fast`` when W can come from the C core: packed codes, float32 arithmetic
+    and float32 C-contiguous CPU scale / zero (what ``QuantLinear`` holds)."""
+
+    def __init__(self, codes, bits, in_f: int, scale, zero, cdtype):
+        self.codes = codes if bits is None else None
+        self.packed = None if bits is None else codes
+        self.bits, self.in_f = bits, in_f
+        self.fast = bits is not None and cdtype == torch.float32 and codes.is_cpu and all(
+            t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in (scale, zero) if t is not None)
+        if bits is not None and not self.fast:  # float64 arithmetic, another device: the torch path
+            self.codes, self.packed = self.int8_rows(0, codes.shape[0]), None
+
+    def int8_rows(self, r0: int, r1: int):
+        """int8 (r1 - r0, in) codes of rows r0:r1."""
+        if self.packed is None:
+            return self.codes[r0:r1]
+        from .packing import unpack
+
+        p = self.packed
+        return torch.from_numpy(unpack(p[r0:r1].detach().cpu().numpy(), self.bits, self.in_f)).to(p.device)
+
+    def weight_rows(self, s, z, r0: int, r1: int, cdtype, g: int):
+        """Rows r0:r1 of ``codes * scale + zero``, (rows, in) of ``cdtype`` (see ``_dequant_rows``)."""
+        if not self.fast:
+            return _dequant_rows(self.codes, s, z, r0, r1, cdtype, g)
+        from . import _C
+
+        w = _C.dequantize_packed(
+            self.packed[r0:r1].numpy(), s[r0:r1].detach().numpy(),
+            None if z is None else z[r0:r1].detach().numpy(), self.bits, self.in_f, g,
+            threads=torch.get_num_threads())  # so torch.set_num_threads limits it too
+        return torch.from_numpy(w)
+
+
 def _group_sums(t, n_groups: int, g: int):
     """(rows, in) -> (rows, G): the sum over each group's columns (the last may be short)."""
     rows, n = t.shape
@@ -97,9 +146,10 @@ def _group_sums(t, n_groups: int, g: int):
 class QuantLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with ``W = codes * scale + zero``, gradients straight from the codes.
 
-    ``apply(x, codes, scale, zero, bias, tile_rows, group_size)``:
+    ``apply(x, codes, scale, zero, bias, tile_rows, group_size, bits)``:
         x: (N, in) float tensor (any float dtype).
-        codes: int8 (out, in); never differentiated.
+        codes: int8 (out, in) when ``bits`` is None, else the uint32 (out,
+            row_words) packed codes of a ``bits``-bit layer; never differentiated.
         scale: float (out, G), G = ceil(in / group_size) (1 per-channel).
         zero: float (out, G), or None (symmetric: zero fixed at 0, no gradient).
         bias: (out,) or None.
@@ -107,6 +157,7 @@ class QuantLinearFunction(torch.autograd.Function):
             (``TILE_ELEMENTS // in``).
         group_size: columns per group (``in`` or -1 per-channel); the last
             group is shorter when it does not divide in.
+        bits: None, or 2-4 when ``codes`` is packed.
     Returns (N, out): the autocast dtype under CPU autocast (for float32 and
     lower inputs), else ``x.dtype``. Prefer :func:`quant_linear`, which checks
     its arguments and accepts any leading shape.
@@ -114,32 +165,36 @@ class QuantLinearFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, x, codes, scale, zero, bias, tile_rows, group_size):
+    def forward(ctx, x, codes, scale, zero, bias, tile_rows, group_size, bits=None):
         wide = [t for t in (x, scale, zero) if t is not None]
         cdtype = torch.float64 if any(t.dtype == torch.float64 for t in wide) else torch.float32
         if torch.is_autocast_enabled("cpu") and x.dtype in _LOW_PRECISION:
             out_dtype = torch.get_autocast_dtype("cpu")
         else:
             out_dtype = x.dtype
-        out_f, in_f = codes.shape
+        out_f, in_f = codes.shape[0], x.shape[1]
         g = in_f if scale.shape[1] == 1 else group_size
         tiles = _row_tiles(out_f, in_f, tile_rows)
+        src = _Codes(codes, bits, in_f, scale, zero, cdtype)
         # Autocast would run the matmuls below in bf16; the point is float32 accuracy.
         with torch.autocast("cpu", enabled=False):
             xc = x.to(cdtype)
             s = scale.to(cdtype)
             z = None if zero is None else zero.to(cdtype)
             if len(tiles) == 1:
-                y = xc @ _dequant_rows(codes, s, z, 0, out_f, cdtype, g).t()
+                y = xc @ src.weight_rows(s, z, 0, out_f, cdtype, g).t()
             else:
                 y = torch.empty(x.shape[0], out_f, dtype=cdtype, device=x.device)
                 for r0, r1 in tiles:
-                    y[:, r0:r1] = xc @ _dequant_rows(codes, s, z, r0, r1, cdtype, g).t()
+                    y[:, r0:r1] = xc @ src.weight_rows(s, z, r0, r1, cdtype, g).t()
             if bias is not None:
                 y += bias.to(cdtype)
         need_x = ctx.needs_input_grad[2] or (zero is not None and ctx.needs_input_grad[3])
-        # x is kept as given (bf16 stays bf16); W is not kept at all.
+        # x is kept as given (bf16 stays bf16); W is not kept at all, and the codes
+        # as they came (packed codes are the layer's own buffer: no new memory).
         ctx.save_for_backward(x if need_x else None, codes, scale, zero)
+        ctx.bits = bits
+        ctx.in_f = in_f
         ctx.cdtype = cdtype
         ctx.tiles = tiles
         ctx.group = g
@@ -155,8 +210,8 @@ class QuantLinearFunction(torch.autograd.Function):
         need_gx, _, need_gs, need_gz, need_gb = ctx.needs_input_grad[:5]
         need_gz = need_gz and zero is not None
         gx = gs = gz = gb = None
-        out_f, in_f = codes.shape
         n_groups = scale.shape[1]
+        src = _Codes(codes, ctx.bits, ctx.in_f, scale, zero, cdtype)
         with torch.autocast("cpu", enabled=False):
             gy = grad_y.to(cdtype)
             s = scale.to(cdtype)
@@ -167,10 +222,9 @@ class QuantLinearFunction(torch.autograd.Function):
             if need_gz:
                 gz = torch.empty(zero.shape, dtype=cdtype, device=zero.device)
             for r0, r1 in tiles:
-                rows = r1 - r0
                 gy_t = gy[:, r0:r1]
                 if need_gx:
-                    w = _dequant_rows(codes, s, z, r0, r1, cdtype, g)
+                    w = src.weight_rows(s, z, r0, r1, cdtype, g)
                     if gx is None:
                         gx = gy_t @ w
                     else:
@@ -181,8 +235,9 @@ class QuantLinearFunction(torch.autograd.Function):
                     if need_gz:
                         gz[r0:r1] = _group_sums(gw, n_groups, g)
                     if need_gs:
-                        # In place: this tile's grad_W is not needed after this.
-                        gw.mul_(codes[r0:r1].to(cdtype))
+                        # In place, by the int8 codes themselves (exact in float, and no
+                        # float copy of them): this tile's grad_W is not needed after this.
+                        gw.mul_(src.int8_rows(r0, r1))
                         gs[r0:r1] = _group_sums(gw, n_groups, g)
                     del gw
             if need_gb:
@@ -193,7 +248,7 @@ class QuantLinearFunction(torch.autograd.Function):
             gs = gs.to(scale.dtype)
         if gz is not None:
             gz = gz.to(zero.dtype)
-        return gx, None, gs, gz, gb, None, None
+        return gx, None, gs, gz, gb, None, None, None
 
 
 def quant_linear(x, codes, scale, zero, bias, group_size, *, tile_rows=None):
@@ -268,9 +323,23 @@ def uses_training_path(layer: QuantLinear, x: torch.Tensor) -> bool:
 
 
 def quant_linear_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` through :class:`QuantLinearFunction` (``QuantLinear.forward``'s training path)."""
+    """``layer(x)`` through :class:`QuantLinearFunction` (``QuantLinear.forward``'s training path).
+
+    A packed layer (2-4 bits) passes its packed buffer, not unpacked codes: see
+    the module docstring. Its shapes hold by construction; only x is checked.
+    """
     zero = None if layer.symmetric else layer.zero
-    return quant_linear(x, layer.codes, layer.scale, zero, layer.bias, layer.group_size)
+    packed = layer._buffers.get("packed")
+    if packed is None:
+        return quant_linear(x, layer.codes, layer.scale, zero, layer.bias, layer.group_size)
+    in_f = layer.in_features
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.ndim == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected (..., {in_f})")
+    g = in_f if layer.scale.shape[1] == 1 else layer.group_size
+    y = QuantLinearFunction.apply(x.reshape(-1, in_f), packed, layer.scale, zero, layer.bias, None, g, layer.bits)
+    return y.reshape(*x.shape[:-1], layer.out_features)
 
 
 def prepare_for_sft(model: nn.Module, scales: bool = True, zeros: bool = True, norms: bool = True,
