@@ -113,7 +113,8 @@ def main():
     except Exception as exc:
         with open(f"{a.out}.rank{rank}.error", "w") as f:
             f.write(f"{type(exc).__name__}: {exc}")
-        time.sleep(a.linger)  # a caller that outlives the error: only the library can tell the others
+        if a.fail_rank == rank:
+            time.sleep(a.linger)  # a caller that outlives the error: only the library can tell the others
         raise
     d = decoupleq.distributed.current()
     if d.rank == 0:
