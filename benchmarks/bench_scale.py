@@ -3,6 +3,7 @@
     python benchmarks/bench_scale.py                          # tiny and small Llamas, 1x2 vs 2x1
     python benchmarks/bench_scale.py --models smollm2-135m --num-samples 8 --seq-len 128
     python benchmarks/bench_scale.py --configs 1x1,1x2,2x1 --resume-check --json scale.json
+    python benchmarks/bench_scale.py --project --json projection.json   # 7B / 70B on N machines
 
 Each configuration ``RxT`` runs R processes (ranks) of T threads each (torch,
 OpenBLAS and the C core's threads all set to T), launched the way torchrun
@@ -25,6 +26,16 @@ Hessians, the gathered rows of each layer, gradients, losses).
 ``--resume-check`` also kills a one-rank run with SIGKILL in its second block
 and resumes it, and reports whether the output file is byte-identical to an
 uninterrupted run's.
+
+``--shards S`` sets ``ModelQuantConfig.shards``: then every configuration
+must give the codes of the first one, whatever its ranks or threads per rank
+(given the same threads per rank).
+
+``--project`` measures a few one-core constants (a layer solve per m*n^2, a
+Hessian accumulation per token*n^2, matmul throughput; ~20 s) and projects a
+Llama-2 7B and 70B run on N machines from them: time, what bounds it, bytes
+each rank receives, memory per rank. The model and its assumptions are
+stated in benchmarks/scale_projection.py and recorded with the figures.
 
 Timings on a shared machine are noisy: the records say so (``--note``).
 """
@@ -102,7 +113,7 @@ def worker(args) -> None:
     cfg = decoupleq.ModelQuantConfig(
         quant=decoupleq.QuantConfig(bits=2, group_size=64, iterations=args.iterations),
         blockwise=decoupleq.BlockTuneConfig(epochs=1, batches_per_step=2),
-        verbose=False,
+        verbose=False, shards=args.shards,
     )
     t0 = time.perf_counter()
     decoupleq.quantize(model, calib, cfg, checkpoint_dir=args.checkpoint, resume=args.resume)
@@ -145,6 +156,8 @@ def launch(args, model, ranks, threads, out, extra=()) -> tuple:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker-out", out, "--model", model,
                "--threads", str(threads), "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
                "--iterations", str(args.iterations), "--calib-text", args.calib_text, *extra]
+        if args.shards is not None:
+            cmd += ["--shards", str(args.shards)]
         procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
     rcs = []
     for p in procs:
@@ -189,6 +202,32 @@ def resume_check(args, model) -> dict:
             "resumed_wall_s": wall, "resumed_rc": rcs2[0], "byte_identical": same}
 
 
+def projection(args) -> list:
+    """Measure the one-core constants in a one-thread child, then project (scale_projection.py)."""
+    from scale_projection import project
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", DECOUPLEQ_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-costs"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    consts = json.loads(out.strip().splitlines()[-1])
+    print(f"one core: solve {consts['solve_s_per_mn2']:.3g} s per m*n^2 (by size: "
+          f"{', '.join(f'{m}x{n} {c:.3g}' for (m, n), c in consts['solve_s_per_mn2_by_size'])}), "
+          f"Hessian {consts['syrk_s_per_tn2']:.3g} s per token*n^2, matmul {consts['gemm_flops'] / 1e9:.1f} GFLOP/s")
+    records = [{"kind": "constants", **consts, "note": args.note}]
+    for model in ("llama-7b", "llama-70b"):
+        for n in (int(x) for x in args.machines.split(",")):
+            rec = project(consts, model, n, cores=args.cores, bandwidth=args.bandwidth_gbit * 1e9 / 8,
+                          shards=args.shards)
+            rec["kind"] = "projection"
+            records.append(rec)
+            b = rec["bytes_received_per_rank_per_block"]
+            print(f"{model:10s} {n:3d} machine(s) x {args.cores} cores: {rec['hours']:7.2f} h, bound by "
+                  f"{rec['bound_by']:13s} per block {', '.join(f'{k} {v:.0f}s' for k, v in rec['per_block_s'].items())}; "
+                  f"received/rank/block {sum(b.values()) / 1e9:.2f} GB (Hessians {b['hessians'] / 1e9:.2f}); "
+                  f"memory/rank {rec['memory_per_rank_gb']['total_gb']:.1f} GB", flush=True)
+    return records
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="tiny,small", help="comma list: tiny, small, or a packaged/HF model")
@@ -202,6 +241,12 @@ def main() -> None:
     ap.add_argument("--resume-check", action="store_true")
     ap.add_argument("--note", default="", help="recorded with the figures (e.g. 'machine under load')")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--shards", type=int, default=None, help="ModelQuantConfig.shards of every run")
+    ap.add_argument("--project", action="store_true", help="only the 7B/70B projection (no runs)")
+    ap.add_argument("--machines", default="1,2,4,8,16", help="machine counts of the projection")
+    ap.add_argument("--cores", type=int, default=32, help="cores per machine in the projection")
+    ap.add_argument("--bandwidth-gbit", type=float, default=100.0, help="network per machine, Gbit/s")
+    ap.add_argument("--measure-costs", action="store_true", help=argparse.SUPPRESS)
     # worker mode (internal)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -212,6 +257,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker_out is not None:
         worker(args)
+        return
+    if args.measure_costs:
+        from scale_projection import measure
+
+        print(json.dumps(measure()))
+        return
+    if args.project:
+        records = projection(args)
+        if args.json:
+            from provenance import dump_json
+
+            dump_json(args.json, records, args)
         return
 
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]

@@ -137,17 +137,22 @@ def block_loss(block, inputs: ActivationCache, calls, labels: ActivationCache, r
     needed next). In a distributed run (``dist``) the error is over every
     rank's batches.
     """
-    total, count = 0.0, 0
+    # One float64 slot (error, count) per global batch, added in batch order: the same
+    # total on every world size (Dist.fold_slots).
+    n_global = dist.n_batches if dist.n_batches is not None else len(inputs) * dist.world_size
+    if not dist.active:
+        n_global = len(inputs)
+    slots = torch.zeros((max(n_global, 1), 2), dtype=torch.float64)
     with torch.no_grad():
         for i in range(len(inputs)):
             y = run_block(block, calls[i], inputs[i], dtype=torch.float32)
             s, n = _masked_sq_error(y, labels[i].to(y.device, torch.float32), calls[i].mask)
-            total += float(s)
-            count += n
+            g = dist.global_index(i) if dist.active else i
+            slots[g, 0] = float(s)
+            slots[g, 1] = n
             if replace_labels:
                 labels[i] = y
-    if dist.active:
-        total, count = dist.all_reduce_scalars(total, count)
+    total, count = (float(v) for v in dist.fold_slots(slots))
     return total / max(count, 1)
 
 
@@ -235,28 +240,26 @@ def tune_block(
             opt = _Adam(params, lr=cfg.lr, betas=(0.9, 0.99), eps=2e-5, weight_decay=cfg.weight_decay)
             n_global = len(inputs)
             if dist.active:
-                n_global = int(dist.all_reduce_scalars(len(inputs))[0])
+                n_global = dist.n_batches if dist.n_batches is not None else \
+                    int(dist.all_reduce_scalars(len(inputs))[0])
             k = cfg.batches_per_step
             for _ in range(cfg.epochs):
                 for start in range(0, n_global, k):
                     members = range(start, min(start + k, n_global))
                     opt.zero_grad()
-                    total = 0.0
-                    for g in members:
-                        owner, i = dist.owner(g)
+                    slots = []  # (position in the step, loss, gradients) of this rank's batches
+                    for pos, g in enumerate(members):
+                        owner, i = dist.owner(g) if dist.active else (dist.rank, g)
                         if owner != dist.rank:
                             continue
+                        for p in params:
+                            p.grad = None  # each batch's gradient alone: summed in batch order below
                         y = run_block(block, calls[i], inputs[i], dtype=torch.float32)
                         s, n = _masked_sq_error(y, labels[i].to(y.device, torch.float32), calls[i].mask)
                         loss = s / max(n, 1)
-                        loss.backward()  # gradients add up over the step's batches
-                        total += loss.item()
-                    if dist.active:
-                        dist.all_reduce_grads(params, len(members))
-                    elif len(members) > 1:
-                        for p in params:
-                            if p.grad is not None:
-                                p.grad /= len(members)
+                        loss.backward()
+                        slots.append((pos, loss.item(), [p.grad for p in params]))
+                    total = dist.sum_batch_grads(params, slots, len(members))
                     opt.step()
                     steps += 1
                     if progress is not None:

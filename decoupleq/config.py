@@ -390,6 +390,15 @@ class ModelQuantConfig:
         expert_min_tokens: an MoE expert layer whose own Hessian comes from fewer
             routed calibration tokens than this takes the pooled Hessian of the
             same layer of all experts of its block instead (``decoupleq.moe``).
+        shards: None, or a fixed number of virtual shards (>= 1) that makes the
+            result independent of the number of ``torchrun`` ranks: calibration
+            batch j belongs to shard ``j % shards``, each shard's Hessian sum is
+            accumulated alone and the shard sums are added in shard order, and
+            each layer's rows are solved in ``shards`` fixed ranges, on every
+            world size alike (``decoupleq.distributed``). With the same value, 1,
+            2, ... ``shards`` ranks give bit-identical Hessians and models (a
+            world size dividing it keeps the ranks' work equal). None: one shard
+            per rank (in one process: the plain whole-layer path).
     """
 
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -402,6 +411,7 @@ class ModelQuantConfig:
     tmpdir: object = None
     verbose: bool = True
     expert_min_tokens: int = 64
+    shards: object = None
 
     def __post_init__(self):
         if not isinstance(self.quant, QuantConfig):
@@ -418,6 +428,8 @@ class ModelQuantConfig:
         _positive_float("cache_budget_mb", self.cache_budget_mb, allow_zero=True)
         _integer("batch_size", self.batch_size, low=1)
         _integer("expert_min_tokens", self.expert_min_tokens, low=0)
+        if self.shards is not None:
+            _integer("shards", self.shards, low=1)
         _choice("indivisible", self.indivisible, INDIVISIBLE_POLICIES)
         if self.tmpdir is not None and not isinstance(self.tmpdir, (str, bytes)) and not hasattr(
             self.tmpdir, "__fspath__"
@@ -437,7 +449,7 @@ class ModelQuantConfig:
             skip = getattr(skip, "__qualname__", repr(skip))
         else:
             skip = list(skip)
-        return {
+        d = {
             "quant": self.quant.to_dict(),
             "blockwise": self.blockwise.to_dict(),
             "true_sequential": self.true_sequential,
@@ -447,6 +459,9 @@ class ModelQuantConfig:
             "indivisible": self.indivisible,
             "expert_min_tokens": self.expert_min_tokens,
         }
+        if self.shards is not None:  # only when set: older records stay as they were
+            d["shards"] = self.shards
+        return d
 
 
 def _normalize_skip(skip):

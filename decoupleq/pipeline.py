@@ -67,13 +67,17 @@ from .capture import (
 from .config import BlockTuneConfig, ModelQuantConfig, QuantConfig
 from . import resume as resume_mod
 from .distributed import _SINGLE
+from .distributed import PeerFailure
 from .distributed import current as current_dist
-from .hessian import HessianAccumulator
 from .models import BlockSpec, adapter_groups, find_blocks, is_quantizable, quantizable_layers
 from .nn import QuantConv2d, QuantLinear
 from . import _hf_hook, layer_losses
 from .rollback import Journal
 from .solver import quantize_weight
+
+# Errors that come out of a collective: the other ranks already know (or are gone).
+_COLLECTIVE_ERRORS = (PeerFailure,) + ((torch.distributed.DistError,) if hasattr(torch.distributed, "DistError")
+                                       else ())
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +457,7 @@ def _quantize_block(
                     k = keys[name] if not reused else (name,)
                 if k not in reps:
                     m = layers[name][0]
-                    reps[k] = (name, HessianAccumulator(layer_in_features(m)))
+                    reps[k] = (name, dist.accumulator(layer_in_features(m)))
                 owner[name] = k
             rep_names = {v[0] for v in reps.values()}
             fired = set()
@@ -483,6 +487,7 @@ def _quantize_block(
                 with torch.no_grad():
                     for j in range(n):
                         state["mask"] = calls[j].mask
+                        dist.batch = j  # the shard its tokens go to (a sharded accumulator)
                         fired.clear()
                         try:
                             y = run_block(block, calls[j], inputs[j])
@@ -816,6 +821,11 @@ def quantize(
         if len(batches) < dist.world_size:
             raise ValueError(f"calibration has {len(batches)} batches for {dist.world_size} ranks: "
                              "every rank needs at least one")
+    if mcfg.shards is not None and mcfg.quant.method == "uniquanf":
+        raise ValueError("shards is not supported with method 'uniquanf' (it builds no Hessian)")
+    # Virtual shards (ModelQuantConfig.shards): which rank runs which batch, how Hessians are
+    # summed and rows split; raises before any work when there are fewer shards than ranks.
+    dist = dist.planned(mcfg.shards, len(batches))
     run = None
     if checkpoint_dir is not None:
         if mcfg.quant.method == "uniquanf":
@@ -906,7 +916,11 @@ def quantize(
                               inputs if caught.chained and i < last else None, fp_inputs)
             if bars is not None:
                 bars[0].update(1)
-    except BaseException:
+    except BaseException as exc:
+        if dist.active and isinstance(exc, Exception) and not isinstance(exc, _COLLECTIVE_ERRORS):
+            # This rank's own failure: the others learn it at their next collective
+            # instead of waiting there for gloo's timeout.
+            dist.signal_failure()
         # Give the caller back the model it passed: original layers and float parts.
         journal.restore()
         raise
