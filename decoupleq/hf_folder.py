@@ -104,6 +104,25 @@ def write_folder(model, path, tokenizer=None, max_shard_size=None) -> None:
         tokenizer.save_pretrained(str(path))
 
 
+def check_destination(path, name: str = "path") -> Path:
+    """``path`` as a ``Path`` if ``save_folder`` may write it (absent, an empty folder, or a
+    decoupleq folder, in an existing directory); else ``ValueError`` naming ``name``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path, got {type(path).__name__}")
+    out = Path(os.fspath(path))
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"{name} {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_decoupleq_folder(out):
+        raise ValueError(
+            f"{name} {str(out)!r} is a folder with other files in it (not a decoupleq folder): "
+            "it would be replaced as a whole; give a new or empty folder"
+        )
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"{name} {str(out)!r}: directory {str(parent)!r} does not exist")
+    return out
+
+
 def save_folder(model, path, tokenizer=None, max_shard_size=None) -> None:
     """Write ``path`` as a whole: a hidden folder beside it, renamed into place.
 
@@ -112,17 +131,8 @@ def save_folder(model, path, tokenizer=None, max_shard_size=None) -> None:
     """
     from .io import _umask
 
-    out = Path(os.fspath(path))
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ValueError(f"path {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_decoupleq_folder(out):
-        raise ValueError(
-            f"path {str(out)!r} is a folder with other files in it (not a decoupleq folder): "
-            "it would be replaced as a whole; give a new or empty folder"
-        )
+    out = check_destination(path)
     parent = out.absolute().parent
-    if not parent.is_dir():
-        raise ValueError(f"path {str(out)!r}: directory {str(parent)!r} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     old = None
     try:
