@@ -392,7 +392,8 @@ def quantize_from_disk(
             (``calibration_data("self", ...)``) needs the whole model: use text here.
         config: a ``QuantConfig`` or ``ModelQuantConfig``, as for ``quantize``.
         out: the output folder (``decoupleq.save``'s rules: new, empty, or an earlier
-            decoupleq folder, replaced as a whole; written to a hidden folder and renamed).
+            decoupleq folder, replaced as a whole; written to a hidden folder and renamed);
+            None returns the quantized model unsaved (the CLI saves it with its summary).
         tokenizer: saved with the model when given.
         max_shard_size: as for ``decoupleq.save`` / ``save_pretrained``.
         dtype: floating dtype while quantizing (default float32, as ``zoo.load_model``).
@@ -412,14 +413,16 @@ def quantize_from_disk(
     from .hf_folder import check_destination, save_folder
     from .pipeline import quantize
 
-    check_destination(out, "out")
+    if out is not None:
+        check_destination(out, "out")
     source = BlockSource(folder, dtype)
     try:
         model = quantize(source.model, calibration, config, _source=source, **overrides)
         source.load(model)  # the final norm and the head, read only now
     finally:
         source.close()
-    save_folder(model, out, tokenizer, max_shard_size)
+    if out is not None:
+        save_folder(model, out, tokenizer, max_shard_size)
     return model
 
 
