@@ -91,7 +91,9 @@ class _Shards:
             self._handle = safe_open(str(path), framework="pt")
             self._path = path
         t = self._handle.get_tensor(name)
-        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        # safetensors' tensor is a view of the whole mapped file: kept as it is, it would keep
+        # every page of the file read so far resident for as long as the tensor lives.
+        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t.clone()
 
     def close(self) -> None:
         """Unmap the open file, if any."""

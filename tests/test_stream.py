@@ -283,9 +283,9 @@ _CHILD = textwrap.dedent("""
 
 def _run_capped(src, out, mode, budget_mb):
     env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               DECOUPLEQ_THREADS="1")
+               DECOUPLEQ_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), mode, str(budget_mb)],
-                       capture_output=True, text=True, env=env, timeout=600)
+                       capture_output=True, text=True, env=env, timeout=900, cwd=str(Path(out).parent))
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     assert r.returncode == 0 and lines, f"child failed (rc {r.returncode}): {r.stderr[-2000:]}"
     return json.loads(lines[-1])
@@ -293,10 +293,11 @@ def _run_capped(src, out, mode, budget_mb):
 
 @pytest.mark.slow
 def test_a_model_larger_than_the_memory_cap_still_quantizes_streamed(tmp_path):
-    # 4 blocks of 7 x 1280 x 1280 float32 weights (46 MB each, 184 MB in all), one shard each.
-    src = _save_float(tmp_path / "fp", layers=4, hidden=1280, inter=1280, vocab=256, shard="50MB")
+    # 5 blocks of 38 MB of float32 weights (hidden and MLP width 1280, grouped-query k and v of
+    # 640 rows), 190 MB in all, one shard each (as a real checkpoint is sharded).
+    src = _save_float(tmp_path / "fp", layers=5, hidden=1280, inter=1280, vocab=256, shard="50MB")
     weights_mb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**20
-    assert weights_mb > 180
+    assert weights_mb > 185
     budget = 150  # MB of address space past what the process maps after its imports
     ram = _run_capped(src, tmp_path / "ram", "ram", budget)
     assert not ram["ok"], "the in-RAM run fitted under the cap: the test proves nothing"
@@ -306,3 +307,43 @@ def test_a_model_larger_than_the_memory_cap_still_quantizes_streamed(tmp_path):
     assert disk["ok"], disk
     loaded = decoupleq.load(tmp_path / "disk")
     assert sum(type(m).__name__ == "QuantLinear" for m in loaded.modules()) == 4 * 7
+
+
+# ---------------------------------------------------------------------------
+# CLI: quantize --stream
+# ---------------------------------------------------------------------------
+
+
+def test_cli_stream_writes_the_folder_the_in_ram_cli_writes(tmp_path):
+    from decoupleq import cli
+    from zoo_helpers import read, text_slice, train_tokenizer
+
+    tok = train_tokenizer(read("wikitext-2/valid.txt", limit=40_000), vocab_size=280)
+    with one_thread():
+        torch.manual_seed(11)
+        cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=128)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp")
+    tok.save_pretrained(tmp_path / "fp")
+    text = text_slice("wikitext-2/valid.txt", tmp_path / "valid.txt")
+    common = ["--method", "gptq", "--group-size", "32", "--calib", str(text), "--num-samples", "2",
+              "--seq-len", "16", "--no-checkpoint", "-q"]
+    with one_thread():
+        assert cli.main(["quantize", str(tmp_path / "fp"), "--out", str(tmp_path / "ram"), *common]) == 0
+        assert cli.main(["quantize", str(tmp_path / "fp"), "--stream", "--out", str(tmp_path / "disk"), *common]) == 0
+    ram, disk = _files(tmp_path / "ram"), _files(tmp_path / "disk")
+    assert sorted(ram) == sorted(disk)
+    for name in ram:
+        if name != "decoupleq.json":  # the run summary: timings, and "streamed"
+            assert ram[name] == disk[name], name
+    assert json.loads(disk["decoupleq.json"])["streamed"] is True
+
+def test_cli_stream_refuses_self_calibration(tmp_path, capsys):
+    from decoupleq import cli
+
+    src = _save_float(tmp_path / "fp", layers=2)
+    assert cli.main(["quantize", str(src), "--stream", "--out", str(tmp_path / "x"), "--method", "gptq",
+                     "--no-checkpoint", "-q"]) == 2
+    assert "--stream needs --calib FILE" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
