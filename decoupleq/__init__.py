@@ -32,6 +32,7 @@ _hf_hook.install()
 # torch-dependent parts load on first use, so the core works without torch.
 _LAZY = {
     "quantize": "pipeline",
+    "quantize_from_disk": "stream",
     "QuantLinear": "nn",
     "QuantConv2d": "nn",
     "save": "io",

@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in the run folder from its first unfinished block "
                         "(same MODEL, calibration and settings; the output is that of an uninterrupted run)")
+    q.add_argument("--stream", action="store_true",
+                   help="read the float model from disk one block at a time instead of loading it whole "
+                        "(decoupleq.quantize_from_disk): MODEL's Hugging Face folder (for a GGUF, its converted "
+                        "cache folder); same output; needs --calib FILE or hf:NAME")
     q.add_argument("--eval-text", type=Path, default=None,
                    help="also report perplexity before and after on this text file")
     q.add_argument("--eval-windows", type=_positive(int), default=DEFAULT_MAX_WINDOWS)
@@ -344,6 +348,8 @@ def cmd_quantize(args) -> int:
     from .distributed import current
 
     rank0 = current().rank == 0
+    if args.stream:
+        return _quantize_streamed(args, mcfg, run_dir)
 
     lm = load_model(args.model)
     if lm.note:
@@ -432,6 +438,75 @@ def cmd_quantize(args) -> int:
         import shutil
 
         shutil.rmtree(run_dir, ignore_errors=True)  # the output holds it all now
+    return 0
+
+
+def _quantize_streamed(args, mcfg, run_dir) -> int:
+    """``quantize --stream``: the float model stays on disk (``decoupleq.stream``); the
+    output folder is the one ``quantize`` without ``--stream`` writes from the same data."""
+    from transformers import AutoTokenizer
+
+    from .data import calibration_data
+    from .distributed import current
+    from .evaluate import perplexity
+    from .hf_folder import weight_files
+    from .stream import quantize_from_disk
+    from .zoo import model_folder
+
+    if current().active:
+        raise ValueError("--stream runs in one process; drop it under torchrun")
+    if args.distill is not None:
+        raise ValueError("--distill needs the full-precision model in memory as its teacher: drop --stream")
+    needs_data = mcfg.needs_calibration
+    if needs_data and args.calib == "self":
+        raise ValueError("--stream needs --calib FILE or hf:NAME: sampling 'self' calibration text runs "
+                         "the whole model")
+    folder = model_folder(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    t0 = time.perf_counter()
+    calib = None
+    if needs_data:
+        calib = calibration_data(args.calib, tokenizer=tokenizer, num_samples=args.num_samples,
+                                 seq_len=args.seq_len, seed=args.seed)
+    t_calib = time.perf_counter() - t0
+    model = quantize_from_disk(folder, calib, mcfg, out=None, checkpoint_dir=run_dir, resume=args.resume)
+    fp_mb = sum(f.stat().st_size for f in weight_files(folder, str(folder))) / 1e6
+    seconds = time.perf_counter() - t0
+    results = {}
+    if args.eval_text is not None:
+        r = perplexity(model, args.eval_text, tokenizer, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
+                       bos=_bos(args))
+        print(f"after:  {r}")
+        results["quantized"] = r.to_dict()
+    report = model.decoupleq_report
+    summary = {
+        "model": str(Path(args.model).resolve()) if os.path.exists(args.model) else args.model,
+        "source": str(folder),
+        "name": Path(folder).name,
+        "kind": "causal-lm",
+        "note": "",
+        "streamed": True,
+        "calibration": ({"source": str(args.calib), "num_samples": args.num_samples, "seq_len": args.seq_len,
+                         "seed": args.seed, "seconds": t_calib} if needs_data else {"source": None}),
+        "config": mcfg.to_dict(),
+        "seconds": seconds,
+        "distill": None,
+        "layers": len(report.layers),
+        "params": dict(report.params),
+        "moe_fallbacks": [],
+        "skipped": list(report.skipped),
+        "fp_mb": fp_mb,
+        "packed_mb": packed_mb(model),
+        "eval": {"text": str(args.eval_text), **results} if results else {},
+    }
+    summary = save_folder(args.out, model, tokenizer, summary)
+    print(f"quantized {summary['layers']} layers in {seconds:.1f} s streamed from {folder} "
+          f"(calibration data {t_calib:.1f} s)")
+    print(f"saved to {args.out}")
+    if run_dir is not None:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

@@ -164,16 +164,26 @@ def replace_folder(out: Path, write):
     return result
 
 
+def check_destination(path, name: str = "path") -> Path:
+    """``path`` as a ``Path`` if ``save_folder`` may write it (absent, an empty folder, or a
+    decoupleq folder, in an existing directory); else ``TypeError``/``ValueError`` naming ``name``.
+    Callers that do long work before saving check here first, so a bad destination fails early."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path, got {type(path).__name__}")
+    out = check_replaceable(path, name, is_decoupleq_folder, "a decoupleq folder")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"{name} {str(out)!r}: directory {str(parent)!r} does not exist")
+    return out
+
+
 def save_folder(model, path, tokenizer=None, max_shard_size=None) -> None:
     """Write ``path`` as a whole: a hidden folder beside it, renamed into place.
 
     ``path`` must be absent, an empty folder, or a folder this function wrote before
     (anything else is refused, never deleted).
     """
-    out = check_replaceable(path, "path", is_decoupleq_folder, "a decoupleq folder")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise ValueError(f"path {str(out)!r}: directory {str(parent)!r} does not exist")
+    out = check_destination(path)
     replace_folder(out, lambda tmp: write_folder(model, tmp, tokenizer, max_shard_size))
     log.info("saved %s", out)
 

@@ -629,6 +629,14 @@ def _quantize_block_uniquanf(
     return res, block, inputs, next_fp
 
 
+def _read_block(source, spec: BlockSpec, plans: list, i: int) -> None:
+    """A streamed model (``decoupleq.stream``): read block i from disk and check its weights."""
+    if source is None:
+        return
+    source.load(spec.blocks[i])
+    _check_finite_weights(spec, plans, only=i)
+
+
 def _needs_no_data(plans: list, mcfg: ModelQuantConfig) -> bool:
     """RTN everywhere and no block tuning: nothing depends on activations."""
     return not mcfg.blockwise.enabled and all(
@@ -637,14 +645,16 @@ def _needs_no_data(plans: list, mcfg: ModelQuantConfig) -> bool:
 
 
 def _quantize_without_data(journal: Journal, spec: BlockSpec, plans: list, report: QuantReport, bars,
-                           run=None, dist=_SINGLE) -> None:
+                           run=None, dist=_SINGLE, source=None) -> None:
     """Round every planned layer to its min-max grid in place (RTN needs no Hessian).
 
     Every rank rounds every layer (it is cheap and needs no data)."""
-    done = _restore_finished(run, journal, spec, plans, report, False, len(plans) - 1, None, None, bars)
+    done = _restore_finished(run, journal, spec, plans, report, False, len(plans) - 1, None, None, bars, source)
     for i, plan in enumerate(plans):
         if i <= done:
             continue
+        if plan.layers:
+            _read_block(source, spec, plans, i)
         n_layers, n_skipped = len(report.layers), len(report.skipped)
         t_block = time.perf_counter()
         for name, (module, lcfg) in plan.layers.items():
@@ -662,11 +672,13 @@ def _quantize_without_data(journal: Journal, spec: BlockSpec, plans: list, repor
         report.blocks.append(BlockReport(i, spec.block_name(i), time.perf_counter() - t_block, [list(plan.layers)]))
         if run is not None:
             _commit_block(run, dist, i, spec.blocks[i], plan, report, n_layers, n_skipped, None, None)
+        if source is not None:
+            source.release(journal.originals())
         if bars is not None:
             bars[0].update(1)
 
 
-def _restore_finished(run, journal, spec, plans, report, chained, last, inputs, fp_inputs, bars) -> int:
+def _restore_finished(run, journal, spec, plans, report, chained, last, inputs, fp_inputs, bars, source=None) -> int:
     """Put the run folder's finished blocks back into the model; returns the last one (-1: none).
 
     Their quantized layers and tuned state come from the folder, and so do the
@@ -676,11 +688,15 @@ def _restore_finished(run, journal, spec, plans, report, chained, last, inputs, 
     done = min(run.done, last)
     for i in range(done + 1):
         if plans[i].layers or i == run.done:
+            if source is not None:  # the block's float parts, to be overwritten by the saved ones
+                source.load(spec.blocks[i])
             with _naming(f"block {spec.block_name(i) or i}", layer=False):
                 resume_mod.restore_block(
                     run, i, spec, plans[i], journal, report,
                     lambda i, name, module, qw: _swap_in_quantized(journal, spec, i, name, module, qw),
                 )
+            if source is not None:
+                source.release(journal.originals())
         if bars is not None:
             bars[0].update(1)
             bars[1].update(len(plans[i].layers))
@@ -719,6 +735,7 @@ def quantize(
     verbose: bool | None = None,
     checkpoint_dir=None,
     resume: bool = False,
+    _source=None,
 ) -> nn.Module:
     """Quantize ``model``'s layers in place, block by block, and return it.
 
@@ -746,6 +763,9 @@ def quantize(
             unfinished block (the model, calibration data and settings must be
             those of the run: the result is then byte for byte that of an
             uninterrupted run).
+        _source: internal: a ``decoupleq.stream.BlockSource`` whose model this is
+            (``decoupleq.quantize_from_disk``): each block is read from disk when
+            reached, and its replaced float layers are freed once it is done.
 
     In a ``torch.distributed`` run (``torchrun``; see ``decoupleq.distributed``)
     every rank calls ``quantize`` with the same model, calibration set and
@@ -809,7 +829,8 @@ def quantize(
             log.warning("no layer to quantize (all skipped or none found); the model is unchanged")
             moe.revert_unplanned(converted, ())
             return model
-        _check_finite_weights(spec, plans)
+        if _source is None:  # streamed blocks are checked as they are read
+            _check_finite_weights(spec, plans)
     except BaseException:
         journal.restore()
         raise
@@ -833,7 +854,8 @@ def quantize(
         run = resume_mod.open_run(
             checkpoint_dir, resume_mod.fingerprint(model, batches, mcfg.to_dict(),
                                                    [spec.block_name(i) for i in range(len(spec.blocks))],
-                                                   dist.world_size),
+                                                   dist.world_size,
+                                                   _source.state_items() if _source is not None else None),
             resume, dist.rank, dist.world_size, dist,
         )
     elif resume:
@@ -863,17 +885,20 @@ def quantize(
             )
         if _needs_no_data(plans, mcfg):
             info("RTN without block tuning needs no data: the calibration batches are not run")
-            _quantize_without_data(journal, spec, plans, report, bars, run, dist)
+            _quantize_without_data(journal, spec, plans, report, bars, run, dist, _source)
             return _finish(model, mcfg, report, t_start, info)
-        caught = catch_block_inputs(model, spec.blocks, batches, inputs)
+        with _source.probing(spec.blocks) if _source is not None else contextlib.nullcontext():
+            caught = catch_block_inputs(model, spec.blocks, batches, inputs)
         last = max(i for i, p in enumerate(plans) if p.layers)
         fp_inputs = _start_fp_path(mcfg, caught.chained, inputs, budget)
-        done = _restore_finished(run, journal, spec, plans, report, caught.chained, last, inputs, fp_inputs, bars)
+        done = _restore_finished(run, journal, spec, plans, report, caught.chained, last, inputs, fp_inputs, bars,
+                                 _source)
         for i, (block, plan) in enumerate(zip(spec.blocks, plans)):
             if i > last:
                 break
             if i <= done:
                 continue
+            _read_block(_source, spec, plans, i)
             n_layers, n_skipped = len(report.layers), len(report.skipped)
             calls = caught.calls[i]
             if not caught.chained and i > 0 and plan.layers:
@@ -914,6 +939,8 @@ def quantize(
             if run is not None:
                 _commit_block(run, dist, i, block, plan, report, n_layers, n_skipped,
                               inputs if caught.chained and i < last else None, fp_inputs)
+            if _source is not None:
+                _source.release(journal.originals())
             if bars is not None:
                 bars[0].update(1)
     except BaseException as exc:
@@ -935,9 +962,13 @@ def quantize(
     return _finish(model, mcfg, report, t_start, info)
 
 
-def _check_finite_weights(spec: BlockSpec, plans: list) -> None:
-    """Every planned layer's weight is finite, checked before any work (the error names the layer)."""
+def _check_finite_weights(spec: BlockSpec, plans: list, only=None) -> None:
+    """Every planned layer's weight is finite, checked before any work (the error names the layer).
+
+    ``only``: check block ``only`` alone (a streamed block, just read from disk)."""
     for i, plan in enumerate(plans):
+        if only is not None and i != only:
+            continue
         for name, (module, _) in plan.layers.items():
             w = module.weight
             if not bool(torch.isfinite(w).all()):

@@ -98,7 +98,8 @@ def _jsonable(x):
     return json.loads(json.dumps(x, sort_keys=True, default=repr))
 
 
-def fingerprint(model: nn.Module, batches: list, settings: dict, block_names: list, world_size: int) -> dict:
+def fingerprint(model: nn.Module, batches: list, settings: dict, block_names: list, world_size: int,
+                weights=None) -> dict:
     """What a run folder belongs to (a JSON-friendly dict of parts, compared part by part).
 
     Args:
@@ -108,6 +109,8 @@ def fingerprint(model: nn.Module, batches: list, settings: dict, block_names: li
         settings: ``ModelQuantConfig.to_dict()``.
         block_names: the blocks' dotted names.
         world_size: processes taking part.
+        weights: (name, tensor) of ``model.state_dict()`` when the model does not hold them
+            (a model streamed from disk, ``decoupleq.stream``); the same digest.
     """
     from . import __version__
 
@@ -121,7 +124,7 @@ def fingerprint(model: nn.Module, batches: list, settings: dict, block_names: li
             "class": type(model).__name__,
             "config": model_cfg,
             "tensors": [[k, str(v.dtype), list(v.shape)] for k, v in params],
-            "weights_digest": _digest_tensors(params),
+            "weights_digest": _digest_tensors(params if weights is None else weights),
         },
         "settings": {k: v for k, v in settings.items() if k not in _NEUTRAL_SETTINGS},
         "calibration": {"batches": len(batches), "digest": _digest_tensors(_batch_items(batches))},

@@ -39,6 +39,10 @@ class Journal:
         self._swaps.append((parent, child, getattr(parent, child)))
         setattr(parent, child, new)
 
+    def originals(self) -> list:
+        """The modules swapped out so far (what ``restore`` would put back)."""
+        return [original for _, _, original in self._swaps]
+
     def snapshot(self, block: nn.Module, exclude=()) -> None:
         """Copy every parameter and buffer of ``block`` not owned by a module in ``exclude``.
 

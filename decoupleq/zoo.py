@@ -240,6 +240,35 @@ def load_model(
     )
 
 
+def model_folder(source, *, cache_dir=None, hub_cache_dir=None) -> Path:
+    """The local Hugging Face folder (config.json, safetensors) that ``load_model(source)``
+    reads, for ``decoupleq.quantize_from_disk``: a folder as it is, a Hub id's snapshot, and
+    for a GGUF file or a packaged GGUF model its converted cache folder. A GGUF not yet
+    cached is converted first (``load_gguf``; the conversion holds the model in memory once).
+
+    Raises:
+        as ``load_model`` for a source it cannot find.
+    """
+    if isinstance(source, str) and not os.path.exists(source):
+        pm = packaged_model(source)
+        if pm is not None:
+            source = pm.locate()
+        elif looks_like_hub_id(source):
+            source = resolve_hub_id(source, cache_dir=hub_cache_dir)
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    ggufs = [path] if path.is_file() and path.suffix.lower() == ".gguf" else (
+        sorted(path.glob("*.gguf")) if path.is_dir() else [])
+    if len(ggufs) != 1:
+        load_model(str(path), cache_dir=cache_dir)  # raises load_model's own error
+        raise ValueError(f"model {str(source)!r} is not a Hugging Face folder nor a single GGUF file")
+    entry = _gguf_cache_entry(ggufs[0], cache_dir)
+    if not (entry / "config.json").is_file():
+        load_gguf(ggufs[0], cache=True, cache_dir=cache_dir)
+    return entry
+
+
 def _load_packaged(pm: PackagedModel, **kwargs) -> LoadedModel:
     path = pm.locate()
     if kwargs.get("kind") is None:
