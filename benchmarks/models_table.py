@@ -43,12 +43,15 @@ def read_records(paths):
 
 
 def pivot(records):
-    """Rows keyed by (bits, group_size, method, blockwise, distill_steps) with 'reference' / 'neuqi' cells."""
+    """Rows keyed by (bits, group_size, method, blockwise, distill_steps, block-tuning epochs) with
+    'reference' / 'neuqi' cells."""
     rows = {}
     for rec in records:
         if rec["method"] == "fp":
             continue
-        key = (rec["bits"], rec["group_size"], rec["method"], bool(rec["blockwise"]), rec.get("distill_steps") or 0)
+        epochs = rec.get("bt_epochs") if rec["blockwise"] else None
+        key = (rec["bits"], rec["group_size"], rec["method"], bool(rec["blockwise"]), rec.get("distill_steps") or 0,
+               epochs)
         init = rec.get("init")
         column = "neuqi" if init == "neuqi" else (
             "reference" if rec["method"] == "uniquanf" or init == REFERENCE_INIT.get(rec["method"]) else None)
@@ -71,13 +74,14 @@ def build(records):
     for bits, gs in configs:
         for distill in sorted({k[4] for k in rows if k[:2] == (bits, gs)}):
             for method, bt in METHOD_ORDER:
-                got = rows.get((bits, gs, method, bt, distill))
-                if not got:
-                    continue
-                ref, neu = cell(got.get("reference")), cell(got.get("neuqi"))
-                table.append(dict(bits=bits, group_size=gs, method=method, blockwise=bt, distill_steps=distill,
-                                  reference=ref, neuqi=neu,
-                                  ratio=(neu["ppl"] / ref["ppl"]) if ref and neu else None))
+                keys = sorted((k for k in rows if k[:5] == (bits, gs, method, bt, distill)),
+                              key=lambda k: k[5] or 0)
+                for key in keys:
+                    got = rows[key]
+                    ref, neu = cell(got.get("reference")), cell(got.get("neuqi"))
+                    table.append(dict(bits=bits, group_size=gs, method=method, blockwise=bt, distill_steps=distill,
+                                      bt_epochs=key[5], reference=ref, neuqi=neu,
+                                      ratio=(neu["ppl"] / ref["ppl"]) if ref and neu else None))
     return fp_ppl, table
 
 
@@ -115,15 +119,16 @@ def main(argv=None):
     records = read_records(args.runs)
     fp_ppl, table = build(records)
     print(f"full precision: {fp_ppl:.2f}" if fp_ppl else "full precision: (no fp record)")
-    print("| config | method | distill | ref. start | ppl | NeUQI ppl | NeUQI / ref. | bits/weight | s (ref.) | s (NeUQI) |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| config | method | tuning epochs | distill | ref. start | ppl | NeUQI ppl | NeUQI / ref. | bits/weight "
+          "| s (ref.) | s (NeUQI) |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for row in table:
         rp, rb, rs = fmt(row["reference"])
         npl, nb, ns = fmt(row["neuqi"])
         ref_name = "unified" if row["method"] == "uniquanf" else REFERENCE_INIT[row["method"]]
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
         print(f"| {config_label(row['bits'], row['group_size'])} | {method_label(row['method'], row['blockwise'])} | "
-              f"{row['distill_steps'] or ''} | {ref_name} | {rp} | {npl} | {ratio} | {rb or nb} | {rs} | {ns} |")
+              f"{row['bt_epochs'] or ''} | {row['distill_steps'] or ''} | {ref_name} | {rp} | {npl} | {ratio} | {rb or nb} | {rs} | {ns} |")
     found = checks(fp_ppl, table)
     print()
     for c in found:
