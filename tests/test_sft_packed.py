@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from decoupleq.nn import QuantLinear
 from decoupleq.sft import QuantLinearFunction, quant_linear
 
+from _pipeline_models import one_thread
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny shapes gain nothing from threads on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():
+        yield
 
 
 def packed_layer(in_f, out_f, bits, group_size, symmetric, seed=0):
