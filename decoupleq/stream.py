@@ -22,7 +22,10 @@ The quantized model is then saved by ``decoupleq.save`` (``hf_folder.save_folder
 shards, checksums, ``quantization_config``, written to a hidden folder and renamed
 into place). Peak memory: the quantized model (for SmolLM2-135M at W2 g64 its float
 embedding dominates) + one float block + the calibration activations and one
-Hessian, as in ``quantize``; the whole float model is never in memory.
+Hessian, as in ``quantize``; the whole float model is never in memory. On glibc the
+run fixes malloc's mmap threshold at 1 MiB for the process and trims the heap after
+each block (``decoupleq._heap``): without that, freed blocks stayed in the heap and
+memory grew with every block.
 
 One more pass reads the weights: ``quantize`` runs the first calibration batch
 through every block to learn how the blocks are called; each block is loaded
@@ -42,6 +45,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ._heap import hold_large_buffers_in_mmap, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -340,11 +345,14 @@ class BlockSource:
                 h.remove()
             for m in loaded:  # a pass stopped at this block
                 self.drop(m)
+            trim_heap()
 
     def release(self, originals) -> None:
         """The float layers a finished block replaced by quantized ones: their weights go."""
         for m in originals:
             self.drop(m)
+        # What the block freed goes back to the system, so memory follows one block.
+        trim_heap()
 
     def state_items(self):
         """(name, tensor) of the model's ``state_dict``, each read from the folder when asked for
@@ -402,6 +410,9 @@ def quantize_from_disk(
         **overrides: ``quantize``'s keywords (``blockwise``, ``skip``, ``cache_budget_mb``,
             ``checkpoint_dir``, ``resume``...).
 
+    On glibc this fixes malloc's mmap threshold at 1 MiB for the rest of the process
+    (so each freed block leaves the process's memory) and trims the heap after each block.
+
     Returns:
         The quantized model, every tensor loaded (as ``decoupleq.load`` would give it), with
         ``decoupleq_report``.
@@ -418,6 +429,7 @@ def quantize_from_disk(
     if out is not None:
         check_destination(out, "out")
     source = BlockSource(folder, dtype)
+    hold_large_buffers_in_mmap()
     try:
         model = quantize(source.model, calibration, config, _source=source, **overrides)
         source.load(model)  # the final norm and the head, read only now
