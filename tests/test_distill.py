@@ -14,6 +14,7 @@ from decoupleq import QuantConfig
 from decoupleq.data import random_windows, tokenize
 from decoupleq.distill import DistillReport, lr_at
 from decoupleq.nn import QUANT_MODULES
+from _pipeline_models import one_thread
 from zoo_helpers import read, text_slice, tiny_llama, train_tokenizer
 
 pytest.importorskip("transformers")
@@ -23,10 +24,8 @@ pytest.importorskip("transformers")
 def _one_thread():
     # Tiny shapes gain nothing from threads on a shared machine; one thread also
     # keeps every run's float arithmetic in the same order (exact comparisons below).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from decoupleq.config import QuantConfig
 from decoupleq.nn import QuantConv2d, QuantLinear
 from decoupleq.sft import QuantLinearFunction, prepare_for_sft, quant_linear, sft_parameter_count
 
+from _pipeline_models import one_thread
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -17,10 +19,8 @@ transformers = pytest.importorskip("transformers")
 def _one_thread():
     # Tiny shapes gain nothing from threads, and on a shared 2-core machine
     # oversubscribed thread pools make every small op tens of times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():
+        yield
 
 
 # ---------------------------------------------------------------------------
