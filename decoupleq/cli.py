@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in the run folder from its first unfinished block "
                         "(same MODEL, calibration and settings; the output is that of an uninterrupted run)")
+    q.add_argument("--shards", type=_positive(int), default=None, metavar="S",
+                   help="S fixed virtual shards of the calibration batches and of each layer's rows "
+                        "(ModelQuantConfig.shards): the output is then the same bytes under torchrun with "
+                        "any number of ranks that divides the work, one process included")
     q.add_argument("--stream", action="store_true",
                    help="read the float model from disk one block at a time instead of loading it whole "
                         "(decoupleq.quantize_from_disk): MODEL's Hugging Face folder (for a GGUF, its converted "
@@ -335,7 +339,7 @@ def cmd_quantize(args) -> int:
     if args.blockwise_target is not None:
         tune = dataclasses.replace(tune, target=args.blockwise_target)
     mcfg = ModelQuantConfig(quant=quant, blockwise=tune, skip=tuple(args.skip), indivisible=args.indivisible,
-                            verbose=not args.quiet)
+                            shards=args.shards, verbose=not args.quiet)
     if args.eval_text is not None and not args.eval_text.is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} does not exist")
     check_out_folder(args.out)

@@ -108,6 +108,19 @@ def test_quantize_eval_info_round_trip(llama_dir, texts, tmp_path, capsys):
     assert "rtn W4 group 16" in info and "14 quantized" in info
 
 
+def test_shards_flag_reaches_the_config(llama_dir, texts, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", str(llama_dir), "--shards", "0", "--out", str(tmp_path / "bad")])
+    assert "--shards" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(llama_dir), "--method", "gptq", "--bits", "3", "--group-size", "16",
+                     "--no-blockwise", "--shards", "3", "--calib", str(texts[0]), "--num-samples", "3",
+                     "--seq-len", "16", "--no-checkpoint", "--out", str(out), "-q"]) == 0
+    summary = json.loads((out / cli.SUMMARY_FILE).read_text())
+    assert summary["config"]["shards"] == 3
+
+
 def test_rtn_without_block_tuning_builds_no_calibration_data(llama_dir, tmp_path, capsys):
     # A calibration source that cannot be read at all: the data-free run never reaches it,
     # while any run that needs data fails on it, naming it.
