@@ -5,10 +5,11 @@
 config); decoupleq.save(model, DIR)`` does, with the same output bytes, but
 never holds the float model: the model is built on the meta device from
 ``config.json`` (no memory), and its tensors are read from the folder's
-safetensors files (memory-mapped, ``safetensors.safe_open``) only when needed:
+safetensors files (plain reads at the header's offsets, no memory map) only when needed:
 
-- a module outside the blocks (the embedding, the rotary table) the first time
-  it is called; a non-persistent buffer (rotary ``inv_freq``) is initialised
+- a module outside the blocks (the embedding, the rotary table) when it is
+  called; once the calibration inputs are caught, the tensors read for it are
+  dropped again (the next call, or the save, reads them anew); a non-persistent buffer (rotary ``inv_freq``) is initialised
   as ``from_pretrained`` initialises it (the model's ``_init_weights``). The
   final norm and the head are never called while quantizing: they are read
   just before saving;
@@ -50,61 +51,84 @@ from ._heap import hold_large_buffers_in_mmap, trim_heap
 
 log = logging.getLogger(__name__)
 
-_FLOAT_FILE_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class _Shards:
-    """The folder's safetensors tensors by name, read one at a time (memory-mapped).
+    """The folder's safetensors tensors by name, each read on request straight into a new tensor.
 
-    One file is mapped at a time, and ``close`` unmaps it: a mapped file's pages that were
-    read count in the process's resident memory (and a whole file in its address space)
-    for as long as it stays mapped.
+    A tensor is read with plain file reads at the offsets of the file's header, not through
+    a memory map: a mapped file's pages that were read count in the process's resident
+    memory for as long as the map lives, so a mapped read of the embedding cost twice its
+    size (the mapped pages and the copy) at the moment of reading.
 
     Attributes:
         where: tensor name -> file path.
         shapes: tensor name -> shape.
         dtypes: tensor name -> safetensors dtype string ("F32", "BF16"...).
+        spans: tensor name -> (first byte, end byte) of its data in its file.
     """
 
     def __init__(self, files, what: str):
         from safetensors import safe_open
 
-        self.where, self.shapes, self.dtypes = {}, {}, {}
-        self._path, self._handle = None, None
+        self.where, self.shapes, self.dtypes, self.spans = {}, {}, {}, {}
         for f in files:
             try:
+                # safetensors checks the file (header, offsets, sizes) as it opens it.
                 with safe_open(str(f), framework="pt") as h:
                     names = list(h.keys())
                     for k in names:
                         s = h.get_slice(k)
                         self.shapes[k] = tuple(s.get_shape())
                         self.dtypes[k] = s.get_dtype()
+                spans = _data_spans(f)
             except Exception as exc:
                 raise ValueError(f"{what}: {f.name} is not a complete safetensors file: {exc}") from None
             for k in names:
                 if k in self.where:
                     raise ValueError(f"{what}: tensor {k!r} is in both {self.where[k].name} and {f.name}")
                 self.where[k] = f
+                self.spans[k] = spans[k]
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Tensor ``name`` as a new CPU tensor, floats cast to ``dtype``."""
-        from safetensors import safe_open
+        stored = _TORCH_DTYPES[self.dtypes[name]]
+        t = torch.empty(self.shapes[name], dtype=stored)
+        first, end = self.spans[name]
+        raw = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
+        if raw.nbytes != end - first:
+            raise ValueError(f"{self.where[name].name}: tensor {name!r} holds {end - first} bytes, "
+                             f"its shape and dtype need {raw.nbytes}")
+        with open(self.where[name], "rb") as fh:
+            fh.seek(first)
+            view, got = memoryview(raw), 0
+            while got < raw.nbytes:
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"{self.where[name].name} ends inside tensor {name!r}")
+                got += n
+        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
-        path = self.where[name]
-        if path != self._path:
-            self.close()
-            self._handle = safe_open(str(path), framework="pt")
-            self._path = path
-        t = self._handle.get_tensor(name)
-        # safetensors' tensor is a view of the whole mapped file: kept as it is, it would keep
-        # every page of the file read so far resident for as long as the tensor lives.
-        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t.clone()
 
-    def close(self) -> None:
-        """Unmap the open file, if any."""
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-        self._path, self._handle = None, None
+# safetensors dtype names of the floats a full-precision folder holds (the only ones read).
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _data_spans(path: Path) -> dict:
+    """name -> (first, end) byte of each tensor's data in a safetensors file (little-endian
+    u64 header length, the JSON header, then the data the header's offsets point into)."""
+    import json
+    import struct
+    import sys
+
+    if sys.byteorder != "little":
+        raise ValueError("streaming reads safetensors' little-endian bytes as they are: "
+                         "this machine is big-endian")
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    return {k: (8 + n + int(e["data_offsets"][0]), 8 + n + int(e["data_offsets"][1]))
+            for k, e in header.items() if k != "__metadata__"}
 
 
 def _check_folder(folder) -> tuple:
@@ -249,7 +273,7 @@ class BlockSource:
                              + (f" (+{len(extra) - 4} more)" if len(extra) > 4 else ""))
             raise ValueError(f"{self.what}: config.json does not match the weights: " + "; ".join(parts))
         for name, dt in self.shards.dtypes.items():
-            if dt not in _FLOAT_FILE_DTYPES:
+            if dt not in _TORCH_DTYPES:
                 raise ValueError(f"{self.what}: tensor {name!r} is {dt}; a full-precision folder holds floats")
 
     def _outside_hooks(self) -> None:
@@ -258,9 +282,11 @@ class BlockSource:
 
         spec = find_blocks(self.model)
         inside = {id(m) for b in spec.blocks for m in b.modules()}
+        self._outside = []
         for _, mod in self.model.named_modules():
             if id(mod) in inside or not any(True for _ in _own_tensors(mod)):
                 continue
+            self._outside.append(mod)
             self._hooks.append(mod.register_forward_pre_hook(lambda m, args: self.load(m)))
 
     # -- loading --------------------------------------------------------------
@@ -297,17 +323,17 @@ class BlockSource:
 
     def load(self, module: nn.Module) -> None:
         """Read every meta tensor of ``module`` (a block, or the whole model) from the folder."""
-        try:
-            for m in module.modules():
-                self._materialise(m)
-        finally:
-            self.shards.close()
+        for m in module.modules():
+            self._materialise(m)
 
-    def drop(self, module: nn.Module) -> None:
-        """Send ``module``'s tensors back to the meta device: their memory is freed."""
+    def drop(self, module: nn.Module, only_read: bool = False) -> None:
+        """Send ``module``'s tensors back to the meta device: their memory is freed.
+        ``only_read``: only tensors read from the folder (not initialised tables)."""
         for m in module.modules():
             for kind, attr, t in list(_own_tensors(m)):
                 if t.is_meta:
+                    continue
+                if only_read and self._file_key(self._aliases.get(id(t), ())) is None:
                     continue
                 holders = self._aliases.pop(id(t), None) or [(m, kind, attr, None, None)]
                 meta = torch.empty_like(t, device="meta")
@@ -345,6 +371,10 @@ class BlockSource:
                 h.remove()
             for m in loaded:  # a pass stopped at this block
                 self.drop(m)
+            # The calibration inputs are caught: the embedding (the largest tensor of a small
+            # model) goes until a later call or the save reads it again.
+            for m in self._outside:
+                self.drop(m, only_read=True)
             trim_heap()
 
     def release(self, originals) -> None:
@@ -364,13 +394,11 @@ class BlockSource:
                 yield name, t
             else:
                 yield name, self.shards.get(key, t.dtype)
-        self.shards.close()
 
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self.shards.close()
 
 
 def quantize_from_disk(
