@@ -23,7 +23,13 @@
  * clamping error alone exceeds the best so far are skipped without
  * changing the result.  Everything is float64.  Rows poll for interrupts
  * (DQ_EINTR).
+ *
+ * Speed without changing a bit: phase 2's per-element pass has an AVX2
+ * build (run-time choice, DECOUPLEQ_KERNEL=reference for the portable one;
+ * the same operations, each rounded once, and the sums stay scalar in
+ * element order), and the binary searches use conditional moves.
  */
+#include "dq_kernels.h"
 #include "dq_solver.h"
 
 #include <math.h>
@@ -39,21 +45,26 @@ typedef struct {
     double w, h;
 } elem_t;
 
-typedef struct {
-    double z;  /* the sort key */
-    int64_t e; /* the element it belongs to */
-} brk_t;
+struct group_ws;
+/* Phase 2's pass over its middle elements (middle_pass_scalar). */
+typedef void (*middle_fn)(struct group_ws *ws, int64_t cb, int64_t k, double inv, double zl,
+                          int nl, int64_t nb);
 
 /* One group's sorted elements and prefix sums, and the scratch of phase 2. */
-typedef struct {
+typedef struct group_ws {
     int64_t g;
     elem_t *e;       /* g, ascending w */
+    double *w, *h;   /* the same, as two arrays (phase 2's vector loads) */
     double *P0, *P1, *P2; /* g + 1: prefix sums of h, h w, h w^2 */
-    /* Phase 2's scratch, one entry per middle element: */
-    brk_t *keys, *sorted; /* (frac(u), element), and the same sorted by frac(u) */
-    double *drop0, *drop1; /* weight of its drop at d = frac(u), d = 1 + frac(u) (0: none) */
-    int32_t *bucket;      /* its bucket, floor(frac(u) * nb) */
-    int32_t *count;       /* nb = 2 g: the buckets' counts, then their starts */
+    middle_fn middle; /* the scalar or the AVX2 build (the same bits) */
+    /* Phase 2's scratch, one entry per middle element, in element order and
+     * (prefix s) sorted by frac(u): */
+    double *key, *skey;     /* frac(u) */
+    double *drop0, *sdrop0; /* weight of its drop at d = frac(u) (0: none) */
+    double *drop1, *sdrop1; /* the same at d = 1 + frac(u) */
+    double *hy, *hyy;       /* h y and h y y, y = x - its level at d = 0 */
+    int32_t *bucket;        /* its bucket, floor(frac(u) * nb) */
+    int32_t *count;         /* nb = 2 g: the buckets' counts, then their starts */
 } group_ws_t;
 
 static int cmp_elem(const void *a, const void *b)
@@ -68,10 +79,16 @@ static void ws_free(group_ws_t *ws)
     dq_free(ws->P0);
     dq_free(ws->P1);
     dq_free(ws->P2);
-    dq_free(ws->keys);
-    dq_free(ws->sorted);
+    dq_free(ws->w);
+    dq_free(ws->h);
+    dq_free(ws->key);
+    dq_free(ws->skey);
     dq_free(ws->drop0);
+    dq_free(ws->sdrop0);
     dq_free(ws->drop1);
+    dq_free(ws->sdrop1);
+    dq_free(ws->hy);
+    dq_free(ws->hyy);
     dq_free(ws->bucket);
     dq_free(ws->count);
     memset(ws, 0, sizeof(*ws));
@@ -85,14 +102,16 @@ static int ws_alloc(group_ws_t *ws, int64_t g)
     ws->P0 = dq_malloc(sizeof(double) * (size_t)(g + 1));
     ws->P1 = dq_malloc(sizeof(double) * (size_t)(g + 1));
     ws->P2 = dq_malloc(sizeof(double) * (size_t)(g + 1));
-    ws->keys = dq_malloc(sizeof(brk_t) * (size_t)g);
-    ws->sorted = dq_malloc(sizeof(brk_t) * (size_t)g);
-    ws->drop0 = dq_malloc(sizeof(double) * (size_t)g);
-    ws->drop1 = dq_malloc(sizeof(double) * (size_t)g);
+    double **arrays[] = {&ws->w,     &ws->h,      &ws->key, &ws->skey, &ws->drop0,
+                         &ws->sdrop0, &ws->drop1, &ws->sdrop1, &ws->hy, &ws->hyy};
+    int missing = 0;
+    for (size_t i = 0; i < sizeof(arrays) / sizeof(arrays[0]); i++) {
+        *arrays[i] = dq_malloc(sizeof(double) * (size_t)g);
+        missing |= *arrays[i] == NULL;
+    }
     ws->bucket = dq_malloc(sizeof(int32_t) * (size_t)g);
     ws->count = dq_malloc(sizeof(int32_t) * (size_t)(2 * g));
-    if (!ws->e || !ws->P0 || !ws->P1 || !ws->P2 || !ws->keys || !ws->sorted || !ws->drop0 ||
-        !ws->drop1 || !ws->bucket || !ws->count) {
+    if (missing || !ws->e || !ws->P0 || !ws->P1 || !ws->P2 || !ws->bucket || !ws->count) {
         ws_free(ws);
         return -1;
     }
@@ -123,6 +142,8 @@ static void ws_load(group_ws_t *ws, const float *w, const double *hd, int64_t le
         ws->P0[c + 1] = ws->P0[c] + h;
         ws->P1[c + 1] = ws->P1[c] + h * v;
         ws->P2[c + 1] = ws->P2[c] + h * v * v;
+        ws->w[c] = v;
+        ws->h[c] = h;
     }
 }
 
@@ -184,10 +205,17 @@ static int64_t merge_split(const bound_t *b, int64_t i)
 {
     const int64_t g = b->ws->g;
     int64_t lo = i > g ? i - g : 0, hi = i < g ? i : g;
+    /* The same steps with conditional moves for the if/else (the
+     * comparison is a coin flip for the branch predictor): A_at(p - 1) never
+     * reads past the group (p <= g) and B_at's infinity past it is the
+     * flag j >= g, the load clamped to stay inside. */
+    const elem_t *e = b->ws->e;
     while (lo < hi) {
-        const int64_t p = (lo + hi + 1) / 2;
-        if (A_at(b, p - 1) <= B_at(b, i - p)) lo = p;
-        else hi = p - 1;
+        const int64_t p = (lo + hi + 1) / 2, j = i - p, jc = j < g ? j : g - 1;
+        const double A = e[p - 1].w * b->inv - b->c1 - b->off, B = e[jc].w * b->inv + b->off;
+        const int le = (j >= g) | (A <= B);
+        lo = le ? p : lo;
+        hi = le ? hi : p - 1;
     }
     return lo;
 }
@@ -234,8 +262,9 @@ static double bound_argmin(const bound_t *b, int *flat, int64_t *p, int64_t *q)
     while (lo < hi) {
         const int64_t mid = (lo + hi) / 2;
         double z;
-        if (bound_probe(b, mid, &z, flat, p)) hi = mid;
-        else lo = mid + 1;
+        const int at_or_before = bound_probe(b, mid, &z, flat, p);
+        hi = at_or_before ? mid : hi;
+        lo = at_or_before ? lo : mid + 1;
     }
     double z = 0.0;
     bound_probe(b, lo, &z, flat, p);
@@ -282,23 +311,107 @@ static double clamp_lower_bound(const group_ws_t *ws, double inv, int nl)
     return v > 0.0 ? v : 0.0;
 }
 
-/* Stable sort of keys[0..k) (keys in [0, 1)) into out: a counting sort on
- * nb equal buckets, then an insertion sort for the few pairs that share a
- * bucket.  Both steps are stable, so the result is the one stable order by
- * key: ties keep the element order.  With about two buckets per key the
- * data-dependent branches of a comparison sort (which mispredict on random
- * keys) are mostly gone.  bucket: k ints of scratch, count: nb. */
-static void sort_keys(const brk_t *keys, brk_t *out, int64_t k, int32_t *bucket, int32_t *count,
-                      int64_t nb)
+/* Phase 2's pass over its k middle elements cb..cb+k-1 (u in [1, nl + 1),
+ * so floor(u) is in [1, nl]): for each, with u = x - zl + 1/2 and
+ * lev = min(floor(u), nl - 1), y = x - lev,
+ *     key = frac(u), bucket = min(floor(key nb), nb - 1),
+ *     drop0 = h if floor(u) <= nl - 1 else 0, drop1 = h if floor(u) >= 2 else 0,
+ *     hy = h y, hyy = (h y) y.
+ * Every value is one rounding of the same operations in both builds, so
+ * they give the same bits; the sums over them are left to the caller, in
+ * element order. */
+static void middle_range(group_ws_t *ws, int64_t cb, int64_t i0, int64_t i1, double inv,
+                         double zl, int nl, int64_t nb)
 {
-    memset(count, 0, sizeof(int32_t) * (size_t)nb);
-    const double scale = (double)nb;
-    for (int64_t i = 0; i < k; i++) {
-        int32_t b = (int32_t)(keys[i].z * scale);
-        if (b >= nb) b = (int32_t)nb - 1; /* a key that rounds up to nb */
-        bucket[i] = b;
-        count[b]++;
+    const double c1 = (double)(nl - 1), bscale = (double)nb;
+    const double *W = ws->w + cb, *Hh = ws->h + cb;
+    for (int64_t i = i0; i < i1; i++) {
+        const double x = W[i] * inv, h = Hh[i];
+        const double u = x - zl + 0.5;
+        const double fl = fast_floor(u);
+        const double lev = fl < c1 ? fl : c1;
+        const double y = x - lev;
+        const double hy = h * y;
+        ws->hy[i] = hy;
+        ws->hyy[i] = hy * y;
+        const double key = u - fl;
+        ws->key[i] = key;
+        ws->drop0[i] = fl <= c1 ? h : 0.0;
+        ws->drop1[i] = fl >= 2.0 ? h : 0.0;
+        int32_t b = (int32_t)(key * bscale);
+        ws->bucket[i] = b < nb ? b : (int32_t)nb - 1; /* a key that rounds up to nb */
     }
+}
+
+static void middle_pass_scalar(group_ws_t *ws, int64_t cb, int64_t k, double inv, double zl,
+                               int nl, int64_t nb)
+{
+    middle_range(ws, cb, 0, k, inv, zl, nl, nb);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+/* middle_pass_scalar, four elements at a time: floor by roundpd (u >= 1
+ * here, where it equals fast_floor), min/compare masks for the selects,
+ * cvttpd for the bucket; no FMA. */
+__attribute__((target("avx2"))) static void middle_pass_avx2(group_ws_t *ws, int64_t cb,
+                                                             int64_t k, double inv, double zl,
+                                                             int nl, int64_t nb)
+{
+    const double *W = ws->w + cb, *Hh = ws->h + cb;
+    const __m256d vinv = _mm256_set1_pd(inv), vzl = _mm256_set1_pd(zl),
+                  half = _mm256_set1_pd(0.5), c1 = _mm256_set1_pd((double)(nl - 1)),
+                  two = _mm256_set1_pd(2.0), bscale = _mm256_set1_pd((double)nb);
+    const __m128i blast = _mm_set1_epi32((int32_t)nb - 1);
+    int64_t i = 0;
+    for (; i + 4 <= k; i += 4) {
+        const __m256d x = _mm256_mul_pd(_mm256_loadu_pd(W + i), vinv);
+        const __m256d h = _mm256_loadu_pd(Hh + i);
+        const __m256d u = _mm256_add_pd(_mm256_sub_pd(x, vzl), half);
+        const __m256d fl = _mm256_floor_pd(u);
+        const __m256d lev = _mm256_min_pd(fl, c1);
+        const __m256d y = _mm256_sub_pd(x, lev);
+        const __m256d hy = _mm256_mul_pd(h, y);
+        _mm256_storeu_pd(ws->hy + i, hy);
+        _mm256_storeu_pd(ws->hyy + i, _mm256_mul_pd(hy, y));
+        const __m256d key = _mm256_sub_pd(u, fl);
+        _mm256_storeu_pd(ws->key + i, key);
+        _mm256_storeu_pd(ws->drop0 + i, _mm256_and_pd(_mm256_cmp_pd(fl, c1, _CMP_LE_OQ), h));
+        _mm256_storeu_pd(ws->drop1 + i, _mm256_and_pd(_mm256_cmp_pd(fl, two, _CMP_GE_OQ), h));
+        const __m128i b = _mm_min_epi32(_mm256_cvttpd_epi32(_mm256_mul_pd(key, bscale)), blast);
+        _mm_storeu_si128((__m128i *)(ws->bucket + i), b);
+    }
+    /* The rest runs as plain SSE code: clear the upper halves first (GCC
+     * leaves them dirty on this tail call, and SSE code after that runs at
+     * a fraction of its speed). */
+    _mm256_zeroupper();
+    middle_range(ws, cb, i, k, inv, zl, nl, nb); /* the last k % 4 */
+}
+#endif
+
+static middle_fn pick_middle(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    /* DECOUPLEQ_KERNEL=reference forces the plain C pass (as for the
+     * kernels); both give the same bits. */
+    if (dq_solver_simd()) return middle_pass_avx2;
+#endif
+    return middle_pass_scalar;
+}
+
+/* Stable sort of the k middle elements by key (in [0, 1)) into skey,
+ * sdrop0, sdrop1: a counting sort on the nb equal buckets of bucket[],
+ * then an insertion sort for the few pairs that share a bucket.  Both
+ * steps are stable, so the result is the one stable order by key: ties
+ * keep the element order.  With about two buckets per key the
+ * data-dependent branches of a comparison sort (which mispredict on random
+ * keys) are mostly gone. */
+static void sort_keys(group_ws_t *ws, int64_t k, int64_t nb)
+{
+    int32_t *count = ws->count;
+    const int32_t *bucket = ws->bucket;
+    memset(count, 0, sizeof(int32_t) * (size_t)nb);
+    for (int64_t i = 0; i < k; i++) count[bucket[i]]++;
     /* Counts to starts, the running total in a register (a loop through
      * memory would wait on each store). */
     int32_t start = 0;
@@ -307,17 +420,42 @@ static void sort_keys(const brk_t *keys, brk_t *out, int64_t k, int32_t *bucket,
         count[b] = start;
         start += c;
     }
-    for (int64_t i = 0; i < k; i++) out[count[bucket[i]]++] = keys[i];
+    double *skey = ws->skey, *s0 = ws->sdrop0, *s1 = ws->sdrop1;
+    for (int64_t i = 0; i < k; i++) {
+        const int32_t at = count[bucket[i]]++;
+        skey[at] = ws->key[i];
+        s0[at] = ws->drop0[i];
+        s1[at] = ws->drop1[i];
+    }
     for (int64_t i = 1; i < k; i++) {
-        if (!(out[i - 1].z > out[i].z)) continue;
-        const brk_t t = out[i];
+        if (!(skey[i - 1] > skey[i])) continue;
+        const double tk = skey[i], t0 = s0[i], t1 = s1[i];
         int64_t j = i;
         do {
-            out[j] = out[j - 1];
+            skey[j] = skey[j - 1];
+            s0[j] = s0[j - 1];
+            s1[j] = s1[j - 1];
             j--;
-        } while (j > 0 && out[j - 1].z > t.z);
-        out[j] = t;
+        } while (j > 0 && skey[j - 1] > tk);
+        skey[j] = tk;
+        s0[j] = t0;
+        s1[j] = t1;
     }
+}
+
+/* The first c in [lo, hi) with e[c].w * inv - zl + 1/2 >= t (hi if none;
+ * ascending in c), by a binary search whose if/else are conditional
+ * moves. */
+static int64_t first_u_at_least(const group_ws_t *ws, double inv, double zl, double t, int64_t lo,
+                                int64_t hi)
+{
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        const int ge = ws->e[mid].w * inv - zl + 0.5 >= t;
+        hi = ge ? mid : hi;
+        lo = ge ? lo : mid + 1;
+    }
+    return lo;
 }
 
 /* Phase 2: the exact minimum over z in [zl, zl + 2].  Between breakpoints
@@ -340,47 +478,24 @@ static double phase2_exact(group_ws_t *ws, double inv, int nl, double zl, double
     const int64_t g = ws->g;
     const double c1 = (double)(nl - 1);
     /* cb: first element with u >= 1; ct: first with u >= nl + 1. */
-    int64_t cb, ct;
-    {
-        int64_t lo = 0, hi = g;
-        while (lo < hi) {
-            const int64_t mid = (lo + hi) / 2;
-            if (ws->e[mid].w * inv - zl + 0.5 >= 1.0) hi = mid;
-            else lo = mid + 1;
-        }
-        cb = lo;
-        hi = g;
-        while (lo < hi) {
-            const int64_t mid = (lo + hi) / 2;
-            if (ws->e[mid].w * inv - zl + 0.5 >= (double)nl + 1.0) hi = mid;
-            else lo = mid + 1;
-        }
-        ct = lo;
-    }
+    const int64_t cb = first_u_at_least(ws, inv, zl, 1.0, 0, g);
+    const int64_t ct = first_u_at_least(ws, inv, zl, (double)nl + 1.0, cb, g);
     const double *P0 = ws->P0, *P1 = ws->P1, *P2 = ws->P2;
     const double Ht = P0[g] - P0[ct], Xt = inv * (P1[g] - P1[ct]),
                  X2t = inv * inv * (P2[g] - P2[ct]);
     double H = P0[g];
     double a1 = inv * P1[cb] + (Xt - c1 * Ht);
     double a2 = inv * inv * P2[cb] + (X2t - 2.0 * c1 * Xt + c1 * c1 * Ht);
-    /* The middle elements: their own sums and sort keys. */
-    int64_t k = 0;
-    for (int64_t c = cb; c < ct; c++) {
-        const double x = ws->e[c].w * inv, h = ws->e[c].h;
-        const double u = x - zl + 0.5;
-        const double fl = fast_floor(u);
-        const double lev = fl < c1 ? fl : c1; /* fl >= 1 here */
-        const double y = x - lev;
-        a1 += h * y;
-        a2 += h * y * y;
-        ws->keys[k].z = u - fl;
-        ws->keys[k].e = k;
-        ws->drop0[k] = fl <= c1 ? h : 0.0;
-        ws->drop1[k] = fl >= 2.0 ? h : 0.0;
-        k++;
+    /* The middle elements: their sort keys, drops and terms, then their
+     * sums in element order. */
+    const int64_t k = ct - cb, nb = 2 * k > 0 ? 2 * k : 1;
+    ws->middle(ws, cb, k, inv, zl, nl, nb);
+    for (int64_t i = 0; i < k; i++) {
+        a1 += ws->hy[i];
+        a2 += ws->hyy[i];
     }
-    const brk_t *sorted = ws->sorted;
-    sort_keys(ws->keys, ws->sorted, k, ws->bucket, ws->count, 2 * k > 0 ? 2 * k : 1);
+    sort_keys(ws, k, nb);
+    const double *skey = ws->skey;
     /* The objective is a parabola of leading coefficient H on every
      * interval and has a concave kink at every breakpoint, so its minimum is
      * a window end or a stationary point a1 / H inside its own interval:
@@ -388,15 +503,15 @@ static double phase2_exact(group_ws_t *ws, double inv, int nl, double zl, double
     double best = H * zl * zl - 2.0 * a1 * zl + a2, zb_best = zl, cur = zl;
     for (int half = 0; half < 2; half++) {
         const double base = zl + (double)half;
-        const double *drop = half == 0 ? ws->drop0 : ws->drop1;
+        const double *drop = half == 0 ? ws->sdrop0 : ws->sdrop1;
         /* An element that does not drop in this half (dh = 0) leaves a1, a2
          * and the interval's left end as they are; it only splits an
          * interval, and the split halves' checks together accept exactly
          * the stationary points the whole interval's check does.  Visiting
          * it costs less than the mispredicted branch that would skip it. */
         for (int64_t i = 0; i < k; i++) {
-            const double dh = drop[sorted[i].e];
-            const double next = base + sorted[i].z;
+            const double dh = drop[i];
+            const double next = base + skey[i];
             if (a1 >= cur * H && a1 <= next * H) {
                 const double zs = a1 / H;
                 const double v = H * zs * zs - 2.0 * a1 * zs + a2;
@@ -476,6 +591,7 @@ typedef struct {
     int integer_zero;
     float *S, *Z;
     double *obj;
+    middle_fn middle; /* phase 2's pass, chosen once per call */
     int failed;      /* set (no lock: any thread writes 1) when scratch ran out */
     int interrupted; /* likewise, when an interrupt was seen between rows */
 } neuqi_ctx_t;
@@ -546,12 +662,23 @@ static double search_group(group_ws_t *ws, double *R, double s0, double lo, int 
         const double a = fabs(ws->e[c].w);
         if (a > wmax) wmax = a;
     }
+    /* The bound costs about a quarter of an evaluation and prunes nothing
+     * while it is far below the best (above the best scale it is near 0):
+     * after a bound below best / 32 the next 3 scales skip it, after one
+     * below best / 4 the next one does.  Whether a bound is computed never
+     * changes the result, only what is evaluated: it grows by well under
+     * 8x (resp. 4x) over that many steps wherever it is within 32x of the
+     * best, so a skipped bound would rarely have pruned. */
+    int skip = 0;
     for (int k = COARSE_STEPS; k >= 1; k--) {
         const double s = s0 * k / COARSE_STEPS;
-        if (best < INFINITY) {
+        if (best < INFINITY && skip > 0) {
+            skip--;
+        } else if (best < INFINITY) {
             const double inv = 1.0 / s, span = wmax * inv + nl + 2.0;
             const double lb = clamp_lower_bound(ws, inv, nl) * (1.0 - 1e-10) - 1e-10 * span * span;
             if (lb * s * s > best) continue;
+            skip = lb * s * s < best / 32.0 ? 3 : lb * s * s < best / 4.0 ? 1 : 0;
         }
         const double v = best_zero(ws, s, nl, &z);
         if (v <= best) best = v, sb = s, zb = z;
@@ -586,6 +713,7 @@ static void neuqi_range(void *vctx, int64_t begin, int64_t end)
         x->failed = 1;
         return;
     }
+    ws.middle = x->middle;
     for (int64_t r = begin; r < end; r++) {
         if (dq_interrupted()) {
             x->interrupted = 1;
@@ -613,7 +741,7 @@ static void neuqi_range(void *vctx, int64_t begin, int64_t end)
 dq_status dq_neuqi_params(const dq_layer_t *L, const double *hdiag, int integer_zero, float *S,
                           float *Z, double *obj)
 {
-    neuqi_ctx_t ctx = {L, hdiag, integer_zero, S, Z, obj, 0, 0};
+    neuqi_ctx_t ctx = {L, hdiag, integer_zero, S, Z, obj, pick_middle(), 0, 0};
     /* A row's groups cost O(96 n) sweeps: a few rows per chunk suffice. */
     dq_parallel_for(L->m, 4, dq_num_threads(), neuqi_range, &ctx);
     if (ctx.failed) return DQ_ENOMEM;

@@ -64,6 +64,42 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+NEUQI_SCRIPT = """
+import sys
+import numpy as np
+from decoupleq import _C as C
+d = np.load(sys.argv[1])
+out = {}
+for bits in (2, 3, 4):
+    for group in (64, 37, -1):
+        S, Z, obj = C.neuqi_params(d["W"], bits, group, False, d["hd"], False)
+        out[f"S{bits}_{group}"], out[f"Z{bits}_{group}"], out[f"o{bits}_{group}"] = S, Z, obj
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_portable_build_is_bit_identical_to_the_simd_build(tmp_path):
+    # DECOUPLEQ_KERNEL=reference selects the portable pass of phase 2; the
+    # AVX2 one (where the CPU has it) must round every operation the same.
+    # Groups of 64, 37 (a short last group, middle sets not a multiple of 4)
+    # and whole rows.
+    import os
+    import subprocess
+    import sys
+
+    W = nasty_weights(16, 256, seed=11)
+    np.savez(tmp_path / "in.npz", W=W, hd=weights_of(256, seed=12))
+    out = {}
+    for kernel in ("reference", "auto"):
+        env = dict(os.environ, DECOUPLEQ_KERNEL=kernel)
+        subprocess.run([sys.executable, "-c", NEUQI_SCRIPT, str(tmp_path / "in.npz"),
+                        str(tmp_path / f"{kernel}.npz")], check=True, env=env)
+        out[kernel] = np.load(tmp_path / f"{kernel}.npz")
+    assert len(out["auto"].files) == 27
+    for key in out["auto"].files:
+        np.testing.assert_array_equal(out["reference"][key], out["auto"][key], err_msg=key)
+
+
 def test_bad_arguments_name_what_is_wrong():
     W = nasty_weights(4, 16, seed=0)
     with pytest.raises(ValueError, match="group_size must be -1 .per-channel. or positive, got 0"):
