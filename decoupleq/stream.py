@@ -9,8 +9,9 @@ safetensors files (plain reads at the header's offsets, no memory map) only when
 
 - a module outside the blocks (the embedding, the rotary table) when it is
   called; once the calibration inputs are caught, the tensors read for it are
-  dropped again (the next call, or the save, reads them anew); a non-persistent buffer (rotary ``inv_freq``) is initialised
-  as ``from_pretrained`` initialises it (the model's ``_init_weights``). The
+  dropped again (the next call, or the save, reads them anew); a non-persistent
+  buffer (rotary ``inv_freq``) is initialised as ``from_pretrained`` initialises
+  it (the model's ``_init_weights``). The
   final norm and the head are never called while quantizing: they are read
   just before saving;
 - a block when ``decoupleq.pipeline.quantize`` reaches it (the ``BlockSource``
@@ -50,7 +51,6 @@ from torch import nn
 from ._heap import hold_large_buffers_in_mmap, trim_heap
 
 log = logging.getLogger(__name__)
-
 
 
 class _Shards:
