@@ -10,9 +10,6 @@ against a float64 evaluation).  A row with one huge outlier is chaotic under
 any change of rounding and is tested on its own.
 """
 import functools
-import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -22,6 +19,8 @@ from decoupleq import _C as C
 from decoupleq import reference as R
 from decoupleq.reference.grid import quantize_codes
 from decoupleq.reference.synthetic import synthetic_problem
+
+from _kernel_builds import outputs_per_build
 
 F32 = np.float32
 AGREE = 0.999
@@ -321,13 +320,7 @@ def test_portable_build_is_bit_identical_to_the_simd_build(tmp_path):
     # AVX2 build (where the CPU has it) must round every operation the same.
     W, H = problem(40, 64, seed=9)
     S, Z = C.minmax_params(W, 2, 16, False)
-    np.savez(tmp_path / "in.npz", W=W, H=H, S=S, Z=Z)
-    out = {}
-    for kernel in ("reference", "auto"):
-        env = dict(os.environ, DECOUPLEQ_KERNEL=kernel)
-        subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / f"{kernel}.npz")],
-                       check=True, env=env)
-        out[kernel] = np.load(tmp_path / f"{kernel}.npz")
+    out = outputs_per_build(SCRIPT, tmp_path, W=W, H=H, S=S, Z=Z)
     for key in ("A", "e", "A2", "S2", "Z2", "e2"):
         np.testing.assert_array_equal(out["reference"][key], out["auto"][key])
 

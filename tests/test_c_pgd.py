@@ -15,15 +15,14 @@ pass) and 69% at K2 = 20.  Hence: >= 99.9% of codes equal per case, and the
 mean loss within 1e-4 relative (measured worst 6e-5, without refresh).
 """
 import concurrent.futures
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from decoupleq import _C
 from decoupleq import reference as R
+
+from _kernel_builds import outputs_per_build
 
 AGREE = 0.999
 LOSS_RTOL = 1e-4
@@ -198,7 +197,6 @@ def test_reentrant_from_threads():
 
 
 PORTABLE_SCRIPT = """
-import sys
 import numpy as np
 from decoupleq import _C
 d = np.load(sys.argv[1])
@@ -211,13 +209,7 @@ def test_portable_build_is_bit_identical_to_the_simd_build(tmp_path):
     # DECOUPLEQ_KERNEL=reference selects the portable build of the Adam step;
     # the AVX2 build (where the CPU has it) must round every operation the same.
     W, S, Z, H00 = problem(21, 40, seed=16, bits=3, group_size=8)
-    np.savez(tmp_path / "in.npz", W=W, H=H00, S=S, Z=Z)
-    out = {}
-    for kernel in ("reference", "auto"):
-        env = dict(os.environ, DECOUPLEQ_KERNEL=kernel)
-        subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(tmp_path / "in.npz"),
-                        str(tmp_path / f"{kernel}.npz")], check=True, env=env)
-        out[kernel] = np.load(tmp_path / f"{kernel}.npz")
+    out = outputs_per_build(PORTABLE_SCRIPT, tmp_path, W=W, H=H00, S=S, Z=Z)
     for key in ("A", "e"):
         np.testing.assert_array_equal(out["reference"][key], out["auto"][key])
 

@@ -9,6 +9,8 @@ from decoupleq import reference as R
 from decoupleq.reference import neuqi as RN
 from decoupleq.reference.synthetic import synthetic_problem
 
+from _kernel_builds import outputs_per_build
+
 C = decoupleq._C
 
 
@@ -83,18 +85,8 @@ def test_portable_build_is_bit_identical_to_the_simd_build(tmp_path):
     # AVX2 one (where the CPU has it) must round every operation the same.
     # Groups of 64, 37 (a short last group, middle sets not a multiple of 4)
     # and whole rows.
-    import os
-    import subprocess
-    import sys
-
     W = nasty_weights(16, 256, seed=11)
-    np.savez(tmp_path / "in.npz", W=W, hd=weights_of(256, seed=12))
-    out = {}
-    for kernel in ("reference", "auto"):
-        env = dict(os.environ, DECOUPLEQ_KERNEL=kernel)
-        subprocess.run([sys.executable, "-c", NEUQI_SCRIPT, str(tmp_path / "in.npz"),
-                        str(tmp_path / f"{kernel}.npz")], check=True, env=env)
-        out[kernel] = np.load(tmp_path / f"{kernel}.npz")
+    out = outputs_per_build(NEUQI_SCRIPT, tmp_path, W=W, hd=weights_of(256, seed=12))
     assert len(out["auto"].files) == 27
     for key in out["auto"].files:
         np.testing.assert_array_equal(out["reference"][key], out["auto"][key], err_msg=key)
