@@ -197,6 +197,7 @@ def test_reentrant_from_threads():
 
 
 PORTABLE_SCRIPT = """
+import sys
 import numpy as np
 from decoupleq import _C
 d = np.load(sys.argv[1])
